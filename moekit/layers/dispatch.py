@@ -1,0 +1,170 @@
+"""Dispatch: sort (token, slot) pairs by expert, apply capacity, run the experts, combine.
+
+The fast path flattens the router's ``[T, k]`` choice into ``T*k`` slots, drops the slots
+that capacity or the router's mask rule out by giving them a sentinel expert ``E`` (they
+sort last and are cut off), sorts the rest by expert with one stable argsort, gathers the
+tokens into expert order, calls the experts once on the contiguous segments and
+scatter-adds the weighted outputs back to their tokens.
+
+Expert parallelism later inserts its all-to-all between :func:`plan_dispatch` (tokens
+sorted by expert) and the experts; nothing here knows about processes.
+
+:func:`reference_dispatch` is the slow, obviously-correct version the tests hold the fast
+path to: every expert runs on every token and a dense ``[T, E]`` combine matrix selects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moekit.layers.router import RouterOutput
+
+
+@dataclass
+class DispatchPlan:
+    """Where each expert-sorted row comes from.
+
+    Attributes:
+        token_idx: ``[N]`` token of each sorted row.
+        slot_idx: ``[N]`` flat slot ``t * k + j`` of each sorted row.
+        tokens_per_expert: ``[E]`` int64 rows per expert (after capacity).
+        dropped_tokens: int64 scalar, slots the capacity limit dropped.
+    """
+
+    token_idx: torch.Tensor
+    slot_idx: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_tokens: torch.Tensor
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """``ceil(capacity_factor * T * k / E)``: the most slots one expert accepts."""
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def capacity_keep(
+    expert_of_slot: torch.Tensor, weight_of_slot: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """Which slots fit: per expert, the ``capacity`` slots of highest router weight
+    (batch-prioritised routing, Riquelme et al. 2021); ties go to the earlier slot.
+
+    Args:
+        expert_of_slot: ``[S]`` expert per slot; the value ``num_experts`` marks a slot
+            that does not exist (it is never kept).
+        weight_of_slot: ``[S]`` router weight per slot.
+
+    Returns:
+        ``[S]`` bool.
+    """
+    by_weight = torch.argsort(weight_of_slot.detach(), descending=True, stable=True)  # [S]
+    experts = expert_of_slot[by_weight]
+    by_expert = torch.argsort(experts, stable=True)  # groups by expert, weight order kept inside
+    order = by_weight[by_expert]  # [S] slots grouped by expert, best first
+    counts = torch.bincount(expert_of_slot, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts  # [E+1] first sorted position of each expert
+    sorted_experts = expert_of_slot[order]
+    rank = torch.arange(order.numel(), device=order.device) - starts[sorted_experts]
+    keep_sorted = (rank < capacity) & (sorted_experts < num_experts)
+    return torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted)
+
+
+def plan_dispatch(
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    num_experts: int,
+    capacity: int | None = None,
+    mask: torch.Tensor | None = None,
+) -> DispatchPlan:
+    """Sort the router's ``[T, k]`` choice by expert.
+
+    Args:
+        indices: ``[T, k]`` expert per slot.
+        weights: ``[T, k]`` router weight per slot (used for capacity priority).
+        num_experts: E.
+        capacity: most slots per expert, ``None`` for dropless.
+        mask: ``[T, k]`` bool, slots that exist (``None``: all).
+    """
+    k = indices.shape[1]
+    experts = indices.reshape(-1)  # [T, k] -> [T*k]
+    num_slots = experts.numel()
+    dropped = torch.zeros((), dtype=torch.long, device=indices.device)
+    if mask is not None:
+        experts = experts.masked_fill(~mask.reshape(-1), num_experts)
+    if capacity is not None:
+        keep = capacity_keep(experts, weights.reshape(-1), num_experts, capacity)
+        valid = experts < num_experts
+        dropped = (valid & ~keep).sum()
+        experts = experts.masked_fill(~keep, num_experts)
+    counts = torch.bincount(experts, minlength=num_experts + 1)  # [E+1], last = sentinel
+    order = torch.argsort(experts, stable=True)  # [T*k] slots grouped by expert
+    if mask is not None or capacity is not None:
+        order = order[: num_slots - int(counts[num_experts])]
+    return DispatchPlan(
+        token_idx=torch.div(order, k, rounding_mode="floor"),
+        slot_idx=order,
+        tokens_per_expert=counts[:num_experts],
+        dropped_tokens=dropped,
+    )
+
+
+def dispatch(
+    x: torch.Tensor, routing: RouterOutput, experts: nn.Module, capacity: int | None = None
+) -> tuple[torch.Tensor, DispatchPlan, torch.Tensor]:
+    """Fast path. ``x`` is ``[T, d_model]``; returns the combined output ``[T, d_out]``,
+    the plan, and the unweighted expert outputs in expert order ``[N, d_out]``."""
+    num_experts = routing.logits.shape[-1]
+    plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, routing.mask)
+    x_sorted = x.index_select(0, plan.token_idx)  # [T, d] -> [N, d]
+    y_sorted = experts(x_sorted, plan.tokens_per_expert)  # [N, d] -> [N, d_out]
+    w = routing.weights.reshape(-1).index_select(0, plan.slot_idx).to(y_sorted.dtype)  # [N]
+    out = y_sorted.new_zeros(x.shape[0], y_sorted.shape[-1])
+    out.index_add_(0, plan.token_idx, y_sorted * w.unsqueeze(-1))  # [N, d_out] -> [T, d_out]
+    return out, plan, y_sorted
+
+
+def reference_dispatch(
+    x: torch.Tensor, routing: RouterOutput, experts: nn.Module, capacity: int | None = None
+) -> tuple[torch.Tensor, DispatchPlan, torch.Tensor]:
+    """Slow, obviously-correct dispatch: each expert runs on *every* token, and a dense
+    ``[T, E]`` combine matrix (zero where a token does not go) picks the outputs.
+    Capacity is applied by a per-expert Python loop over the assigned slots."""
+    T, k = routing.indices.shape
+    num_experts = routing.logits.shape[-1]
+    exists = torch.ones(T, k, dtype=torch.bool) if routing.mask is None else routing.mask.cpu()
+    idx, wts, ok = routing.indices.tolist(), routing.weights.detach().tolist(), exists.tolist()
+    kept_slots: list[list[int]] = []  # per expert, kept flat slots in slot order
+    dropped = 0
+    for e in range(num_experts):
+        slots = [t * k + j for t in range(T) for j in range(k) if idx[t][j] == e and ok[t][j]]
+        if capacity is not None and len(slots) > capacity:
+            best = sorted(slots, key=lambda s: (-wts[s // k][s % k], s))[:capacity]
+            dropped += len(slots) - capacity
+            slots = sorted(best)
+        kept_slots.append(slots)
+    keep = torch.zeros(T * k, dtype=torch.bool)
+    for slots in kept_slots:
+        keep[slots] = True
+    keep = keep.view(T, k).to(x.device)
+    combine = torch.zeros(T, num_experts, dtype=routing.weights.dtype, device=x.device)
+    combine = combine.scatter_add(1, routing.indices, routing.weights * keep)  # [T, E]
+    out = None
+    for e in range(num_experts):
+        y = experts.expert_forward(e, x)  # [T, d_out], every token
+        term = combine[:, e : e + 1].to(y.dtype) * y
+        out = term if out is None else out + term
+    slot_idx = torch.tensor([s for slots in kept_slots for s in slots], dtype=torch.long, device=x.device)
+    token_idx = torch.div(slot_idx, k, rounding_mode="floor")
+    y_sorted = torch.cat(
+        [experts.expert_forward(e, x[token_idx.new_tensor(slots) // k]) for e, slots in enumerate(kept_slots)]
+    )
+    plan = DispatchPlan(
+        token_idx=token_idx,
+        slot_idx=slot_idx,
+        tokens_per_expert=torch.tensor([len(s) for s in kept_slots], device=x.device),
+        dropped_tokens=torch.tensor(dropped, device=x.device),
+    )
+    return out, plan, y_sorted

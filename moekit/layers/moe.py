@@ -1,0 +1,245 @@
+"""The MoE layer: router + dispatcher + experts, each built separately and handed in.
+
+``MoE(config)`` builds the built-in parts from a :class:`MoEConfig`;
+``MoE.from_experts([...])`` wraps arbitrary modules. ``forward`` returns everything a
+caller may need (output, the auxiliary loss already weighted by its coefficients, router
+logits, load statistics) in a :class:`MoEOutput`; nothing is kept on the module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moekit.config import MoEConfig
+from moekit.layers.dispatch import DispatchPlan, dispatch, expert_capacity, reference_dispatch
+from moekit.layers.experts import ModuleExperts, SharedExperts, build_experts
+from moekit.layers.losses import load_balancing_loss, sequence_balance_loss, z_loss
+from moekit.layers.router import Router, RouterOutput, build_router
+
+
+@dataclass
+class MoEStats:
+    """Routing statistics of one forward (detached).
+
+    Attributes:
+        tokens_per_expert: ``[E]`` int64 slots each expert computed (after capacity).
+        dropped_tokens: int64 scalar, slots dropped by the capacity limit.
+    """
+
+    tokens_per_expert: torch.Tensor
+    dropped_tokens: torch.Tensor
+
+    @property
+    def max_over_mean(self) -> float:
+        """Load of the busiest expert over the mean load: 1.0 is perfect balance."""
+        load = self.tokens_per_expert.float()
+        mean = load.mean()
+        return float(load.max() / mean) if mean > 0 else 0.0
+
+
+@dataclass
+class MoEOutput:
+    """What :meth:`MoE.forward` returns.
+
+    Attributes:
+        output: same leading shape as the input, last dim ``d_out`` (``d_model`` for the
+            built-in experts).
+        aux_loss: scalar, the enabled auxiliary losses times their coefficients (0 if none).
+        router_logits: ``[T, E]`` float32.
+        stats: :class:`MoEStats`.
+        routing: the router's full :class:`RouterOutput` (weights, indices, probs, mask).
+        expert_outputs: ``[T, k, d_out]`` each chosen expert's own output (zeros where
+            dropped), only when ``return_expert_outputs=True``.
+        expert_mask: ``[T, k]`` bool, the slots that were computed (with ``expert_outputs``).
+    """
+
+    output: torch.Tensor
+    aux_loss: torch.Tensor
+    router_logits: torch.Tensor
+    stats: MoEStats
+    routing: RouterOutput
+    expert_outputs: torch.Tensor | None = None
+    expert_mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameter counts: ``total`` stored, ``active`` used per token."""
+
+    total: int
+    active: int
+
+
+class MoE(nn.Module):
+    """Sparse Mixture-of-Experts layer.
+
+    Args:
+        config: the layer's :class:`MoEConfig`.
+        experts: optional experts module following the experts contract
+            (``x_sorted, tokens_per_expert -> y_sorted`` plus ``expert_forward(e, x)``);
+            built from ``config.expert`` when omitted.
+        router: optional router module; built from ``config.router`` when omitted.
+    """
+
+    def __init__(self, config: MoEConfig, experts: nn.Module | None = None, router: Router | None = None):
+        super().__init__()
+        self.config = config
+        self.router = router if router is not None else build_router(config)
+        self.experts = experts if experts is not None else build_experts(config)
+        self.shared_experts = SharedExperts(config) if config.num_shared_experts > 0 else None
+        self.d_out = getattr(self.experts, "d_out", config.d_model)
+        if self.shared_experts is not None and self.d_out != config.d_model:
+            raise ValueError(
+                f"shared experts output d_model ({config.d_model}) but the routed experts output {self.d_out}"
+            )
+
+    @classmethod
+    def from_experts(
+        cls,
+        experts: list[nn.Module],
+        d_model: int,
+        router: str = "topk",
+        top_k: int = 1,
+        d_out: int | None = None,
+        **config_fields,
+    ) -> "MoE":
+        """An MoE over arbitrary modules, each mapping ``[n, d_model] -> [n, d_out]``.
+
+        Any other :class:`MoEConfig` field may be passed by keyword (``aux_loss_coef``,
+        ``capacity_factor``, ``router_jitter``...). ``d_ff`` is irrelevant here and set to
+        ``d_model``.
+        """
+        config_fields.setdefault("d_ff", d_model)
+        config = MoEConfig(d_model=d_model, num_experts=len(experts), top_k=top_k, router=router, **config_fields)
+        if config.num_shared_experts:
+            raise ValueError("num_shared_experts must be 0 for from_experts (add a shared module to your model instead)")
+        return cls(config, experts=ModuleExperts(experts, d_model, d_out))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        return_expert_outputs: bool = False,
+    ) -> MoEOutput:
+        """Route and compute.
+
+        Args:
+            x: ``[..., d_model]``; all leading dims are tokens (``[B, S, d]`` is read as
+                B sequences of S tokens by the sequence-wise loss and the hash router).
+            token_ids: ``[...]`` ids matching x's leading dims (the ``hash`` router uses them).
+            padding_mask: ``[...]`` 1/True for real tokens; padding is left out of the losses.
+            return_expert_outputs: also return each chosen expert's own output (for
+                :func:`moekit.expert_weighted_loss`).
+        """
+        cfg = self.config
+        if x.shape[-1] != cfg.d_model:
+            raise ValueError(f"input's last dim must be d_model={cfg.d_model}, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, cfg.d_model)  # [..., d] -> [T, d]
+        if cfg.check_inputs:
+            self._check(flat, token_ids, padding_mask, lead)
+        flat_ids = None if token_ids is None else token_ids.reshape(-1)
+        positions = None
+        if flat_ids is None and not self.router.learned:
+            seq = lead[-1] if len(lead) else 1
+            positions = torch.arange(seq, device=x.device).repeat(flat.shape[0] // max(seq, 1))
+        routing = self.router(flat, token_ids=flat_ids, positions=positions)
+
+        capacity = None
+        if cfg.capacity_factor is not None and self.router.token_choice:
+            capacity = expert_capacity(flat.shape[0], cfg.top_k, cfg.num_experts, cfg.capacity_factor)
+        run = reference_dispatch if cfg.implementation == "reference" else dispatch
+        out, plan, y_sorted = run(flat, routing, self.experts, capacity)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+
+        expert_outputs = expert_mask = None
+        if return_expert_outputs:
+            expert_outputs, expert_mask = self._per_slot_outputs(routing, plan, y_sorted)
+        return MoEOutput(
+            output=out.reshape(*lead, out.shape[-1]),
+            aux_loss=self._aux_loss(routing, lead, padding_mask),
+            router_logits=routing.logits,
+            stats=MoEStats(plan.tokens_per_expert.detach(), plan.dropped_tokens.detach()),
+            routing=routing,
+            expert_outputs=expert_outputs,
+            expert_mask=expert_mask,
+        )
+
+    def _aux_loss(self, routing: RouterOutput, lead: torch.Size, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.config
+        aux = routing.logits.new_zeros(())
+        if not self.router.learned:
+            return aux
+        E = cfg.num_experts
+        if cfg.aux_loss_coef > 0:
+            aux = aux + cfg.aux_loss_coef * load_balancing_loss(
+                routing.probs, routing.indices, E, padding_mask, routing.mask
+            )
+        if cfg.z_loss_coef > 0:
+            aux = aux + cfg.z_loss_coef * z_loss(routing.logits, padding_mask)
+        if cfg.seq_aux_loss_coef > 0 and self.router.token_choice:
+            S = lead[-1] if len(lead) > 1 else routing.probs.shape[0]
+            B = routing.probs.shape[0] // S
+            mask = None if padding_mask is None else padding_mask.reshape(B, S)
+            aux = aux + cfg.seq_aux_loss_coef * sequence_balance_loss(
+                routing.probs.view(B, S, E), routing.indices.view(B, S, -1), E, mask
+            )
+        return aux
+
+    @staticmethod
+    def _per_slot_outputs(
+        routing: RouterOutput, plan: DispatchPlan, y_sorted: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each computed slot's unweighted expert output, ``[T, k, d_out]``."""
+        T, k = routing.indices.shape
+        slots = y_sorted.new_zeros(T * k, y_sorted.shape[-1]).index_copy(0, plan.slot_idx, y_sorted)
+        mask = torch.zeros(T * k, dtype=torch.bool, device=y_sorted.device).index_fill_(0, plan.slot_idx, True)
+        return slots.view(T, k, -1), mask.view(T, k)  # [T*k, d_out] -> [T, k, d_out]
+
+    def _check(self, flat, token_ids, padding_mask, lead) -> None:
+        if not torch.isfinite(flat).all():
+            bad = int((~torch.isfinite(flat)).any(-1).sum())
+            raise ValueError(f"input x contains NaN or inf in {bad} of {flat.shape[0]} tokens")
+        for name, t in (("token_ids", token_ids), ("padding_mask", padding_mask)):
+            if t is not None and tuple(t.shape) != tuple(lead):
+                raise ValueError(f"{name} must have shape {tuple(lead)} (x's leading dims), got {tuple(t.shape)}")
+
+    def update_bias(self) -> None:
+        """Aux-loss-free balancing step for routers that have one (``sigmoid_bias``)."""
+        if hasattr(self.router, "update_bias"):
+            self.router.update_bias()
+
+    def num_params(self) -> ParamCount:
+        """Parameters of this layer: total, and active per token (router, shared experts and
+        ``top_k`` routed experts' worth)."""
+        total = sum(p.numel() for p in self.parameters())
+        routed = sum(p.numel() for p in self.experts.parameters())
+        per_expert = routed // self.config.num_experts
+        return ParamCount(total, total - routed + self.config.top_k * per_expert)
+
+
+def update_router_biases(model: nn.Module) -> None:
+    """Call after ``optimizer.step()``: apply the aux-loss-free bias update of every
+    ``sigmoid_bias`` router in ``model`` from the loads seen since the last call."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.update_bias()
+
+
+def count_params(config: MoEConfig) -> ParamCount:
+    """Exact parameter counts of ``MoE(config)`` from the config alone."""
+    d, f, E = config.d_model, config.d_ff, config.num_experts
+    per_expert = (3 if config.expert == "swiglu" else 2) * d * f
+    router = {"hash": 0, "noisy_topk": 2 * E * d}.get(config.router, E * d)
+    if config.router_bias and config.router != "hash":
+        router += E
+    shared = 0
+    if config.num_shared_experts:
+        shared = (3 if config.expert == "swiglu" else 2) * d * config.shared_width
+        shared += d if config.shared_expert_gate else 0
+    return ParamCount(total=router + shared + E * per_expert, active=router + shared + config.top_k * per_expert)

@@ -1,0 +1,47 @@
+"""Name -> class maps for routers and experts.
+
+A new router is one class plus one ``@register_router("name")`` line; the config validates
+names against these maps, so a registered router is usable from a config or the CLI at once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+ROUTERS: dict[str, type] = {}
+EXPERTS: dict[str, type] = {}
+
+C = TypeVar("C", bound=type)
+
+
+def _register(table: dict[str, type], kind: str, name: str) -> Callable[[C], C]:
+    def deco(cls: C) -> C:
+        if name in table and table[name] is not cls:
+            raise ValueError(f"{kind} name {name!r} is already registered to {table[name].__name__}")
+        table[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return deco
+
+
+def register_router(name: str) -> Callable[[C], C]:
+    """Class decorator: make a router available as ``MoEConfig(router=name)``."""
+    return _register(ROUTERS, "router", name)
+
+
+def register_expert(name: str) -> Callable[[C], C]:
+    """Class decorator: make an expert kind available as ``MoEConfig(expert=name)``."""
+    return _register(EXPERTS, "expert", name)
+
+
+def router_names() -> list[str]:
+    import moekit.layers.router  # noqa: F401  (registers the built-in routers)
+
+    return sorted(ROUTERS)
+
+
+def expert_names() -> list[str]:
+    import moekit.layers.experts  # noqa: F401  (registers the built-in experts)
+
+    return sorted(EXPERTS)
