@@ -112,11 +112,12 @@ class MoE(nn.Module):
         ``capacity_factor``, ``router_jitter``...). ``d_ff`` is irrelevant here and set to
         ``d_model``.
         """
+        module = ModuleExperts(experts, d_model, d_out)  # validates the list first
         config_fields.setdefault("d_ff", d_model)
         config = MoEConfig(d_model=d_model, num_experts=len(experts), top_k=top_k, router=router, **config_fields)
         if config.num_shared_experts:
             raise ValueError("num_shared_experts must be 0 for from_experts (add a shared module to your model instead)")
-        return cls(config, experts=ModuleExperts(experts, d_model, d_out))
+        return cls(config, experts=module)
 
     def forward(
         self,

@@ -103,7 +103,7 @@ class Router(nn.Module):
 
     def _topk_of(self, probs: torch.Tensor, logits: torch.Tensor, k: int | None = None) -> RouterOutput:
         weights, indices = torch.topk(probs, k or self.top_k, dim=-1)  # [T, E] -> [T, k]
-        if self.renormalize and weights.shape[-1] > 1:
+        if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.scale != 1.0:
             weights = weights * self.scale
@@ -112,7 +112,11 @@ class Router(nn.Module):
 
 @register_router("topk")
 class TopKRouter(Router):
-    """Softmax over logits, then top-k (Mixtral; the k weights renormalised by default)."""
+    """Softmax over logits, then top-k (Mixtral; the k weights renormalised by default).
+
+    With ``top_k=1`` and renormalisation the weight is always 1, as in transformers, and
+    the router learns only from the auxiliary losses: use ``renormalize=False`` or the
+    ``switch`` router to let the task loss reach it."""
 
     def route(self, logits: torch.Tensor) -> RouterOutput:
         return self._topk_of(torch.softmax(logits, dim=-1), logits)
@@ -166,7 +170,7 @@ class SamplingRouter(Router):
             return self._topk_of(probs, logits)
         indices = torch.multinomial(probs.detach(), self.top_k, replacement=False)  # [T, k]
         weights = probs.gather(-1, indices)
-        if self.renormalize and self.top_k > 1:
+        if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return RouterOutput(weights * self.scale, indices, logits, probs)
 
@@ -330,7 +334,7 @@ class SinkhornRouter(Router):
             balanced = sinkhorn(logits.detach(), self.iters)
         indices = torch.topk(balanced, self.top_k, dim=-1).indices  # [T, k]
         weights = probs.gather(-1, indices)
-        if self.renormalize and self.top_k > 1:
+        if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return RouterOutput(weights * self.scale, indices, logits, probs)
 

@@ -1,0 +1,144 @@
+"""The fast sort-and-group path against the slow dense reference: outputs and gradients."""
+
+import copy
+
+import pytest
+import torch
+
+import moekit.layers.experts as experts_mod
+from moekit import MoE, MoEConfig
+from moekit.layers.dispatch import capacity_keep, expert_capacity, plan_dispatch
+from moekit.registry import router_names
+
+
+def pair(**kw):
+    """A fast layer and a reference layer with identical weights."""
+    cfg = MoEConfig(**kw)
+    fast = MoE(cfg)
+    ref_cfg = copy.deepcopy(cfg)
+    ref_cfg.implementation = "reference"
+    ref = MoE(ref_cfg)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def run(layer, x, seed, ids=None):
+    torch.manual_seed(seed)  # same random draws (jitter, noise, sampling) in both layers
+    x = x.detach().clone().requires_grad_(True)
+    out = layer(x, token_ids=ids)
+    loss = (out.output * torch.linspace(-1, 1, out.output.numel()).view_as(out.output)).sum() + out.aux_loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return out, x.grad, grads
+
+
+def assert_same(fast, ref, x, ids=None, train=True, atol=1e-5):
+    fast.train(train)
+    ref.train(train)
+    of, gxf, gf = run(fast, x, 7, ids)
+    orf, gxr, gr = run(ref, x, 7, ids)
+    torch.testing.assert_close(of.output, orf.output, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(of.aux_loss, orf.aux_loss)
+    assert torch.equal(of.stats.tokens_per_expert, orf.stats.tokens_per_expert)
+    assert int(of.stats.dropped_tokens) == int(orf.stats.dropped_tokens)
+    torch.testing.assert_close(gxf, gxr, atol=atol, rtol=1e-4)
+    assert gf.keys() == gr.keys()
+    for name in gf:
+        torch.testing.assert_close(gf[name], gr[name], atol=atol, rtol=1e-4, msg=name)
+    return of
+
+
+ROUTERS = router_names()
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("expert", ["swiglu", "gelu"])
+@pytest.mark.parametrize("shared", [0, 2])
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_fast_matches_reference(router, expert, shared, capacity_factor):
+    k = 1 if router == "switch" else 2
+    fast, ref = pair(
+        d_model=12, d_ff=20, num_experts=5, top_k=k, router=router, expert=expert,
+        num_shared_experts=shared, shared_expert_gate=bool(shared), capacity_factor=capacity_factor,
+        router_jitter=0.1 if router != "hash" else 0.0, seq_aux_loss_coef=0.01,
+    )
+    x = torch.randn(3, 9, 12)
+    ids = torch.randint(0, 50, (3, 9))
+    out = assert_same(fast, ref, x, ids)
+    if capacity_factor is not None and router != "expert_choice":
+        cap = expert_capacity(27, k, 5, capacity_factor)
+        assert (out.stats.tokens_per_expert <= cap).all()
+        assert int(out.stats.tokens_per_expert.sum() + out.stats.dropped_tokens) == 27 * k
+    assert_same(fast, ref, x, ids, train=False)
+
+
+def test_single_token():
+    fast, ref = pair(d_model=8, d_ff=16, num_experts=4, top_k=2)
+    assert_same(fast, ref, torch.randn(1, 8))
+
+
+def test_experts_with_no_tokens():
+    fast, ref = pair(d_model=8, d_ff=16, num_experts=6, top_k=1, renormalize=False)
+    with torch.no_grad():
+        fast.router.gate.weight.zero_()
+        fast.router.gate.weight[2] = 5.0  # every positive-sum token goes to expert 2
+        ref.router.gate.weight.copy_(fast.router.gate.weight)
+    x = torch.rand(10, 8)
+    out = assert_same(fast, ref, x)
+    assert out.stats.tokens_per_expert.tolist() == [0, 0, 10, 0, 0, 0]
+
+
+def test_many_fine_grained_experts():
+    fast, ref = pair(d_model=16, d_ff=8, num_experts=64, top_k=8, num_shared_experts=1)
+    assert_same(fast, ref, torch.randn(2, 13, 16))
+
+
+def test_loop_fallback_matches_grouped_mm(monkeypatch):
+    cfg = MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2)
+    layer = MoE(cfg)
+    x = torch.randn(11, 8)
+    a = layer(x).output
+    monkeypatch.setattr(experts_mod, "_HAS_GROUPED_MM", False)
+    b = layer(x).output
+    torch.testing.assert_close(a, b)
+
+
+def test_bfloat16_close_to_float32():
+    layer = MoE(MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2))
+    x = torch.randn(40, 32)
+    y32 = layer(x).output
+    y16 = layer.to(torch.bfloat16)(x.bfloat16()).output
+    assert y16.dtype == torch.bfloat16
+    rel = (y16.float() - y32).norm() / y32.norm()
+    assert rel < 2e-2
+
+
+def test_capacity_drops_lowest_weights_first():
+    # expert 0 is chosen by four slots; capacity 2 keeps the two of highest weight
+    experts = torch.tensor([0, 1, 0, 0, 2, 0])
+    weights = torch.tensor([0.1, 0.9, 0.7, 0.3, 0.5, 0.7])
+    keep = capacity_keep(experts, weights, 3, 2)
+    assert keep.tolist() == [False, True, True, False, True, True]
+
+
+def test_plan_sorts_by_expert_and_keeps_slot_order():
+    indices = torch.tensor([[2, 0], [0, 1], [2, 1]])
+    plan = plan_dispatch(indices, torch.ones(3, 2), 3)
+    assert plan.slot_idx.tolist() == [1, 2, 3, 5, 0, 4]
+    assert plan.token_idx.tolist() == [0, 1, 1, 2, 0, 2]
+    assert plan.tokens_per_expert.tolist() == [2, 2, 2]
+
+
+def test_return_expert_outputs_match_each_expert():
+    layer = MoE(MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2, capacity_factor=0.5))
+    x = torch.randn(10, 8)
+    out = layer(x, return_expert_outputs=True)
+    for t in range(10):
+        for j in range(2):
+            e = int(out.routing.indices[t, j])
+            if out.expert_mask[t, j]:
+                torch.testing.assert_close(out.expert_outputs[t, j], layer.experts.expert_forward(e, x[t : t + 1])[0])
+            else:
+                assert (out.expert_outputs[t, j] == 0).all()
+    combined = (out.expert_outputs * out.routing.weights.unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(combined, out.output)
