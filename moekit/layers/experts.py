@@ -3,9 +3,10 @@
 Tokens arrive sorted by expert, so expert ``e`` owns one contiguous segment of rows. The
 built-in experts keep all weights in 3-D tensors (``w1``/``w3``: ``[E, d_model, d_ff]``,
 ``w2``: ``[E, d_ff, d_model]``, Mixtral's roles) and run every segment in one
-``torch.nn.functional.grouped_mm`` call where it exists and the inputs qualify, else in a
-loop over the non-empty segments. Many small fine-grained experts then cost one kernel
-launch per matmul, not one per expert.
+``torch.nn.functional.grouped_mm`` call where it exists and the inputs qualify (CUDA,
+bfloat16), else in a loop over the non-empty segments (CPU, where the loop was measured
+faster: see :func:`grouped_mm_qualifies`). On a GPU many small fine-grained experts then
+cost one kernel launch per matmul, not one per expert.
 
 ``expert_forward(e, x)`` is the obviously-correct single-expert computation the
 reference path and the tests use.
@@ -25,19 +26,32 @@ from moekit.registry import register_expert
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
-def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+# CPU inference: below this many rows per expert on average, grouped_mm's C++ loop beats
+# the Python loop's per-segment overhead (measured with benchmarks/moe_layer.py).
+CPU_LOOP_MIN_ROWS_PER_EXPERT = 32
+
+
+def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> bool:
+    """Whether ``F.grouped_mm`` can take ``x [N, K] @ w [E, K, M]`` here and is worth it.
+
+    On CUDA its kernels take bfloat16 on sm80+ with 16-byte aligned rows. On CPU it takes
+    float32 and bfloat16. With gradients it is always used there: its backward writes each
+    weight gradient once, where a loop's per-expert views of a 3-D weight cost a full-size
+    gradient each. Without gradients, a per-segment loop is faster once segments are long
+    (one segment's activation stays in cache and buffers are reused), grouped_mm when
+    there are many short segments (fine-grained experts, few tokens).
+    """
     if not _HAS_GROUPED_MM or x.dtype != w.dtype:
         return False
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
     if x.device.type == "cuda":
-        # The CUDA kernels take bfloat16 on sm80+ with 16-byte aligned rows.
         return x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
-    return False
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return needs_grad or x.shape[0] < CPU_LOOP_MIN_ROWS_PER_EXPERT * w.shape[0]
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """Segment-wise matmul: rows of segment ``e`` of ``x`` times ``w[e]``.
+    """Segment-wise matmul with ``F.grouped_mm``: rows of segment ``e`` of ``x`` times ``w[e]``.
 
     Args:
         x: ``[N, K]`` rows sorted by expert.
@@ -47,16 +61,18 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Te
     Returns:
         ``[N, M]``.
     """
-    if _grouped_mm_ok(x, w):
-        offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)  # [E] segment ends
-        return F.grouped_mm(x, w, offs=offs)
-    outs = []
-    for e, (seg, n) in enumerate(zip(torch.split(x, tokens_per_expert.tolist()), tokens_per_expert.tolist())):
+    offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)  # [E] segment ends
+    return F.grouped_mm(x, w, offs=offs)
+
+
+def segments(tokens_per_expert: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(expert, start, end)`` of every non-empty segment (one host sync)."""
+    out, start = [], 0
+    for e, n in enumerate(tokens_per_expert.tolist()):
         if n:
-            outs.append(seg @ w[e])
-    if not outs:
-        return x.new_zeros(0, w.shape[-1])
-    return torch.cat(outs)
+            out.append((e, start, start + n))
+            start += n
+    return out
 
 
 def _init_uniform(t: torch.Tensor, fan_in: int) -> None:
@@ -65,14 +81,51 @@ def _init_uniform(t: torch.Tensor, fan_in: int) -> None:
 
 
 class GroupedExperts(nn.Module):
-    """Base of the built-in experts: E feed-forward networks in 3-D weight tensors."""
+    """Base of the built-in experts: E feed-forward networks in 3-D weight tensors.
+
+    Subclasses give ``weights()``, ``grouped(x, tokens_per_expert)`` (all segments at
+    once, for ``F.grouped_mm``) and ``segment(w, x, out)`` (one expert's rows; writes into
+    ``out`` when given, which the no-grad path uses to avoid allocations).
+
+    ``use_grouped_mm``: ``None`` (auto: where :func:`grouped_mm_qualifies`), ``True`` or
+    ``False`` to force a path (tests and benchmarks).
+    """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int):
         super().__init__()
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
         self.d_out = d_model
+        self.use_grouped_mm: bool | None = None
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """``x [N, d_model]`` sorted by expert, ``tokens_per_expert [E]`` -> ``[N, d_model]``."""
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
+        grouped = self.use_grouped_mm
+        if grouped is None:
+            grouped = grouped_mm_qualifies(x, self.w1, needs_grad)
+        if grouped and _HAS_GROUPED_MM:
+            return self.grouped(x, tokens_per_expert)
+        if not needs_grad:
+            out = x.new_empty(x.shape[0], self.d_out)
+            weights = self.weights()
+            for e, a, b in segments(tokens_per_expert):
+                self.segment([w[e] for w in weights], x[a:b], out[a:b])
+            return out
+        # unbind: one backward node stacks the per-expert gradients, where indexing w[e]
+        # would materialise a full-size gradient per expert
+        per_expert = list(zip(*(w.unbind(0) for w in self.weights())))
+        outs = [self.segment(per_expert[e], x[a:b]) for e, a, b in segments(tokens_per_expert)]
+        return torch.cat(outs) if outs else x.new_zeros(0, self.d_out)
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """The 3-D weight tensors in the order :meth:`segment` takes one slice of each."""
+        raise NotImplementedError
+
+    def grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def segment(self, w: tuple[torch.Tensor, ...], x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One expert (its weight slices ``w``) on its rows ``x``."""
         raise NotImplementedError
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -95,10 +148,20 @@ class SwiGLUExperts(GroupedExperts):
         _init_uniform(self.w3, self.d_model)
         _init_uniform(self.w2, self.d_ff)
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         gate = grouped_matmul(x, self.w1, tokens_per_expert)  # [N, d] -> [N, f]
         up = grouped_matmul(x, self.w3, tokens_per_expert)
         return grouped_matmul(F.silu(gate) * up, self.w2, tokens_per_expert)  # [N, f] -> [N, d]
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return self.w1, self.w3, self.w2
+
+    def segment(self, w, x, out=None):
+        w1, w3, w2 = w
+        if out is None:
+            return (F.silu(x @ w1) * (x @ w3)) @ w2
+        hidden = F.silu(x @ w1, inplace=True).mul_(x @ w3)  # no grad: reuse buffers
+        return torch.mm(hidden, w2, out=out)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
@@ -118,9 +181,17 @@ class GELUExperts(GroupedExperts):
         _init_uniform(self.w1, self.d_model)
         _init_uniform(self.w2, self.d_ff)
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         hidden = F.gelu(grouped_matmul(x, self.w1, tokens_per_expert))  # [N, d] -> [N, f]
         return grouped_matmul(hidden, self.w2, tokens_per_expert)  # [N, f] -> [N, d]
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return self.w1, self.w2
+
+    def segment(self, w, x, out=None):
+        w1, w2 = w
+        hidden = F.gelu(x @ w1)
+        return hidden @ w2 if out is None else torch.mm(hidden, w2, out=out)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x @ self.w1[e]) @ self.w2[e]
@@ -166,8 +237,7 @@ class ModuleExperts(nn.Module):
         return int(out.shape[1])
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        counts = tokens_per_expert.tolist()
-        outs = [self.experts[e](seg) for e, seg in enumerate(torch.split(x, counts)) if counts[e]]
+        outs = [self.experts[e](x[a:b]) for e, a, b in segments(tokens_per_expert)]
         if not outs:
             return x.new_zeros(0, self.d_out)
         return torch.cat(outs)

@@ -47,7 +47,8 @@ class MoEOutput:
     Attributes:
         output: same leading shape as the input, last dim ``d_out`` (``d_model`` for the
             built-in experts).
-        aux_loss: scalar, the enabled auxiliary losses times their coefficients (0 if none).
+        aux_loss: scalar, the enabled auxiliary losses times their coefficients (0 if none,
+            and 0 under ``torch.no_grad`` unless ``compute_aux=True``).
         router_logits: ``[T, E]`` float32.
         stats: :class:`MoEStats`.
         routing: the router's full :class:`RouterOutput` (weights, indices, probs, mask).
@@ -125,6 +126,7 @@ class MoE(nn.Module):
         token_ids: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         return_expert_outputs: bool = False,
+        compute_aux: bool | None = None,
     ) -> MoEOutput:
         """Route and compute.
 
@@ -135,6 +137,9 @@ class MoE(nn.Module):
             padding_mask: ``[...]`` 1/True for real tokens; padding is left out of the losses.
             return_expert_outputs: also return each chosen expert's own output (for
                 :func:`moekit.expert_weighted_loss`).
+            compute_aux: compute the auxiliary losses. ``None`` (default): only when
+                gradients are enabled, so inference (``torch.no_grad``/``inference_mode``)
+                skips them and ``aux_loss`` is 0 there; pass ``True`` to get them anyway.
         """
         cfg = self.config
         if x.shape[-1] != cfg.d_model:
@@ -160,10 +165,12 @@ class MoE(nn.Module):
 
         expert_outputs = expert_mask = None
         if return_expert_outputs:
+            if y_sorted is None:  # the small-batch inference path computed none in order
+                y_sorted = self.experts(flat.index_select(0, plan.token_idx), plan.tokens_per_expert)
             expert_outputs, expert_mask = self._per_slot_outputs(routing, plan, y_sorted)
         return MoEOutput(
             output=out.reshape(*lead, out.shape[-1]),
-            aux_loss=self._aux_loss(routing, lead, padding_mask),
+            aux_loss=self._aux_loss(routing, lead, padding_mask, compute_aux),
             router_logits=routing.logits,
             stats=MoEStats(plan.tokens_per_expert.detach(), plan.dropped_tokens.detach()),
             routing=routing,
@@ -171,10 +178,14 @@ class MoE(nn.Module):
             expert_mask=expert_mask,
         )
 
-    def _aux_loss(self, routing: RouterOutput, lead: torch.Size, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def _aux_loss(
+        self, routing: RouterOutput, lead: torch.Size, padding_mask: torch.Tensor | None, compute: bool | None
+    ) -> torch.Tensor:
         cfg = self.config
         aux = routing.logits.new_zeros(())
-        if not self.router.learned:
+        if compute is None:
+            compute = torch.is_grad_enabled()
+        if not (compute and self.router.learned):
             return aux
         E = cfg.num_experts
         if cfg.aux_loss_coef > 0:
