@@ -75,6 +75,56 @@ def segments(tokens_per_expert: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
+class _SwiGLUSegments(torch.autograd.Function):
+    """All SwiGLU experts over expert-sorted rows, with a hand-written backward.
+
+    Forward and backward run segment by segment, so each expert's activations are
+    touched while they are in cache, and every weight gradient is written once, in place,
+    into a full ``[E, ...]`` buffer (autograd over per-expert views would build one
+    full-size gradient per expert, and over grouped_mm it runs the activation on all rows
+    at once). Saves the gate and up pre-activations, as autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, segs):
+        n, f = x.shape[0], w1.shape[-1]
+        gate, up = x.new_empty(n, f), x.new_empty(n, f)
+        out = x.new_empty(n, w2.shape[-1])
+        for e, a, b in segs:
+            torch.mm(x[a:b], w1[e], out=gate[a:b])
+            torch.mm(x[a:b], w3[e], out=up[a:b])
+            torch.mm(F.silu(gate[a:b]).mul_(up[a:b]), w2[e], out=out[a:b])
+        ctx.save_for_backward(x, w1, w3, w2, gate, up)
+        ctx.segs = segs
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w3, w2, gate, up = ctx.saved_tensors
+        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
+        dx = torch.zeros_like(x) if need_x else None
+        dw1 = torch.zeros_like(w1) if need_w1 else None
+        dw3 = torch.zeros_like(w3) if need_w3 else None
+        dw2 = torch.zeros_like(w2) if need_w2 else None
+        dy = dy.contiguous()
+        for e, a, b in ctx.segs:
+            g, u, dys, xs = gate[a:b], up[a:b], dy[a:b], x[a:b]
+            act = F.silu(g)
+            if need_w2:
+                torch.mm((act * u).t(), dys, out=dw2[e])  # [f, n] @ [n, d]
+            dh = dys @ w2[e].t()  # [n, d] -> [n, f]
+            du = dh.mul(act)
+            dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
+            if need_w1:
+                torch.mm(xs.t(), dg, out=dw1[e])
+            if need_w3:
+                torch.mm(xs.t(), du, out=dw3[e])
+            if need_x:
+                torch.mm(dg, w1[e].t(), out=dx[a:b])
+                dx[a:b].addmm_(du, w3[e].t())
+        return dx, dw1, dw3, dw2, None
+
+
 def _init_uniform(t: torch.Tensor, fan_in: int) -> None:
     bound = 1.0 / math.sqrt(fan_in)  # the default of nn.Linear
     nn.init.uniform_(t, -bound, bound)
@@ -147,6 +197,16 @@ class SwiGLUExperts(GroupedExperts):
         _init_uniform(self.w1, self.d_model)
         _init_uniform(self.w3, self.d_model)
         _init_uniform(self.w2, self.d_ff)
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        if (
+            self.use_grouped_mm is None
+            and x.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and x.shape[0] >= CPU_LOOP_MIN_ROWS_PER_EXPERT * self.num_experts
+        ):
+            return _SwiGLUSegments.apply(x, self.w1, self.w3, self.w2, segments(tokens_per_expert))
+        return super().forward(x, tokens_per_expert)
 
     def grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         gate = grouped_matmul(x, self.w1, tokens_per_expert)  # [N, d] -> [N, f]
