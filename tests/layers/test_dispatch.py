@@ -173,7 +173,12 @@ def test_inference_paths_match_reference(router, T, shape):
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
-def test_large_batch_training_path_matches_reference(capacity_factor):
-    # enough rows per expert for the hand-written segment backward of the SwiGLU experts
+def test_segment_backward_matches_reference(capacity_factor, monkeypatch):
+    # the hand-written segment backward of the SwiGLU experts (large batches on CPU)
+    monkeypatch.setattr(experts_mod, "CPU_SEGMENT_BACKWARD_MIN_ROWS", 4)
+    calls = []
+    original = experts_mod._SwiGLUSegments.backward
+    monkeypatch.setattr(experts_mod._SwiGLUSegments, "backward", staticmethod(lambda ctx, dy: calls.append(1) or original(ctx, dy)))
     fast, ref = pair(d_model=16, d_ff=24, num_experts=4, top_k=2, capacity_factor=capacity_factor, num_shared_experts=1)
     assert_same(fast, ref, torch.randn(2, 60, 16))
+    assert calls, "the segment backward was not used"
