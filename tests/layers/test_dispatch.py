@@ -3,6 +3,8 @@
 import copy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import moekit.layers.experts as experts_mod
@@ -182,3 +184,26 @@ def test_segment_backward_matches_reference(capacity_factor, monkeypatch):
     fast, ref = pair(d_model=16, d_ff=24, num_experts=4, top_k=2, capacity_factor=capacity_factor, num_shared_experts=1)
     assert_same(fast, ref, torch.randn(2, 60, 16))
     assert calls, "the segment backward was not used"
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 30), E=st.integers(1, 9), data=st.data())
+def test_capacity_properties(T, E, data):
+    k = data.draw(st.integers(1, E))
+    factor = data.draw(st.sampled_from([0.25, 0.5, 1.0, 1.5]))
+    indices = torch.stack([torch.randperm(E)[:k] for _ in range(T)])  # distinct experts per token
+    weights = torch.rand(T, k)
+    cap = expert_capacity(T, k, E, factor)
+    plan = plan_dispatch(indices, weights, E, capacity=cap)
+    counts = torch.bincount(indices.reshape(-1), minlength=E)
+    assert torch.equal(plan.tokens_per_expert, torch.minimum(counts, torch.tensor(cap)))
+    assert int(plan.tokens_per_expert.sum() + plan.dropped_tokens) == T * k
+    flat_e, flat_w = indices.reshape(-1), weights.reshape(-1)
+    kept = torch.zeros(T * k, dtype=torch.bool)
+    kept[plan.slot_idx] = True
+    for e in range(E):  # every kept slot outweighs every dropped slot of the same expert
+        mine = flat_e == e
+        if (mine & ~kept).any() and (mine & kept).any():
+            assert flat_w[mine & kept].min() >= flat_w[mine & ~kept].max()
+    assert (flat_e[plan.slot_idx].diff() >= 0).all(), "rows are sorted by expert"
+    assert torch.equal(plan.token_idx, plan.slot_idx // k)
