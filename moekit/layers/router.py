@@ -101,13 +101,15 @@ class Router(nn.Module):
     def route(self, logits: torch.Tensor) -> RouterOutput:
         raise NotImplementedError
 
-    def _topk_of(self, probs: torch.Tensor, logits: torch.Tensor, k: int | None = None) -> RouterOutput:
-        weights, indices = torch.topk(probs, k or self.top_k, dim=-1)  # [T, E] -> [T, k]
+    def _finish(self, weights: torch.Tensor) -> torch.Tensor:
+        """Renormalise the chosen experts' weights (if configured), then scale them."""
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.scale != 1.0:
-            weights = weights * self.scale
-        return RouterOutput(weights, indices, logits, probs)
+        return weights * self.scale if self.scale != 1.0 else weights
+
+    def _topk_of(self, probs: torch.Tensor, logits: torch.Tensor) -> RouterOutput:
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)  # [T, E] -> [T, k]
+        return RouterOutput(self._finish(weights), indices, logits, probs)
 
 
 @register_router("topk")
@@ -169,10 +171,7 @@ class SamplingRouter(Router):
         if not self.training:
             return self._topk_of(probs, logits)
         indices = torch.multinomial(probs.detach(), self.top_k, replacement=False)  # [T, k]
-        weights = probs.gather(-1, indices)
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return RouterOutput(weights * self.scale, indices, logits, probs)
+        return RouterOutput(self._finish(probs.gather(-1, indices)), indices, logits, probs)
 
 
 @register_router("sigmoid_bias")
@@ -333,10 +332,7 @@ class SinkhornRouter(Router):
         with torch.no_grad():
             balanced = sinkhorn(logits.detach(), self.iters)
         indices = torch.topk(balanced, self.top_k, dim=-1).indices  # [T, k]
-        weights = probs.gather(-1, indices)
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return RouterOutput(weights * self.scale, indices, logits, probs)
+        return RouterOutput(self._finish(probs.gather(-1, indices)), indices, logits, probs)
 
 
 def build_router(config: MoEConfig) -> Router:
