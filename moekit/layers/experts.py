@@ -153,7 +153,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """``x [N, d_model]`` sorted by expert, ``tokens_per_expert [E]`` -> ``[N, d_model]``."""
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
+        needs_grad = self.needs_grad(x)
         grouped = self.use_grouped_mm
         if grouped is None:
             grouped = grouped_mm_qualifies(x, self.w1, needs_grad)
@@ -170,6 +170,10 @@ class GroupedExperts(nn.Module):
         per_expert = list(zip(*(w.unbind(0) for w in self.weights())))
         outs = [self.segment(per_expert[e], x[a:b]) for e, a, b in segments(tokens_per_expert)]
         return torch.cat(outs) if outs else x.new_zeros(0, self.d_out)
+
+    def needs_grad(self, x: torch.Tensor) -> bool:
+        """Whether this call builds an autograd graph (input or weights need gradients)."""
+        return torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
 
     def weights(self) -> tuple[torch.Tensor, ...]:
         """The 3-D weight tensors in the order :meth:`segment` takes one slice of each."""
@@ -206,7 +210,7 @@ class SwiGLUExperts(GroupedExperts):
         if (
             self.use_grouped_mm is None
             and x.device.type == "cpu"
-            and torch.is_grad_enabled()
+            and self.needs_grad(x)
             and x.shape[0] >= CPU_SEGMENT_BACKWARD_MIN_ROWS * self.num_experts
         ):
             return _SwiGLUSegments.apply(x, self.w1, self.w3, self.w2, segments(tokens_per_expert))
