@@ -1,6 +1,8 @@
 """The ``moekit`` command. Thin: it parses arguments and calls library functions.
 
-Every field of a config dataclass can be set as ``--moe.FIELD VALUE``.
+Config fields are set as ``--SECTION.FIELD VALUE`` (``--model.num_experts 16``,
+``--train.lr 3e-3``, ``--data.path notes/``); ``--model.X`` also reaches the MoE fields.
+``moekit params`` alone counts one MoE layer, set with ``--moe.FIELD VALUE``.
 """
 
 from __future__ import annotations
@@ -8,57 +10,173 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tomllib
 import typing
+from pathlib import Path
 from typing import Any, Sequence
 
-from moekit.config import MoEConfig
+from moekit.config import MoEConfig, RunConfig, apply_overrides, parse_value
 
 # A Mixtral 8x7B layer: the shape people compare against.
 MIXTRAL_LAYER = {"d_model": 4096, "d_ff": 14336, "num_experts": 8, "top_k": 2}
+SECTIONS = ("model", "data", "train", "moe")
+# What may change when resuming: how long and how often, not what is trained.
+RESUMABLE = {"train.max_steps", "train.time_budget", "train.eval_every", "train.log_every",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.device"}
 
 
-def _parse_value(text: str, hint: Any, field: str) -> Any:
-    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    if text.lower() == "none" and type(None) in typing.get_args(hint):
-        return None
-    kind = kinds[0]
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        return kind(text)
-    except ValueError:
-        raise SystemExit(f"moekit: --moe.{field} expects a {kind.__name__}, got {text!r}") from None
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Pull ``--SECTION.FIELD VALUE`` / ``--SECTION.FIELD=VALUE`` out of ``argv``."""
+    rest, overrides = [], {}
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        name = word[2:].split("=", 1)[0] if word.startswith("--") else ""
+        if "." in name and name.split(".", 1)[0] in SECTIONS:
+            if "=" in word:
+                overrides[name] = word.split("=", 1)[1]
+            elif i + 1 < len(words):
+                overrides[name] = words[i + 1]
+                i += 1
+            else:
+                raise SystemExit(f"moekit: --{name} needs a value")
+        else:
+            rest.append(word)
+        i += 1
+    return rest, overrides
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
-    """Add ``--{prefix}.{field}`` for every field of dataclass ``cls`` (value stays a string)."""
-    group = parser.add_argument_group(f"{prefix} fields ({cls.__name__})")
-    for f in dataclasses.fields(cls):
-        group.add_argument(f"--{prefix}.{f.name}", dest=f"{prefix}.{f.name}", metavar="V", default=None)
+def _fail(command: str, exc: BaseException) -> SystemExit:
+    return SystemExit(f"moekit {command}: {exc}")
 
 
-def dataclass_overrides(args: argparse.Namespace, cls: type, prefix: str) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+def build_run_config(args: argparse.Namespace, overrides: dict[str, str]) -> RunConfig:
+    """Preset, then ``--config FILE.toml``, then the shortcut flags, then ``--SECTION.FIELD``."""
+    from moekit.presets import preset
+
+    config = preset(args.preset).to_dict()
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        try:
+            loaded = tomllib.loads(path.read_text("utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"config file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+        unknown = sorted(set(loaded) - {"model", "data", "train"})
+        if unknown:
+            raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections are ['data', 'model', 'train']")
+        for section, fields in loaded.items():
+            if not isinstance(fields, dict):
+                raise ValueError(f"{path}: [{section}] must be a table of fields")
+            flat = _flatten(fields, section)
+            for key, value in flat.items():
+                config = _set_typed(config, key, value)
+    shortcuts = {}
+    if getattr(args, "dense", False):
+        shortcuts["model.dense"] = "true"
+    for flag, key in (("data", "data.path"), ("max_steps", "train.max_steps"), ("time_budget", "train.time_budget")):
+        if getattr(args, flag, None) is not None:
+            shortcuts[key] = str(getattr(args, flag))
+    if getattr(args, "no_progress", False):
+        shortcuts["train.progress"] = "false"
+    config = apply_overrides(config, {**shortcuts, **overrides})
+    return RunConfig.from_dict(config)
+
+
+def _flatten(fields: dict[str, Any], prefix: str) -> dict[str, Any]:
     out = {}
-    for f in dataclasses.fields(cls):
-        text = getattr(args, f"{prefix}.{f.name}")
-        if text is not None:
-            out[f.name] = _parse_value(text, hints[f.name], f.name)
+    for k, v in fields.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
     return out
 
 
-def cmd_params(args: argparse.Namespace) -> int:
+def _set_typed(config: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Set one TOML value (already typed) by going through the same key checks as the CLI."""
+    text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return apply_overrides(config, {key: text})
+
+
+def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from moekit.training import TrainingDiverged, train
+    from moekit.training.checkpoint import LATEST_FILE, load_config
+
+    try:
+        if args.resume:
+            out = Path(args.out or args.resume)
+            config = load_config(args.resume)
+            changing = sorted(set(overrides) - RESUMABLE)
+            if changing or args.dense or args.data or args.config:
+                what = changing or ["--dense/--data/--config"]
+                raise ValueError(f"cannot change {what} when resuming; only {sorted(RESUMABLE)} "
+                                 "(and --max-steps/--time-budget) may change")
+            shortcuts = {k: str(v) for k, v in (("train.max_steps", args.max_steps),
+                                                ("train.time_budget", args.time_budget)) if v is not None}
+            if args.no_progress:
+                shortcuts["train.progress"] = "false"
+            config = RunConfig.from_dict(apply_overrides(config.to_dict(), {**shortcuts, **overrides}))
+        else:
+            config = build_run_config(args, overrides)
+            out = Path(args.out or ("runs/dense" if config.model.dense else "runs/moe"))
+            if (out / LATEST_FILE).exists() and not args.overwrite:
+                raise ValueError(f"{out} already holds a run; continue it with --resume {out}, "
+                                 "choose another --out, or pass --overwrite to replace it")
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail("train", exc) from None
+    try:
+        summary = train(config, out, resume=bool(args.resume))
+    except TrainingDiverged as exc:
+        print(f"moekit train: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise _fail("train", exc) from None
+    print(f"summary: {out / 'summary.json'}  (val loss {summary['val_loss']:.4f})")
+    print(f'generate: moekit generate --checkpoint {out} --prompt "def "')
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import torch
+
+    from moekit.inference import generate
+    from moekit.training.checkpoint import load_trained
+
+    if overrides:
+        raise _fail("generate", ValueError(f"config fields cannot be set here: {sorted(overrides)}"))
+    try:
+        model, tokenizer, _ = load_trained(args.checkpoint)
+        prompt = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long)[None]
+        if prompt.shape[1] == 0:
+            raise ValueError("--prompt must not be empty")
+        new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail("generate", exc) from None
+    sys.stdout.write(args.prompt + tokenizer.decode(new[0].tolist()) + "\n")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    if args.preset:
+        return _params_of_model(args, overrides)
     from moekit.layers.moe import count_params
 
-    fields = {**MIXTRAL_LAYER, **dataclass_overrides(args, MoEConfig, "moe")}
+    fields = dict(MIXTRAL_LAYER)
+    hints = typing.get_type_hints(MoEConfig)
     try:
+        for key, text in overrides.items():
+            section, _, name = key.partition(".")
+            if section != "moe" or name not in hints:
+                valid = ", ".join(f.name for f in dataclasses.fields(MoEConfig))
+                raise ValueError(f"unknown field {key!r}; valid --moe fields: {valid} "
+                                 "(use --preset NAME for --model/--train fields)")
+            fields[name] = parse_value(text, hints[name], key)
         config = MoEConfig(**fields)
     except ValueError as exc:
-        raise SystemExit(f"moekit params: {exc}") from None
+        raise _fail("params", exc) from None
     c = count_params(config)
     n = args.layers
     print(f"MoE layer: d_model={config.d_model} d_ff={config.d_ff} experts={config.num_experts} "
@@ -70,32 +188,85 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params_of_model(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from moekit.models import count_model_params
+
+    try:
+        config = build_run_config(args, overrides).model
+    except ValueError as exc:
+        raise _fail("params", exc) from None
+    c = count_model_params(config)
+    m = config.moe
+    kind = "dense" if config.dense else f"MoE {m.num_experts} experts, top-{m.top_k}"
+    print(f"model {args.preset}: {kind}, {config.n_layers} layers, d_model {config.d_model}, "
+          f"vocab {config.vocab_size}")
+    print(f"total parameters : {c.total:>18,}  ({_human(c.total)})")
+    print(f"active per token : {c.active:>18,}  ({_human(c.active)})")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+EPILOG = """config fields: --model.FIELD, --data.FIELD, --train.FIELD VALUE (e.g. --model.num_experts 16
+--train.lr 3e-3); --model.X also sets the MoE layer's fields (router, top_k, aux_loss_coef...).
+An unknown field is an error that lists the valid ones."""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from moekit.presets import PRESETS
+
     parser = argparse.ArgumentParser(
         prog="moekit", description="Sparse Mixture-of-Experts toolkit: layers, models, training, analysis."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("params", help="count total and active parameters of an MoE layer (Mixtral 8x7B's by default)")
+
+    t = sub.add_parser("train", help="train an MoE (or dense) language model", epilog=EPILOG)
+    t.add_argument("--preset", default="small", choices=list(PRESETS), help="starting config (default: small)")
+    t.add_argument("--config", metavar="FILE.toml", help="a TOML file with [model], [model.moe], [data], [train]")
+    t.add_argument("--out", metavar="DIR", help="run directory (default: runs/moe, or runs/dense with --dense)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--dense", action="store_true", help="train the dense baseline of equal active compute")
+    t.add_argument("--data", metavar="PATH", help="a text file or folder (default: the Python stdlib sources)")
+    t.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    t.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after this much training time")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="sample text from a trained model")
+    g.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or one of its step_* folders")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("params", help="count total and active parameters (a Mixtral 8x7B layer by default)",
+                       epilog="--moe.FIELD VALUE sets a layer field; with --preset, --model.FIELD sets a model field.")
+    p.add_argument("--preset", choices=list(PRESETS), help="count a whole model (e.g. mixtral-8x7b)")
     p.add_argument("--layers", type=int, default=1, help="also show the counts for this many MoE layers")
-    add_dataclass_args(p, MoEConfig, "moe")
     p.set_defaults(func=cmd_params)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        for word in unknown:
-            name = word.split("=")[0]
-            if name.startswith("--moe."):
-                valid = ", ".join(f.name for f in dataclasses.fields(MoEConfig))
-                parser.error(f"unknown field {name!r}; valid --moe fields: {valid}")
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        rest, overrides = split_overrides(argv)
+    except SystemExit as exc:
+        parser.error(str(exc).removeprefix("moekit: "))
+    args = parser.parse_args(rest)
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    return args.func(args, overrides)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
 """Configuration dataclasses.
 
-One dataclass per concern. Every field has a docstring-style comment; ``__post_init__``
-validates and raises ``ValueError`` naming the field and what is allowed, so a bad config
-fails at construction rather than deep inside a forward pass.
+One dataclass per concern: :class:`MoEConfig` (one MoE layer), :class:`ModelConfig` (the
+decoder LM, holding its ``moe``), :class:`DataConfig`, :class:`TrainConfig`, and
+:class:`RunConfig` tying the last three together. Every field has a docstring;
+``__post_init__`` validates and raises ``ValueError`` naming the field and what is allowed,
+so a bad config fails at construction rather than deep inside a forward pass.
+
+``RunConfig.from_dict`` reads nested dicts (JSON/TOML) and rejects unknown fields with the
+list of valid ones; :func:`apply_overrides` applies ``section.field=value`` strings from the
+command line.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from moekit.registry import expert_names, router_names
@@ -138,8 +145,307 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MoEConfig field(s) {unknown}; valid fields are {sorted(known)}")
-        return cls(**data)
+        return cls(**_known_fields(cls, data))
+
+
+def _known_fields(cls: type, data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``data`` unchanged, or a ValueError naming the unknown keys and the valid ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__} must be a table/dict of fields, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        label = f"{where} " if where else ""
+        raise ValueError(f"unknown {cls.__name__} {label}field(s) {unknown}; valid fields are {sorted(known)}")
+    return data
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """A Mixtral-style decoder-only language model.
+
+    Blocks are pre-norm: RMSNorm -> causal self-attention (RoPE, grouped-query) -> RMSNorm ->
+    feed-forward. The feed-forward is the MoE layer ``moe`` in MoE layers and a dense SwiGLU
+    FFN of width ``dense_d_ff`` elsewhere (and everywhere when ``dense=True``).
+    """
+
+    vocab_size: int = 256
+    """Token vocabulary size (set from the tokenizer by ``moekit train``)."""
+    d_model: int = 256
+    """Residual stream width. ``moe.d_model`` always follows it."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Query heads per attention layer."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); ``None`` means ``n_heads`` (plain MHA)."""
+    head_dim: int | None = None
+    """Width of one head; ``None`` means ``d_model // n_heads``."""
+    max_seq_len: int = 256
+    """Longest sequence the model accepts (RoPE tables and the KV cache are this long)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (Mixtral uses 1e6)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the token embedding and the LM head weight."""
+    dense: bool = False
+    """Dense baseline: every feed-forward is one SwiGLU FFN of width ``dense_d_ff`` (which
+    defaults to ``top_k * d_ff``, matching the MoE's active parameters and FLOPs per token)."""
+    moe_every: int = 1
+    """Use an MoE feed-forward in every n-th layer (counted after ``first_dense_layers``)."""
+    first_dense_layers: int = 0
+    """The first this-many layers use a dense FFN (DeepSeek-V3 uses 3)."""
+    dense_d_ff: int | None = None
+    """Width of the dense FFN; ``None`` means ``moe.top_k * moe.d_ff``."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init (output projections are scaled by
+    ``1/sqrt(2 * n_layers)``, as in GPT-2)."""
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=256, d_ff=256))
+    """The MoE feed-forward (a dict is accepted and converted)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            moe = dict(_known_fields(MoEConfig, self.moe, "moe"))
+            moe["d_model"] = self.d_model
+            moe.setdefault("d_ff", self.d_model)
+            self.moe = MoEConfig(**moe)
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"moe must be an MoEConfig or a dict of its fields, got {type(self.moe).__name__}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "moe_every"):
+            _positive(name, getattr(self, name))
+        for name in ("n_kv_heads", "head_dim", "dense_d_ff"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        _positive("rope_theta", self.rope_theta, float)
+        _positive("norm_eps", self.norm_eps, float)
+        _positive("init_std", self.init_std, float)
+        if not isinstance(self.first_dense_layers, int) or not 0 <= self.first_dense_layers <= self.n_layers:
+            raise ValueError(f"first_dense_layers must be in 0..n_layers (0..{self.n_layers}), got {self.first_dense_layers!r}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}), or set head_dim")
+        if (self.head_dim or self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim or self.d_model // self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.moe.d_model != self.d_model:
+            self.moe = replace(self.moe, d_model=self.d_model)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ffn_width(self) -> int:
+        """Width of the dense FFN (dense layers and the dense baseline)."""
+        return self.dense_d_ff or self.moe.top_k * self.moe.d_ff
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block ``i`` (0-based) has an MoE feed-forward."""
+        if self.dense or i < self.first_dense_layers:
+            return False
+        return (i - self.first_dense_layers) % self.moe_every == self.moe_every - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return cls(**_known_fields(cls, data, "model"))
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from and how it becomes tokens."""
+
+    path: str | None = None
+    """A text file or a folder of text files (read recursively as UTF-8). ``None``: the
+    running Python's standard library ``.py`` sources (about 30 MB, on every machine)."""
+    tokenizer: str = "byte"
+    """``"byte"`` (256 ids, no files needed) or ``"bpe"`` (trained on the corpus with the
+    ``tokenizers`` library and saved beside the checkpoint)."""
+    bpe_vocab_size: int = 4096
+    """Vocabulary size of the BPE tokenizer."""
+    val_fraction: float = 0.1
+    """The last this fraction of the token stream is the validation split."""
+    max_chars: int | None = None
+    """Read at most this many characters of the corpus (quick experiments, tests)."""
+    suffixes: str = ".txt,.md,.py,.rst"
+    """File suffixes read when ``path`` is a folder (comma-separated; empty = every file)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("tokenizer", self.tokenizer, TOKENIZERS)
+        _positive("bpe_vocab_size", self.bpe_vocab_size)
+        if self.bpe_vocab_size < 257:
+            raise ValueError(f"bpe_vocab_size must be >= 257 (the 256 bytes plus merges), got {self.bpe_vocab_size}")
+        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if self.max_chars is not None:
+            _positive("max_chars", self.max_chars)
+
+
+TOKENIZERS = ("byte", "bpe")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: AdamW, warmup then cosine decay, clipping, accumulation."""
+
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    seq_len: int = 256
+    """Tokens per training sequence (at most ``model.max_seq_len``)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 1000
+    """Optimizer steps to run (the cosine schedule ends here)."""
+    time_budget: float | None = None
+    """Stop after this many seconds of training, then evaluate. The schedule then decays by
+    whichever of steps or time is further along."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to ``lr * min_lr_ratio``."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; norms, biases and router biases are not decayed)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    dtype: str = "float32"
+    """Compute dtype: ``"float32"`` or ``"bfloat16"`` (autocast; weights stay float32)."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    device: str = "auto"
+    """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``..."""
+    seed: int = 0
+    """Seeds the weights, the batch order and every random choice."""
+    eval_every: int = 200
+    """Evaluate on the validation split every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Validation batches per evaluation (fixed windows spread over the split)."""
+    log_every: int = 10
+    """Write a metrics.jsonl line every this many steps."""
+    checkpoint_every: int = 200
+    """Write a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the oldest are deleted)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                     "log_every", "checkpoint_every", "keep_checkpoints"):
+            _positive(name, getattr(self, name))
+        if self.time_budget is not None:
+            _positive("time_budget", self.time_budget, float)
+        _positive("lr", self.lr, float)
+        for name in ("weight_decay", "grad_clip", "warmup_steps"):
+            _non_negative(name, getattr(self, name))
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < 1 or (name == "min_lr_ratio" and v == 1)):
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything ``moekit train`` needs; saved as ``config.json`` beside the weights."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        data = _known_fields(cls, data, "top-level")
+        return cls(
+            model=ModelConfig.from_dict(data.get("model", {})),
+            data=DataConfig(**_known_fields(DataConfig, data.get("data", {}), "data")),
+            train=TrainConfig(**_known_fields(TrainConfig, data.get("train", {}), "train")),
+        )
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def parse_value(text: str, hint: Any, name: str) -> Any:
+    """Convert command-line ``text`` to the field type ``hint`` (int, float, bool, str, X | None)."""
+    args = typing.get_args(hint)
+    if text.lower() == "none" and type(None) in args:
+        return None
+    kind = next((a for a in args if a is not type(None)), hint)
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+    else:
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{name} expects a {getattr(kind, '__name__', kind)}, got {text!r}")
+
+
+def apply_overrides(config: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
+    """Apply ``{"model.num_experts": "16", "train.lr": "3e-3"}`` to a nested config dict.
+
+    ``model.X`` also reaches the MoE fields (``model.num_experts`` is ``model.moe.num_experts``).
+    Unknown sections or fields raise ``ValueError`` listing the valid ones. Returns a new dict.
+    """
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for key, text in overrides.items():
+        parts = key.split(".")
+        section = parts[0]
+        if section not in SECTIONS or len(parts) not in (2, 3):
+            raise ValueError(f"unknown config key {key!r}; use SECTION.FIELD with SECTION one of {list(SECTIONS)}")
+        cls, target = SECTIONS[section], out.setdefault(section, {})
+        name = parts[-1]
+        moe_field = section == "model" and (len(parts) == 3 and parts[1] == "moe" or
+                                            len(parts) == 2 and name not in _names(ModelConfig))
+        if len(parts) == 3 and not moe_field:
+            raise ValueError(f"unknown config key {key!r}; only model.moe.FIELD has three parts")
+        if moe_field:
+            cls = MoEConfig
+            target = out["model"].setdefault("moe", {})
+            target = out["model"]["moe"] = dict(asdict(target) if isinstance(target, MoEConfig) else target)
+        if name not in _names(cls) or (cls is ModelConfig and name == "moe"):
+            valid = sorted(_names(SECTIONS[section]) - {"moe"})
+            if section == "model":
+                valid = sorted(set(valid) | (_names(MoEConfig) - {"d_model"}))
+            raise ValueError(f"unknown field {section}.{name}; valid {section} fields are {valid}")
+        if cls is MoEConfig and name == "d_model":
+            raise ValueError("moe.d_model follows model.d_model; set model.d_model instead")
+        target[name] = parse_value(text, typing.get_type_hints(cls)[name], key)
+    return out
+
+
+def _names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}

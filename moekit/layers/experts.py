@@ -152,22 +152,35 @@ class GroupedExperts(nn.Module):
         self.use_grouped_mm: bool | None = None
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """``x [N, d_model]`` sorted by expert, ``tokens_per_expert [E]`` -> ``[N, d_model]``."""
+        """``x [N, d_model]`` sorted by expert, ``tokens_per_expert [E]`` -> ``[N, d_model]``.
+
+        Under ``torch.autocast`` the rows and weights are cast to the autocast dtype once
+        and the experts run in it (autocast cannot reach the ``out=`` matmuls and the
+        hand-written backward); the weights and their gradients stay in their own dtype.
+        """
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return self.run(x.to(dtype), tokens_per_expert, tuple(w.to(dtype) for w in self.weights()))
+        return self.run(x, tokens_per_expert, self.weights())
+
+    def run(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The computation of :meth:`forward` with the given (possibly cast) weights."""
         needs_grad = self.needs_grad(x)
         grouped = self.use_grouped_mm
         if grouped is None:
-            grouped = grouped_mm_qualifies(x, self.w1, needs_grad)
+            grouped = grouped_mm_qualifies(x, weights[0], needs_grad)
         if grouped and _HAS_GROUPED_MM:
-            return self.grouped(x, tokens_per_expert)
+            return self.grouped(weights, x, tokens_per_expert)
         if not needs_grad:
             out = x.new_empty(x.shape[0], self.d_out)
-            weights = self.weights()
             for e, a, b in segments(tokens_per_expert):
                 self.segment([w[e] for w in weights], x[a:b], out[a:b])
             return out
         # unbind: one backward node stacks the per-expert gradients, where indexing w[e]
         # would materialise a full-size gradient per expert
-        per_expert = list(zip(*(w.unbind(0) for w in self.weights())))
+        per_expert = list(zip(*(w.unbind(0) for w in weights)))
         outs = [self.segment(per_expert[e], x[a:b]) for e, a, b in segments(tokens_per_expert)]
         return torch.cat(outs) if outs else x.new_zeros(0, self.d_out)
 
@@ -179,7 +192,8 @@ class GroupedExperts(nn.Module):
         """The 3-D weight tensors in the order :meth:`segment` takes one slice of each."""
         raise NotImplementedError
 
-    def grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def grouped(self, w: tuple[torch.Tensor, ...], x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """All experts (weights ``w``) over all rows at once with ``F.grouped_mm``."""
         raise NotImplementedError
 
     def segment(self, w: tuple[torch.Tensor, ...], x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,20 +220,20 @@ class SwiGLUExperts(GroupedExperts):
         _init_uniform(self.w3, self.d_model)
         _init_uniform(self.w2, self.d_ff)
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if (
             self.use_grouped_mm is None
             and x.device.type == "cpu"
             and self.needs_grad(x)
             and x.shape[0] >= CPU_SEGMENT_BACKWARD_MIN_ROWS * self.num_experts
         ):
-            return _SwiGLUSegments.apply(x, self.w1, self.w3, self.w2, segments(tokens_per_expert))
-        return super().forward(x, tokens_per_expert)
+            return _SwiGLUSegments.apply(x, *weights, segments(tokens_per_expert))
+        return super().run(x, tokens_per_expert, weights)
 
-    def grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        gate = grouped_matmul(x, self.w1, tokens_per_expert)  # [N, d] -> [N, f]
-        up = grouped_matmul(x, self.w3, tokens_per_expert)
-        return grouped_matmul(F.silu(gate) * up, self.w2, tokens_per_expert)  # [N, f] -> [N, d]
+    def grouped(self, w, x, tokens_per_expert):
+        gate = grouped_matmul(x, w[0], tokens_per_expert)  # [N, d] -> [N, f]
+        up = grouped_matmul(x, w[1], tokens_per_expert)
+        return grouped_matmul(F.silu(gate) * up, w[2], tokens_per_expert)  # [N, f] -> [N, d]
 
     def weights(self) -> tuple[torch.Tensor, ...]:
         return self.w1, self.w3, self.w2
@@ -249,9 +263,9 @@ class GELUExperts(GroupedExperts):
         _init_uniform(self.w1, self.d_model)
         _init_uniform(self.w2, self.d_ff)
 
-    def grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        hidden = F.gelu(grouped_matmul(x, self.w1, tokens_per_expert))  # [N, d] -> [N, f]
-        return grouped_matmul(hidden, self.w2, tokens_per_expert)  # [N, f] -> [N, d]
+    def grouped(self, w, x, tokens_per_expert):
+        hidden = F.gelu(grouped_matmul(x, w[0], tokens_per_expert))  # [N, d] -> [N, f]
+        return grouped_matmul(hidden, w[1], tokens_per_expert)  # [N, f] -> [N, d]
 
     def weights(self) -> tuple[torch.Tensor, ...]:
         return self.w1, self.w2

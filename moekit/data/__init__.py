@@ -1,0 +1,8 @@
+"""Data: tokenizers, corpora and deterministic batching."""
+
+from moekit.data.batches import TokenSplits, eval_batches, train_batch
+from moekit.data.corpus import load_text, stdlib_files
+from moekit.data.tokenizer import BPETokenizer, ByteTokenizer, build_tokenizer, load_tokenizer
+
+__all__ = ["TokenSplits", "eval_batches", "train_batch", "load_text", "stdlib_files",
+           "BPETokenizer", "ByteTokenizer", "build_tokenizer", "load_tokenizer"]

@@ -1,0 +1,331 @@
+"""The training loop behind ``moekit train``.
+
+``train(config, out_dir)`` builds the data, the model and AdamW from a :class:`RunConfig`,
+trains until ``max_steps`` or ``time_budget``, evaluates, checkpoints atomically and writes
+``metrics.jsonl`` and ``summary.json``. ``train(..., resume=True)`` continues a run from its
+latest checkpoint: step, optimizer, schedule, data position and RNG all continue, so on CPU
+the losses equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from moekit.config import RunConfig
+from moekit.data import TokenSplits, build_tokenizer, eval_batches, load_text, load_tokenizer, train_batch
+from moekit.data.tokenizer import token_dtype
+from moekit.layers.moe import update_router_biases
+from moekit.models import Transformer, model_param_groups
+from moekit.training import checkpoint as ckpt
+from moekit.training.health import health_warnings, max_over_mean
+from moekit.training.schedule import lr_at
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+
+
+def prepare_data(config: RunConfig, out_dir: Path, resume: bool, log: Callable[[str], None]):
+    """Read and tokenize the corpus. Returns ``(tokenizer, TokenSplits)``."""
+    t0 = time.perf_counter()
+    d = config.data
+    text = load_text(d.path, d.suffixes, d.max_chars)
+    if resume or d.tokenizer == "byte":
+        tokenizer = load_tokenizer(d.tokenizer, out_dir)
+    else:
+        log(f"training a BPE tokenizer with {d.bpe_vocab_size} tokens on {len(text) / 1e6:.1f}M characters...")
+        tokenizer = build_tokenizer("bpe", text, d.bpe_vocab_size)
+    tokens = tokenizer.encode(text).astype(token_dtype(tokenizer.vocab_size), copy=False)
+    splits = TokenSplits.from_tokens(tokens, d.val_fraction, config.train.seq_len)
+    log(f"data: {d.path or 'Python standard library sources'}: {len(text) / 1e6:.1f}M chars -> "
+        f"{len(splits.train):,} train / {len(splits.val):,} val tokens ({d.tokenizer}, "
+        f"{time.perf_counter() - t0:.1f}s)")
+    return tokenizer, splits
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, splits: TokenSplits, config: RunConfig, device: torch.device, autocast) -> float:
+    """Mean cross-entropy over the fixed validation windows."""
+    t = config.train
+    was_training = model.training
+    model.eval()
+    losses = []
+    for x, y in eval_batches(splits.val, t.eval_batches, t.batch_size, t.seq_len):
+        with autocast():
+            losses.append(float(model(x.to(device), y.to(device)).loss))
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text("utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a half-written last line from a killed run
+    ckpt.atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())
+
+
+def train(
+    config: RunConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train a model as ``config`` says, writing everything to ``out_dir``.
+
+    Returns the summary (also written to ``summary.json``). Raises :class:`TrainingDiverged`
+    when the loss becomes NaN/inf; the last checkpoint written before stays the latest.
+    """
+    wall0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = config.train
+    device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+
+    tokenizer, splits = prepare_data(config, out_dir, resume, log)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size))
+    model = Transformer(config.model).to(device)
+    optimizer = torch.optim.AdamW(
+        model_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
+    )
+    counts = model.num_params()
+
+    step, tokens_seen, train_s = 0, 0, 0.0
+    metrics_path = out_dir / METRICS_FILE
+    if resume:
+        where = ckpt.latest_checkpoint(out_dir)
+        ckpt.load_weights(model, where)
+        state = ckpt.load_state(where)
+        optimizer.load_state_dict(state["optimizer"])
+        step, tokens_seen, train_s = state["step"], state["tokens_seen"], state["train_seconds"]
+        _set_rng_state(state["rng"], device)
+        _trim_metrics(metrics_path, step)
+        log(f"resumed from {where} at step {step}")
+    else:
+        metrics_path.unlink(missing_ok=True)
+    ckpt.save_config(out_dir, config)
+    tokenizer.save(out_dir)
+    log(f"model: {'dense' if config.model.dense else 'MoE'} {counts.total / 1e6:.2f}M parameters, "
+        f"{counts.active / 1e6:.2f}M active per token; device {device}")
+
+    step_fn = torch.compile(model) if t.compile else model
+    use_bf16 = t.dtype == "bfloat16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    moe_layers = [i for i in range(config.model.n_layers) if config.model.is_moe_layer(i)]
+
+    def save(at_step: int) -> Path:
+        state = {"step": at_step, "tokens_seen": tokens_seen, "train_seconds": train_s,
+                 "optimizer": optimizer.state_dict(), "rng": _rng_state(device)}
+        return ckpt.save_checkpoint(out_dir, at_step, model, state, t.keep_checkpoints)
+
+    if step == 0 and not resume:
+        save(0)  # so a NaN at the very start still leaves a checkpoint to return to
+    bar = _progress(t.max_steps, step, t.progress)
+    window = _Window(len(moe_layers), config.model.moe.num_experts)  # since the last metrics line
+    health = _Window(len(moe_layers), config.model.moe.num_experts)  # since the last evaluation
+    warned: set = set()
+    val_loss = None
+    stopped = "max_steps"
+    model.train()
+    try:
+        while step < t.max_steps:
+            if t.time_budget is not None and train_s >= t.time_budget:
+                stopped = "time_budget"
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(t, step, train_s)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = aux_sum = 0.0
+            for micro in range(t.grad_accum):
+                x, y = train_batch(splits.train, t.batch_size, t.seq_len, t.seed, step, micro)
+                with autocast():
+                    out = step_fn(x.to(device), y.to(device))
+                loss = out.loss + out.aux_loss
+                (loss / t.grad_accum).backward()
+                loss_sum += float(out.loss.detach())
+                aux_sum += float(out.aux_loss.detach())
+                loads = [s.tokens_per_expert for s in out.layer_stats if s is not None]
+                window.add(loads)
+                health.add(loads)
+            train_loss = loss_sum / t.grad_accum
+            if not math.isfinite(train_loss + aux_sum):
+                raise TrainingDiverged(_diverged_message("loss", train_loss + aux_sum / t.grad_accum, step, out_dir))
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+            if not torch.isfinite(norm):
+                raise TrainingDiverged(_diverged_message("gradient norm", float(norm), step, out_dir))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_router_biases(model)
+            step += 1
+            tokens_seen += t.batch_size * t.seq_len * t.grad_accum
+            dt = time.perf_counter() - t0
+            train_s += dt
+            window.tick(t.batch_size * t.seq_len * t.grad_accum, dt, train_loss, aux_sum / t.grad_accum)
+
+            last = step >= t.max_steps or (t.time_budget is not None and train_s >= t.time_budget)
+            evaluated = None
+            if step % t.eval_every == 0 and not last:
+                evaluated = val_loss = evaluate(model, splits, config, device, autocast)
+                if step > t.warmup_steps:
+                    _warn_health(health, moe_layers, warned, bar.write)
+                health = _Window(len(moe_layers), config.model.moe.num_experts)
+            if (step % t.log_every == 0 or evaluated is not None) and not last:
+                record = window.flush(step, lr, evaluated)
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix_str(_postfix(record))
+                if evaluated is not None:
+                    bar.write(f"step {step}: train loss {record['train_loss']:.4f}, val loss {evaluated:.4f}")
+            bar.update(1)
+            if step % t.checkpoint_every == 0 and not last:
+                save(step)
+    finally:
+        bar.close()
+
+    val_loss = evaluate(model, splits, config, device, autocast)
+    _warn_health(health, moe_layers, warned, log)
+    record = {"step": step, "val_loss": val_loss}
+    if window.steps:
+        record = window.flush(step, lr_at(t, max(step - 1, 0), train_s), val_loss)
+    with open(metrics_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    last = save(step)
+    summary = {
+        "val_loss": val_loss,
+        "train_loss": window.last_loss,
+        "steps": step,
+        "tokens_seen": tokens_seen,
+        "wall_s": round(time.perf_counter() - wall0, 3),
+        "train_s": round(train_s, 3),
+        "tokens_per_s": round(tokens_seen / train_s, 1) if train_s > 0 else None,
+        "params_total": counts.total,
+        "params_active": counts.active,
+        "dense": config.model.dense,
+        "stopped": stopped,
+        "checkpoint": str(last),
+    }
+    ckpt.atomic_write_bytes(out_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+    log(f"done: {step} steps, val loss {val_loss:.4f}, {summary['tokens_per_s']} tokens/s; checkpoint {last}")
+    return summary
+
+
+class _Window:
+    """Running sums between two metrics lines."""
+
+    def __init__(self, n_moe: int, n_experts: int):
+        self.loads = [torch.zeros(n_experts, dtype=torch.long) for _ in range(n_moe)]
+        self.steps = 0
+        self.tokens = 0
+        self.seconds = 0.0
+        self.loss = self.aux = 0.0
+        self.last_loss = None
+
+    def add(self, loads: list[torch.Tensor]) -> None:
+        for acc, load in zip(self.loads, loads):
+            acc += load.cpu()
+
+    def tick(self, tokens: int, seconds: float, loss: float, aux: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        self.loss += loss
+        self.aux += aux
+        self.last_loss = loss
+
+    def flush(self, step: int, lr: float, val_loss: float | None) -> dict[str, Any]:
+        n = max(self.steps, 1)
+        record = {
+            "step": step,
+            "train_loss": self.loss / n,
+            "aux_loss": self.aux / n,
+            "lr": lr,
+            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None,
+            "max_over_mean": max_over_mean(self.loads) if self.loads else None,
+            "tokens_per_expert": [load.tolist() for load in self.loads],
+        }
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+        for load in self.loads:
+            load.zero_()
+        self.steps = self.tokens = 0
+        self.seconds = self.loss = self.aux = 0.0
+        return record
+
+
+def _warn_health(health: _Window, layers: list[int], warned: set, write: Callable[[str], None]) -> None:
+    """Print each new starving-expert or collapsing-layer warning once per run."""
+    for key, message in health_warnings(health.loads, layers):
+        if key not in warned:
+            warned.add(key)
+            write(f"warning: {message}")
+
+
+def _postfix(record: dict[str, Any]) -> str:
+    parts = [f"loss {record['train_loss']:.3f}"]
+    if record.get("tokens_per_s"):
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"lr {record['lr']:.2e}")
+    if record.get("max_over_mean"):
+        parts.append(f"load max/mean {record['max_over_mean']:.2f}")
+    return ", ".join(parts)
+
+
+def _diverged_message(what: str, value: float, step: int, out_dir: Path) -> str:
+    try:
+        kept = ckpt.latest_checkpoint(out_dir)
+    except FileNotFoundError:
+        kept = None
+    where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
+    return (f"the training {what} became {value} at step {step + 1}; training stopped and {where}. "
+            f"Try a lower train.lr, train.grad_clip 1.0, or train.dtype float32.")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
