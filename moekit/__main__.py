@@ -1,3 +1,5 @@
-from moekit.cli import main
 import sys
+
+from moekit.cli import main
+
 sys.exit(main())

@@ -12,8 +12,9 @@ import dataclasses
 import sys
 import tomllib
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from moekit.config import MoEConfig, RunConfig, apply_overrides, parse_value
 

@@ -144,7 +144,7 @@ class MoEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
         return cls(**_known_fields(cls, data))
 
 
@@ -259,7 +259,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return cls(**_known_fields(cls, data, "model"))
 
 
@@ -383,7 +383,7 @@ class RunConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         data = _known_fields(cls, data, "top-level")
         return cls(
             model=ModelConfig.from_dict(data.get("model", {})),

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from moekit.config import DataConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
 

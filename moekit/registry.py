@@ -6,7 +6,8 @@ names against these maps, so a registered router is usable from a config or the 
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 ROUTERS: dict[str, type] = {}
 EXPERTS: dict[str, type] = {}

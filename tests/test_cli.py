@@ -1,13 +1,15 @@
 """The command line: thin wrappers over library functions."""
 
+import json
+import re
 import subprocess
 import sys
 
 import pytest
 
+from moekit import MoEConfig
 from moekit.cli import main
 from moekit.layers.moe import count_params
-from moekit import MoEConfig
 
 
 def test_help_runs_as_a_module():
@@ -30,3 +32,78 @@ def test_params_overrides_and_errors(capsys):
         main(["params", "--moe.top_k", "9"])
     with pytest.raises(SystemExit, match="valid --moe fields: d_model, d_ff"):
         main(["params", "--moe.bogus", "1"])
+
+
+def run_cli(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True, check=check)
+
+
+def test_train_and_generate_end_to_end_in_a_subprocess(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", "--preset", "tiny", "--out", str(out), "--max-steps", "6", "--no-progress",
+                "--model.num_experts", "8", "--train.lr", "2e-3", "--data.max_chars", "50000")
+    assert "done: 6 steps" in r.stdout and "moekit generate --checkpoint" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["moe"]["num_experts"] == 8 and saved["train"]["lr"] == 2e-3
+    g = run_cli("generate", "--checkpoint", str(out), "--prompt", "import ", "--max-new-tokens", "20", "--seed", "1")
+    assert g.stdout.startswith("import ") and len(g.stdout.encode()) >= len("import ") + 1
+    again = run_cli("train", "--preset", "tiny", "--out", str(out), "--max-steps", "6", check=False)
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+    # resuming may extend the run but not change the model
+    bad = run_cli("train", "--resume", str(out), "--model.d_model", "32", check=False)
+    assert bad.returncode != 0 and "cannot change ['model.d_model'] when resuming" in bad.stderr
+    more = run_cli("train", "--resume", str(out), "--max-steps", "8", "--no-progress")
+    assert "resumed from" in more.stdout and "done: 8 steps" in more.stdout
+
+
+def test_dense_flag_trains_the_baseline(tmp_path):
+    from moekit.cli import build_parser, build_run_config, split_overrides
+
+    rest, overrides = split_overrides(["train", "--dense", "--preset", "tiny", "--train.seed", "3"])
+    config = build_run_config(build_parser().parse_args(rest), overrides)
+    assert config.model.dense and config.train.seed == 3
+
+
+def test_config_errors_name_the_field_and_the_allowed_values(tmp_path, capsys):
+    cases = [
+        (["--model.bogus", "1"], "unknown field model.bogus; valid model fields are .*'num_experts'"),
+        (["--train.lr", "fast"], "train.lr expects a float, got 'fast'"),
+        (["--model.router", "magic"], "router must be one of"),
+        (["--train.seq_len", "999"], r"train.seq_len \(999\) must be <= model.max_seq_len \(64\)"),
+        (["--optim.lr", "1"], "unrecognized arguments: --optim.lr"),
+        (["--data", str(tmp_path / "missing")], "does not exist"),
+        (["--model.moe.top_k", "9"], "top_k must be in 1..num_experts"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "--preset", "tiny", "--out", str(tmp_path / "x"), *extra])
+        assert exc.value.code != 0
+        text = f"{exc.value.code} {capsys.readouterr().err}"  # SystemExit(message), or argparse on stderr
+        assert re.search(message, text), (message, text)
+
+
+def test_toml_config_file(tmp_path):
+    from moekit.cli import build_parser, build_run_config, split_overrides
+
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\nn_layers = 3\ntie_embeddings = true\n[model.moe]\nrouter = "sigmoid_bias"\n'
+                    "num_experts = 16\n[train]\nlr = 1e-3\ntime_budget = 60\n")
+    rest, overrides = split_overrides(["train", "--preset", "tiny", "--config", str(path), "--train.lr", "5e-4"])
+    config = build_run_config(build_parser().parse_args(rest), overrides)
+    assert config.model.n_layers == 3 and config.model.tie_embeddings
+    assert config.model.moe.router == "sigmoid_bias" and config.model.moe.num_experts == 16
+    assert config.train.lr == 5e-4 and config.train.time_budget == 60.0  # the command line wins
+    path.write_text("[modle]\nx = 1\n")
+    with pytest.raises(SystemExit, match=r"unknown section\(s\) \['modle'\]"):
+        main(["train", "--preset", "tiny", "--config", str(path)])
+    path.write_text("[model\n")
+    with pytest.raises(SystemExit, match="not valid TOML"):
+        main(["train", "--preset", "tiny", "--config", str(path)])
+
+
+def test_params_of_the_mixtral_preset(capsys):
+    assert main(["params", "--preset", "mixtral-8x7b"]) == 0
+    text = capsys.readouterr().out
+    assert "46,702,792,704  (46.7B)" in text and "12,879,925,248  (12.9B)" in text

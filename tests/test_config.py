@@ -46,3 +46,64 @@ def test_round_trip_and_unknown_fields():
     assert MoEConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown MoEConfig field\(s\) \['experts'\]; valid fields are"):
         MoEConfig.from_dict({"d_model": 8, "d_ff": 16, "experts": 4})
+
+
+# ---- model, data, train and run configs ----
+
+from moekit.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+)
+
+
+@pytest.mark.parametrize(
+    "cls, kw, match",
+    [
+        (ModelConfig, {"n_layers": 0}, "n_layers must be a positive int"),
+        (ModelConfig, {"n_heads": 3}, r"n_heads \(3\) must divide d_model \(256\)"),
+        (ModelConfig, {"n_kv_heads": 3}, r"n_kv_heads \(3\) must divide n_heads \(4\)"),
+        (ModelConfig, {"head_dim": 7}, "head_dim must be even for RoPE"),
+        (ModelConfig, {"first_dense_layers": 5}, r"first_dense_layers must be in 0..n_layers \(0..4\)"),
+        (ModelConfig, {"rope_theta": -1.0}, "rope_theta must be a positive float"),
+        (ModelConfig, {"moe": {"num_expert": 4}}, r"unknown MoEConfig moe field\(s\) \['num_expert'\]"),
+        (DataConfig, {"tokenizer": "word"}, r"tokenizer must be one of \['byte', 'bpe'\]"),
+        (DataConfig, {"val_fraction": 1.0}, r"val_fraction must be in \(0, 1\)"),
+        (DataConfig, {"bpe_vocab_size": 100}, "bpe_vocab_size must be >= 257"),
+        (TrainConfig, {"lr": 0.0}, "lr must be a positive float"),
+        (TrainConfig, {"dtype": "float16"}, r"dtype must be one of \['float32', 'bfloat16'\]"),
+        (TrainConfig, {"beta2": 1.0}, r"beta2 must be in \[0, 1\)"),
+        (TrainConfig, {"time_budget": 0}, "time_budget must be a positive float"),
+        (TrainConfig, {"grad_accum": 0}, "grad_accum must be a positive int"),
+    ],
+)
+def test_run_config_sections_validate(cls, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kw)
+
+
+def test_moe_width_follows_the_model_and_dicts_round_trip():
+    m = ModelConfig(d_model=128, moe={"d_ff": 64, "num_experts": 16})
+    assert m.moe.d_model == 128 and m.moe.num_experts == 16 and m.ffn_width == 2 * 64
+    run = RunConfig(model=m)
+    assert RunConfig.from_dict(run.to_dict()) == run
+    with pytest.raises(ValueError, match=r"unknown RunConfig top-level field\(s\) \['optim'\]"):
+        RunConfig.from_dict({"optim": {}})
+
+
+def test_overrides_reach_moe_fields_and_parse_types():
+    base = RunConfig().to_dict()
+    out = apply_overrides(base, {"model.num_experts": "16", "model.moe.top_k": "4", "train.time_budget": "none",
+                                 "train.compile": "yes", "model.dense_d_ff": "96", "data.path": "notes/"})
+    run = RunConfig.from_dict(out)
+    assert run.model.moe.num_experts == 16 and run.model.moe.top_k == 4 and run.model.dense_d_ff == 96
+    assert run.train.time_budget is None and run.train.compile is True and run.data.path == "notes/"
+    assert base["model"]["moe"]["num_experts"] == 8  # the input is not modified
+    with pytest.raises(ValueError, match="moe.d_model follows model.d_model"):
+        apply_overrides(base, {"model.moe.d_model": "64"})
+    with pytest.raises(ValueError, match="train.compile expects a bool"):
+        apply_overrides(base, {"train.compile": "maybe"})
+    with pytest.raises(ValueError, match=r"SECTION one of \['model', 'data', 'train'\]"):
+        apply_overrides(base, {"lr": "1"})

@@ -21,7 +21,7 @@ class TokenSplits:
     val: torch.Tensor
 
     @classmethod
-    def from_tokens(cls, tokens: np.ndarray, val_fraction: float, seq_len: int) -> "TokenSplits":
+    def from_tokens(cls, tokens: np.ndarray, val_fraction: float, seq_len: int) -> TokenSplits:
         n_val = int(len(tokens) * val_fraction)
         need = seq_len + 1
         if n_val < need or len(tokens) - n_val < need:

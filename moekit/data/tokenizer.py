@@ -6,8 +6,8 @@ checkpoint so ``moekit generate`` reads text exactly as training did.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class BPETokenizer:
         self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
+    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
         tokenizers = _import_tokenizers()
         tok = tokenizers.Tokenizer(tokenizers.models.BPE())
         tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -53,7 +53,7 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "BPETokenizer":
+    def load(cls, directory: str | Path) -> BPETokenizer:
         tokenizers = _import_tokenizers()
         path = Path(directory) / TOKENIZER_FILE
         try:
@@ -88,7 +88,7 @@ def _chunks(text: str, size: int = 1 << 16) -> Iterable[str]:
 
 def _import_tokenizers():
     try:
-        import tokenizers  # noqa: F401
+        import tokenizers
         import tokenizers.decoders
         import tokenizers.models
         import tokenizers.pre_tokenizers
@@ -118,4 +118,4 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32)
 
 
-__all__ = ["ByteTokenizer", "BPETokenizer", "build_tokenizer", "load_tokenizer", "token_dtype"]
+__all__ = ["BPETokenizer", "ByteTokenizer", "build_tokenizer", "load_tokenizer", "token_dtype"]

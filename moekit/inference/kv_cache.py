@@ -21,7 +21,7 @@ class KVCache:
         self.length = 0
 
     @classmethod
-    def for_model(cls, model, batch: int, max_len: int | None = None) -> "KVCache":
+    def for_model(cls, model, batch: int, max_len: int | None = None) -> KVCache:
         cfg = model.config
         p = next(model.parameters())
         return cls(cfg.n_layers, batch, cfg.kv_heads, cfg.dim_per_head, max_len or cfg.max_seq_len, p.dtype, p.device)

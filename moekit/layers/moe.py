@@ -14,7 +14,12 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.layers.dispatch import DispatchPlan, dispatch, expert_capacity, reference_dispatch
+from moekit.layers.dispatch import (
+    DispatchPlan,
+    dispatch,
+    expert_capacity,
+    reference_dispatch,
+)
 from moekit.layers.experts import ModuleExperts, SharedExperts, build_experts
 from moekit.layers.losses import load_balancing_loss, sequence_balance_loss, z_loss
 from moekit.layers.router import Router, RouterOutput, build_router
@@ -106,7 +111,7 @@ class MoE(nn.Module):
         top_k: int = 1,
         d_out: int | None = None,
         **config_fields,
-    ) -> "MoE":
+    ) -> MoE:
         """An MoE over arbitrary modules, each mapping ``[n, d_model] -> [n, d_out]``.
 
         Any other :class:`MoEConfig` field may be passed by keyword (``aux_loss_coef``,

@@ -131,7 +131,9 @@ class Transformer(nn.Module):
     @property
     def causal(self) -> bool:
         """False when a router needs the whole batch to decide (expert choice), so a token's
-        output can depend on later tokens: such a model cannot generate."""
+        output can depend on later tokens: such a model cannot generate. (A
+        ``capacity_factor`` also lets later tokens displace earlier ones in training; at
+        decode time one token never overflows, so generation is allowed there.)"""
         return all(block.ffn.router.causal for block in self.blocks if block.is_moe)
 
     def num_params(self) -> ParamCount:
@@ -178,4 +180,4 @@ def model_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-__all__ = ["Transformer", "ModelOutput", "Block", "count_model_params", "model_param_groups"]
+__all__ = ["Block", "ModelOutput", "Transformer", "count_model_params", "model_param_groups"]

@@ -32,13 +32,13 @@ def health_warnings(loads: list[torch.Tensor], layer_ids: list[int]) -> list[tup
             continue
         share = load / load.sum()
         for e in torch.nonzero(load < STARVING_SHARE * mean).flatten().tolist():
-            out.append(((layer, "starving", e),
-                        f"layer {layer} expert {e} is starving: {100 * float(share[e]):.1f}% of the routed "
-                        f"tokens (a balanced share is {100 / len(load):.1f}%). Raise model.aux_loss_coef or "
-                        f"try model.router sigmoid_bias."))
+            message = (f"layer {layer} expert {e} is starving: {100 * float(share[e]):.1f}% of the routed "
+                       f"tokens (a balanced share is {100 / len(load):.1f}%). Raise model.aux_loss_coef or "
+                       "try model.router sigmoid_bias.")
+            out.append(((layer, "starving", e), message))
         ratio = float(load.max()) / mean
         if ratio > COLLAPSE_RATIO:
-            out.append(((layer, "collapse"),
-                        f"layer {layer} routing is collapsing: expert {int(load.argmax())} takes {ratio:.1f}x "
-                        f"the mean load. Raise model.aux_loss_coef, add model.router_jitter, or lower train.lr."))
+            message = (f"layer {layer} routing is collapsing: expert {int(load.argmax())} takes {ratio:.1f}x "
+                       "the mean load. Raise model.aux_loss_coef, add model.router_jitter, or lower train.lr.")
+            out.append(((layer, "collapse"), message))
     return out

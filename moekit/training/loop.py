@@ -13,14 +13,22 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from moekit.config import RunConfig
-from moekit.data import TokenSplits, build_tokenizer, eval_batches, load_text, load_tokenizer, train_batch
+from moekit.data import (
+    TokenSplits,
+    build_tokenizer,
+    eval_batches,
+    load_text,
+    load_tokenizer,
+    train_batch,
+)
 from moekit.data.tokenizer import token_dtype
 from moekit.layers.moe import update_router_biases
 from moekit.models import Transformer, model_param_groups

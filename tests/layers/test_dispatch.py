@@ -3,9 +3,9 @@
 import copy
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 import moekit.layers.experts as experts_mod
 from moekit import MoE, MoEConfig

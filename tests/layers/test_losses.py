@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from moekit import MoE, MoEConfig, expert_weighted_loss, load_balancing_loss, sequence_balance_loss, z_loss
+from moekit import (
+    MoE,
+    MoEConfig,
+    expert_weighted_loss,
+    load_balancing_loss,
+    sequence_balance_loss,
+    z_loss,
+)
 
 
 def test_load_balancing_hand_case():

@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from moekit import MoE, MoEConfig, count_params, expert_weighted_loss, update_router_biases
+from moekit import (
+    MoE,
+    MoEConfig,
+    count_params,
+    expert_weighted_loss,
+    update_router_biases,
+)
 from moekit.registry import router_names
 
 
