@@ -108,7 +108,9 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
     try:
         if args.resume:
-            out = Path(args.out or args.resume)
+            out = Path(args.resume)
+            if args.out and Path(args.out).resolve() != out.resolve():
+                raise ValueError(f"--out {args.out} differs from --resume {args.resume}: a run continues in its own folder")
             config = load_config(args.resume)
             changing = sorted(set(overrides) - RESUMABLE)
             if changing or args.dense or args.data or args.config:
