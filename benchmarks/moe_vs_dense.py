@@ -46,7 +46,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--data", default=None, help="text file or folder (default: the Python stdlib sources)")
-    p.add_argument("--steps", type=int, default=300, help="steps of the equal-steps pair")
+    p.add_argument("--steps", type=int, default=600, help="steps of the equal-steps pair")
     p.add_argument("--time-budget", type=float, default=180.0, help="seconds of training of the equal-time pair")
     p.add_argument("--prompt", default="def ")
     p.add_argument("--sample-tokens", type=int, default=300)
@@ -59,7 +59,6 @@ def main() -> None:
                                train=dataclasses.replace(base.train, progress=False, eval_every=10**9,
                                                          checkpoint_every=10**9, log_every=50))
     root = Path(args.out or tempfile.mkdtemp(prefix="moe_vs_dense_"))
-    torch.set_num_threads(torch.get_num_threads())
     rows = {}
     for mode in ("steps", "time"):
         for dense in (True, False):

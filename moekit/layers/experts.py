@@ -86,38 +86,48 @@ class _SwiGLUSegments(torch.autograd.Function):
     touched while they are in cache, and every weight gradient is written once, in place,
     into a full ``[E, ...]`` buffer (autograd over per-expert views would build one
     full-size gradient per expert, and over grouped_mm it runs the activation on all rows
-    at once). Saves the gate and up pre-activations, as autograd would.
+    at once). Saves the gate and up pre-activations and the hidden product, as autograd
+    would.
     """
 
     @staticmethod
     def forward(ctx, x, w1, w3, w2, segs):
         n, f = x.shape[0], w1.shape[-1]
-        gate, up = x.new_empty(n, f), x.new_empty(n, f)
+        gate, up, hidden = x.new_empty(n, f), x.new_empty(n, f), x.new_empty(n, f)
         out = x.new_empty(n, w2.shape[-1])
         for e, a, b in segs:
             torch.mm(x[a:b], w1[e], out=gate[a:b])
             torch.mm(x[a:b], w3[e], out=up[a:b])
-            torch.mm(F.silu(gate[a:b]).mul_(up[a:b]), w2[e], out=out[a:b])
-        ctx.save_for_backward(x, w1, w3, w2, gate, up)
+            torch.mul(F.silu(gate[a:b]), up[a:b], out=hidden[a:b])
+            torch.mm(hidden[a:b], w2[e], out=out[a:b])
+        ctx.save_for_backward(x, w1, w3, w2, gate, up, hidden)
         ctx.segs = segs
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        x, w1, w3, w2, gate, up = ctx.saved_tensors
+        x, w1, w3, w2, gate, up, hidden = ctx.saved_tensors
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        dx = torch.zeros_like(x) if need_x else None
-        dw1 = torch.zeros_like(w1) if need_w1 else None
-        dw3 = torch.zeros_like(w3) if need_w3 else None
-        dw2 = torch.zeros_like(w2) if need_w2 else None
+        # every row belongs to one segment, so dx is fully written; only experts without
+        # rows need zero weight gradients
+        dx = torch.empty_like(x) if need_x else None
+        dw1 = torch.empty_like(w1) if need_w1 else None
+        dw3 = torch.empty_like(w3) if need_w3 else None
+        dw2 = torch.empty_like(w2) if need_w2 else None
+        idle = sorted(set(range(w1.shape[0])) - {e for e, _, _ in ctx.segs})
+        for dw in (dw1, dw3, dw2):
+            if dw is not None and idle:
+                dw[idle] = 0
+        covered = ctx.segs[-1][2] if ctx.segs else 0
+        if dx is not None and covered < x.shape[0]:
+            dx[covered:] = 0
         dy = dy.contiguous()
         for e, a, b in ctx.segs:
             g, u, dys, xs = gate[a:b], up[a:b], dy[a:b], x[a:b]
-            act = F.silu(g)
             if need_w2:
-                torch.mm((act * u).t(), dys, out=dw2[e])  # [f, n] @ [n, d]
+                torch.mm(hidden[a:b].t(), dys, out=dw2[e])  # [f, n] @ [n, d]
             dh = dys @ w2[e].t()  # [n, d] -> [n, f]
-            du = dh.mul(act)
+            du = dh.mul(F.silu(g))
             dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
             if need_w1:
                 torch.mm(xs.t(), dg, out=dw1[e])
