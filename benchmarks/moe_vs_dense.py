@@ -7,9 +7,12 @@ top-2, same active parameters) from the same seed on the same data, twice:
 2. for the same wall-clock training budget (the schedule decays over the budget),
 
 then prints params total/active, tokens/s, final validation loss and the difference, and a
-sample of text from each model of the equal-time pair.
+sample of text from each model of the equal-time pair. The two models of a pair train in
+the same process, one step each in turn, and each counts only its own steps' time: load on
+this shared machine then slows both alike (sequential runs moved by 10-20%), and each run's
+losses are exactly those of a run of its own (each trainer keeps its own RNG state).
 
-    python benchmarks/moe_vs_dense.py                      # default corpus, ~13 min on 2 cores
+    python benchmarks/moe_vs_dense.py                      # default corpus, ~12 min on 2 cores
     python benchmarks/moe_vs_dense.py --steps 100 --time-budget 60   # a quicker look
     python benchmarks/moe_vs_dense.py --data ../shared/data/tinyshakespeare.txt
 """
@@ -27,13 +30,25 @@ import torch
 
 from moekit.inference import generate
 from moekit.presets import preset
-from moekit.training import train
+from moekit.training import Trainer
 from moekit.training.checkpoint import load_trained
 
 
-def run(config, out: Path, label: str) -> dict:
-    print(f"--- {label}", flush=True)
-    return train(config, out, log=lambda s: print(f"    {s}", flush=True))
+def run_pair(configs: dict, root: Path, mode: str) -> dict:
+    """Train the configs round-robin, one optimizer step each in turn, until each is done."""
+    trainers = {}
+    for name, config in configs.items():
+        print(f"--- equal {mode}: {name}", flush=True)
+        trainers[name] = Trainer(config, root / f"{mode}-{name}", log=lambda s: print(f"    {s}", flush=True))
+    try:
+        while not all(tr.done for tr in trainers.values()):
+            for tr in trainers.values():
+                if not tr.done:
+                    tr.step()
+    finally:
+        for tr in trainers.values():
+            tr.close()
+    return {name: tr.finish() for name, tr in trainers.items()}
 
 
 def sample(out: Path, prompt: str, n: int) -> str:
@@ -61,14 +76,13 @@ def main() -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="moe_vs_dense_"))
     rows = {}
     for mode in ("steps", "time"):
-        for dense in (True, False):
-            name = "dense" if dense else "moe"
-            train_cfg = dataclasses.replace(base.train, max_steps=args.steps)
-            if mode == "time":
-                train_cfg = dataclasses.replace(base.train, max_steps=10**7, time_budget=args.time_budget)
-            config = dataclasses.replace(base, model=dataclasses.replace(base.model, dense=dense), train=train_cfg)
-            out = root / f"{mode}-{name}"
-            rows[(mode, name)] = run(config, out, f"equal {mode}: {name}")
+        train_cfg = dataclasses.replace(base.train, max_steps=args.steps)
+        if mode == "time":
+            train_cfg = dataclasses.replace(base.train, max_steps=10**7, time_budget=args.time_budget)
+        configs = {name: dataclasses.replace(base, model=dataclasses.replace(base.model, dense=name == "dense"),
+                                             train=train_cfg) for name in ("dense", "moe")}
+        for name, summary in run_pair(configs, root, mode).items():
+            rows[(mode, name)] = summary
 
     m = base.model.moe
     print(f"\nmoekit MoE vs dense, preset {args.preset} ({m.num_experts} experts, top-{m.top_k}), "

@@ -1,6 +1,6 @@
 """moekit: sparse Mixture-of-Experts layers, models and tools on PyTorch."""
 
-from moekit.config import MoEConfig
+from moekit.config import DataConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
 from moekit.layers import (
     MoE,
     MoEOutput,
@@ -15,11 +15,19 @@ from moekit.layers import (
     update_router_biases,
     z_loss,
 )
+from moekit.models import ModelOutput, Transformer, count_model_params
 from moekit.registry import register_expert, register_router, router_names
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "ModelOutput",
+    "RunConfig",
+    "TrainConfig",
+    "Transformer",
+    "count_model_params",
     "MoE",
     "MoEConfig",
     "MoEOutput",

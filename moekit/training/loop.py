@@ -53,6 +53,18 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
 
 
+def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+    """AdamW, fused where this torch and device allow: on CPU the fused step is ~8x faster
+    than the foreach one for the MoE's many expert weights (1.9 vs 15.7 ms for 3.4M
+    parameters, measured), which otherwise taxes the MoE against its dense baseline."""
+    groups = model_param_groups(model, t.weight_decay)
+    kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, **kw)
+
+
 def prepare_data(config: RunConfig, out_dir: Path, resume: bool, log: Callable[[str], None]):
     """Read and tokenize the corpus. Returns ``(tokenizer, TokenSplits)``."""
     t0 = time.perf_counter()
@@ -123,143 +135,179 @@ def train(
     Returns the summary (also written to ``summary.json``). Raises :class:`TrainingDiverged`
     when the loss becomes NaN/inf; the last checkpoint written before stays the latest.
     """
-    wall0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t = config.train
-    device = resolve_device(t.device)
-    torch.manual_seed(t.seed)
-
-    tokenizer, splits = prepare_data(config, out_dir, resume, log)
-    if tokenizer.vocab_size != config.model.vocab_size:
-        config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size))
-    model = Transformer(config.model).to(device)
-    optimizer = torch.optim.AdamW(
-        model_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
-    )
-    counts = model.num_params()
-
-    step, tokens_seen, train_s = 0, 0, 0.0
-    metrics_path = out_dir / METRICS_FILE
-    if resume:
-        where = ckpt.latest_checkpoint(out_dir)
-        ckpt.load_weights(model, where)
-        state = ckpt.load_state(where)
-        optimizer.load_state_dict(state["optimizer"])
-        step, tokens_seen, train_s = state["step"], state["tokens_seen"], state["train_seconds"]
-        _set_rng_state(state["rng"], device)
-        _trim_metrics(metrics_path, step)
-        log(f"resumed from {where} at step {step}")
-    else:
-        metrics_path.unlink(missing_ok=True)
-    ckpt.save_config(out_dir, config)
-    tokenizer.save(out_dir)
-    log(f"model: {'dense' if config.model.dense else 'MoE'} {counts.total / 1e6:.2f}M parameters, "
-        f"{counts.active / 1e6:.2f}M active per token; device {device}")
-
-    step_fn = torch.compile(model) if t.compile else model
-    use_bf16 = t.dtype == "bfloat16"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-    moe_layers = [i for i in range(config.model.n_layers) if config.model.is_moe_layer(i)]
-
-    def save(at_step: int) -> Path:
-        state = {"step": at_step, "tokens_seen": tokens_seen, "train_seconds": train_s,
-                 "optimizer": optimizer.state_dict(), "rng": _rng_state(device)}
-        return ckpt.save_checkpoint(out_dir, at_step, model, state, t.keep_checkpoints)
-
-    if step == 0 and not resume:
-        save(0)  # so a NaN at the very start still leaves a checkpoint to return to
-    bar = _progress(t.max_steps, step, t.progress)
-    window = _Window(len(moe_layers), config.model.moe.num_experts)  # since the last metrics line
-    health = _Window(len(moe_layers), config.model.moe.num_experts)  # since the last evaluation
-    warned: set = set()
-    val_loss = None
-    stopped = "max_steps"
-    model.train()
+    trainer = Trainer(config, out_dir, resume, log)
     try:
-        while step < t.max_steps:
-            if t.time_budget is not None and train_s >= t.time_budget:
-                stopped = "time_budget"
-                break
-            t0 = time.perf_counter()
-            lr = lr_at(t, step, train_s)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = aux_sum = 0.0
-            for micro in range(t.grad_accum):
-                x, y = train_batch(splits.train, t.batch_size, t.seq_len, t.seed, step, micro)
-                with autocast():
-                    out = step_fn(x.to(device), y.to(device))
-                loss = out.loss + out.aux_loss
-                (loss / t.grad_accum).backward()
-                loss_sum += float(out.loss.detach())
-                aux_sum += float(out.aux_loss.detach())
-                loads = [s.tokens_per_expert for s in out.layer_stats if s is not None]
-                window.add(loads)
-                health.add(loads)
-            train_loss = loss_sum / t.grad_accum
-            if not math.isfinite(train_loss + aux_sum):
-                raise TrainingDiverged(_diverged_message("loss", train_loss + aux_sum / t.grad_accum, step, out_dir))
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-            if not torch.isfinite(norm):
-                raise TrainingDiverged(_diverged_message("gradient norm", float(norm), step, out_dir))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_router_biases(model)
-            step += 1
-            tokens_seen += t.batch_size * t.seq_len * t.grad_accum
-            dt = time.perf_counter() - t0
-            train_s += dt
-            window.tick(t.batch_size * t.seq_len * t.grad_accum, dt, train_loss, aux_sum / t.grad_accum)
-
-            last = step >= t.max_steps or (t.time_budget is not None and train_s >= t.time_budget)
-            evaluated = None
-            if step % t.eval_every == 0 and not last:
-                evaluated = val_loss = evaluate(model, splits, config, device, autocast)
-                if step > t.warmup_steps:
-                    _warn_health(health, moe_layers, warned, bar.write)
-                health = _Window(len(moe_layers), config.model.moe.num_experts)
-            if (step % t.log_every == 0 or evaluated is not None) and not last:
-                record = window.flush(step, lr, evaluated)
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix_str(_postfix(record))
-                if evaluated is not None:
-                    bar.write(f"step {step}: train loss {record['train_loss']:.4f}, val loss {evaluated:.4f}")
-            bar.update(1)
-            if step % t.checkpoint_every == 0 and not last:
-                save(step)
+        while not trainer.done:
+            trainer.step()
     finally:
-        bar.close()
+        trainer.close()
+    return trainer.finish()
 
-    val_loss = evaluate(model, splits, config, device, autocast)
-    _warn_health(health, moe_layers, warned, log)
-    record = {"step": step, "val_loss": val_loss}
-    if window.steps:
-        record = window.flush(step, lr_at(t, max(step - 1, 0), train_s), val_loss)
-    with open(metrics_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-    last = save(step)
-    summary = {
-        "val_loss": val_loss,
-        "train_loss": window.last_loss,
-        "steps": step,
-        "tokens_seen": tokens_seen,
-        "wall_s": round(time.perf_counter() - wall0, 3),
-        "train_s": round(train_s, 3),
-        "tokens_per_s": round(tokens_seen / train_s, 1) if train_s > 0 else None,
-        "params_total": counts.total,
-        "params_active": counts.active,
-        "dense": config.model.dense,
-        "stopped": stopped,
-        "checkpoint": str(last),
-    }
-    ckpt.atomic_write_bytes(out_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
-    log(f"done: {step} steps, val loss {val_loss:.4f}, {summary['tokens_per_s']} tokens/s; checkpoint {last}")
-    return summary
+
+class Trainer:
+    """One training run, advanced a step at a time (``train`` loops it; the MoE-vs-dense
+    benchmark interleaves two so that machine noise hits both alike).
+
+    Each trainer keeps its own copy of the global RNG state and swaps it in for its steps,
+    so interleaved runs give exactly the losses of separate ones.
+    """
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, resume: bool = False,
+                 log: Callable[[str], None] = print):
+        self.wall0 = time.perf_counter()
+        self.out_dir = out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        t = config.train
+        self.device = device = resolve_device(t.device)
+        torch.manual_seed(t.seed)
+
+        self.tokenizer, self.splits = prepare_data(config, out_dir, resume, log)
+        if self.tokenizer.vocab_size != config.model.vocab_size:
+            config = replace(config, model=replace(config.model, vocab_size=self.tokenizer.vocab_size))
+        self.config, self.t = config, t
+        self.model = Transformer(config.model).to(device)
+        self.optimizer = build_optimizer(self.model, t)
+        self.counts = self.model.num_params()
+
+        self.step_count, self.tokens_seen, self.train_s = 0, 0, 0.0
+        self.metrics_path = out_dir / METRICS_FILE
+        if resume:
+            where = ckpt.latest_checkpoint(out_dir)
+            ckpt.load_weights(self.model, where)
+            state = ckpt.load_state(where)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step_count, self.tokens_seen, self.train_s = state["step"], state["tokens_seen"], state["train_seconds"]
+            _set_rng_state(state["rng"], device)
+            _trim_metrics(self.metrics_path, self.step_count)
+            log(f"resumed from {where} at step {self.step_count}")
+        else:
+            self.metrics_path.unlink(missing_ok=True)
+        ckpt.save_config(out_dir, config)
+        self.tokenizer.save(out_dir)
+        log(f"model: {'dense' if config.model.dense else 'MoE'} {self.counts.total / 1e6:.2f}M parameters, "
+            f"{self.counts.active / 1e6:.2f}M active per token; device {device}")
+
+        self.step_fn = torch.compile(self.model) if t.compile else self.model
+        self.moe_layers = [i for i in range(config.model.n_layers) if config.model.is_moe_layer(i)]
+        if self.step_count == 0 and not resume:
+            self.save(0)  # so a NaN at the very start still leaves a checkpoint to return to
+        self.bar = _progress(t.max_steps, self.step_count, t.progress)
+        n_moe, n_experts = len(self.moe_layers), config.model.moe.num_experts
+        self.window = _Window(n_moe, n_experts)  # since the last metrics line
+        self.health = _Window(n_moe, n_experts)  # since the last evaluation
+        self.warned: set = set()
+        self.model.train()
+        self._rng = _rng_state(device)
+
+    def autocast(self):
+        if self.t.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def done(self) -> bool:
+        t = self.t
+        return self.step_count >= t.max_steps or (t.time_budget is not None and self.train_s >= t.time_budget)
+
+    @property
+    def stopped(self) -> str:
+        return "max_steps" if self.step_count >= self.t.max_steps else "time_budget"
+
+    def save(self, at_step: int) -> Path:
+        state = {"step": at_step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_s,
+                 "optimizer": self.optimizer.state_dict(), "rng": _rng_state(self.device)}
+        return ckpt.save_checkpoint(self.out_dir, at_step, self.model, state, self.t.keep_checkpoints)
+
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.splits, self.config, self.device, self.autocast)
+
+    def step(self) -> None:
+        """One optimizer step, then any logging, evaluation and checkpoint due."""
+        t, step = self.t, self.step_count
+        _set_rng_state(self._rng, self.device)
+        t0 = time.perf_counter()
+        lr = lr_at(t, step, self.train_s)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = aux_sum = 0.0
+        for micro in range(t.grad_accum):
+            x, y = train_batch(self.splits.train, t.batch_size, t.seq_len, t.seed, step, micro)
+            with self.autocast():
+                out = self.step_fn(x.to(self.device), y.to(self.device))
+            ((out.loss + out.aux_loss) / t.grad_accum).backward()
+            loss_sum += float(out.loss.detach())
+            aux_sum += float(out.aux_loss.detach())
+            loads = [s.tokens_per_expert for s in out.layer_stats if s is not None]
+            self.window.add(loads)
+            self.health.add(loads)
+        train_loss, aux = loss_sum / t.grad_accum, aux_sum / t.grad_accum
+        if not math.isfinite(train_loss + aux):
+            raise TrainingDiverged(_diverged_message("loss", train_loss + aux, step, self.out_dir))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):
+            raise TrainingDiverged(_diverged_message("gradient norm", float(norm), step, self.out_dir))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_router_biases(self.model)
+        self.step_count = step = step + 1
+        tokens = t.batch_size * t.seq_len * t.grad_accum
+        self.tokens_seen += tokens
+        dt = time.perf_counter() - t0
+        self.train_s += dt
+        self.window.tick(tokens, dt, train_loss, aux)
+        self._rng = _rng_state(self.device)
+
+        last = self.done
+        evaluated = None
+        if step % t.eval_every == 0 and not last:
+            evaluated = self.evaluate()
+            if step > t.warmup_steps:
+                _warn_health(self.health, self.moe_layers, self.warned, self.bar.write)
+            self.health = _Window(len(self.moe_layers), self.config.model.moe.num_experts)
+        if (step % t.log_every == 0 or evaluated is not None) and not last:
+            record = self.window.flush(step, lr, evaluated)
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            self.bar.set_postfix_str(_postfix(record))
+            if evaluated is not None:
+                self.bar.write(f"step {step}: train loss {record['train_loss']:.4f}, val loss {evaluated:.4f}")
+        self.bar.update(1)
+        if step % t.checkpoint_every == 0 and not last:
+            self.save(step)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def finish(self) -> dict[str, Any]:
+        """Evaluate, write the last checkpoint, the last metrics line and ``summary.json``."""
+        t, step = self.t, self.step_count
+        _set_rng_state(self._rng, self.device)
+        val_loss = self.evaluate()
+        _warn_health(self.health, self.moe_layers, self.warned, self.log)
+        record = {"step": step, "val_loss": val_loss}
+        if self.window.steps:
+            record = self.window.flush(step, lr_at(t, max(step - 1, 0), self.train_s), val_loss)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        last = self.save(step)
+        summary = {
+            "val_loss": val_loss,
+            "train_loss": self.window.last_loss,
+            "steps": step,
+            "tokens_seen": self.tokens_seen,
+            "wall_s": round(time.perf_counter() - self.wall0, 3),
+            "train_s": round(self.train_s, 3),
+            "tokens_per_s": round(self.tokens_seen / self.train_s, 1) if self.train_s > 0 else None,
+            "params_total": self.counts.total,
+            "params_active": self.counts.active,
+            "dense": self.config.model.dense,
+            "stopped": self.stopped,
+            "checkpoint": str(last),
+        }
+        ckpt.atomic_write_bytes(self.out_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+        self.log(f"done: {step} steps, val loss {val_loss:.4f}, {summary['tokens_per_s']} tokens/s; checkpoint {last}")
+        return summary
 
 
 class _Window:

@@ -166,3 +166,19 @@ def test_bpe_tokenizer_is_saved_beside_the_checkpoint_and_reused(tmp_path):
     summary = train(dataclasses.replace(c, train=dataclasses.replace(c.train, max_steps=6)), tmp_path,
                     resume=True, log=quiet)
     assert summary["steps"] == 6
+
+
+def test_interleaved_trainers_match_separate_runs(tmp_path):
+    from moekit.training import Trainer
+
+    jitter = dataclasses.replace(config(max_steps=6), model=dataclasses.replace(
+        config().model, moe=dataclasses.replace(config().model.moe, router="noisy_topk", router_jitter=0.1)))
+    dense = dataclasses.replace(config(max_steps=6), model=dataclasses.replace(config().model, dense=True))
+    alone = {name: train(c, tmp_path / f"alone-{name}", log=quiet) for name, c in (("moe", jitter), ("dense", dense))}
+    trainers = {name: Trainer(c, tmp_path / f"pair-{name}", log=quiet) for name, c in (("moe", jitter), ("dense", dense))}
+    while not all(tr.done for tr in trainers.values()):
+        for tr in trainers.values():
+            tr.step()
+    for name, tr in trainers.items():
+        tr.close()
+        assert tr.finish()["val_loss"] == alone[name]["val_loss"]  # the random router saw the same draws
