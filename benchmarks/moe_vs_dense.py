@@ -12,7 +12,7 @@ the same process, one step each in turn, and each counts only its own steps' tim
 this shared machine then slows both alike (sequential runs moved by 10-20%), and each run's
 losses are exactly those of a run of its own (each trainer keeps its own RNG state).
 
-    python benchmarks/moe_vs_dense.py                      # default corpus, ~12 min on 2 cores
+    python benchmarks/moe_vs_dense.py                      # default corpus, ~17 min on 2 cores
     python benchmarks/moe_vs_dense.py --steps 100 --time-budget 60   # a quicker look
     python benchmarks/moe_vs_dense.py --data ../shared/data/tinyshakespeare.txt
 """
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--data", default=None, help="text file or folder (default: the Python stdlib sources)")
     p.add_argument("--steps", type=int, default=600, help="steps of the equal-steps pair")
-    p.add_argument("--time-budget", type=float, default=180.0, help="seconds of training of the equal-time pair")
+    p.add_argument("--time-budget", type=float, default=300.0, help="seconds of training of the equal-time pair")
     p.add_argument("--prompt", default="def ")
     p.add_argument("--sample-tokens", type=int, default=300)
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
