@@ -118,6 +118,15 @@ def test_checkpoint_errors_are_clear(tmp_path):
         ckpt.latest_checkpoint(tmp_path / "x")
 
 
+def test_device_errors_are_clear():
+    assert loop.resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="train.device must be"):
+        loop.resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            loop.resolve_device("cuda")
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "f.json"
     ckpt.atomic_write_bytes(path, b"old")
@@ -232,3 +241,12 @@ def test_every_router_trains_in_the_model(router):
         opt.zero_grad()
         losses.append(float(out.loss.detach()))
     assert losses[-1] < losses[0] - 0.5  # it memorises the fixed batch whatever the router
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    eager = train(config(max_steps=3, eval_every=100), tmp_path / "eager", log=quiet)
+    compiled = train(config(max_steps=3, eval_every=100, compile=True), tmp_path / "compiled", log=quiet)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=2e-3)
+    assert [r.get("train_loss") for r in metrics(tmp_path / "compiled")] == pytest.approx(
+        [r.get("train_loss") for r in metrics(tmp_path / "eager")], abs=2e-3)
