@@ -74,6 +74,12 @@ def build_run_config(args: argparse.Namespace, overrides: dict[str, str]) -> Run
             flat = _flatten(fields, section)
             for key, value in flat.items():
                 config = _set_typed(config, key, value)
+    config = apply_overrides(config, {**_shortcut_overrides(args), **overrides})
+    return RunConfig.from_dict(config)
+
+
+def _shortcut_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The shortcut flags (``--dense``, ``--data``, ``--max-steps``...) as field overrides."""
     shortcuts = {}
     if getattr(args, "dense", False):
         shortcuts["model.dense"] = "true"
@@ -82,8 +88,7 @@ def build_run_config(args: argparse.Namespace, overrides: dict[str, str]) -> Run
             shortcuts[key] = str(getattr(args, flag))
     if getattr(args, "no_progress", False):
         shortcuts["train.progress"] = "false"
-    config = apply_overrides(config, {**shortcuts, **overrides})
-    return RunConfig.from_dict(config)
+    return shortcuts
 
 
 def _flatten(fields: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -117,11 +122,8 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
                 what = changing or ["--dense/--data/--config"]
                 raise ValueError(f"cannot change {what} when resuming; only {sorted(RESUMABLE)} "
                                  "(and --max-steps/--time-budget) may change")
-            shortcuts = {k: str(v) for k, v in (("train.max_steps", args.max_steps),
-                                                ("train.time_budget", args.time_budget)) if v is not None}
-            if args.no_progress:
-                shortcuts["train.progress"] = "false"
-            config = RunConfig.from_dict(apply_overrides(config.to_dict(), {**shortcuts, **overrides}))
+            # --dense and --data were refused above, so only schedule-length shortcuts remain
+            config = RunConfig.from_dict(apply_overrides(config.to_dict(), {**_shortcut_overrides(args), **overrides}))
         else:
             config = build_run_config(args, overrides)
             out = Path(args.out or ("runs/dense" if config.model.dense else "runs/moe"))

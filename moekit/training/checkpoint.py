@@ -160,7 +160,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu"):
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     where = latest_checkpoint(path)
-    run_dir = where.parent if where != path or not (path / CONFIG_FILE).is_file() else path
+    run_dir = path if (path / CONFIG_FILE).is_file() else where.parent  # a run dir, or one of its step_* folders
     config = load_config(run_dir)
     model = Transformer(config.model)
     load_weights(model, where)

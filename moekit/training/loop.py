@@ -267,7 +267,7 @@ class Trainer:
             evaluated = self.evaluate()
             if step > t.warmup_steps:
                 _warn_health(self.health, self.moe_layers, self.warned, self.bar.write)
-            self.health = _Window(len(self.moe_layers), self.config.model.moe.num_experts)
+            self.health.reset()
         if (step % t.log_every == 0 or evaluated is not None) and not last:
             record = self.window.flush(step, lr, evaluated)
             with open(self.metrics_path, "a", encoding="utf-8") as f:
@@ -349,11 +349,14 @@ class _Window:
         }
         if val_loss is not None:
             record["val_loss"] = val_loss
+        self.reset()
+        return record
+
+    def reset(self) -> None:
         for load in self.loads:
             load.zero_()
         self.steps = self.tokens = 0
         self.seconds = self.loss = self.aux = 0.0
-        return record
 
 
 def _warn_health(health: _Window, layers: list[int], warned: set, write: Callable[[str], None]) -> None:
