@@ -21,6 +21,7 @@ from typing import Any
 from moekit.registry import expert_names, router_names
 
 IMPLEMENTATIONS = ("fast", "reference")
+QK_NORMS = (None, "head", "full")
 
 
 def _positive(name: str, value: Any, kind: type = int) -> None:
@@ -203,6 +204,20 @@ class ModelConfig:
     """The first this-many layers use a dense FFN (DeepSeek-V3 uses 3)."""
     dense_d_ff: int | None = None
     """Width of the dense FFN; ``None`` means ``moe.top_k * moe.d_ff``."""
+    dense_layers: list[int] = field(default_factory=list)
+    """These layers (0-based) use a dense FFN whatever ``moe_every`` says (Qwen-MoE's
+    ``mlp_only_layers``)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2-MoE)."""
+    out_bias: bool = False
+    """A bias on the attention output projection."""
+    qk_norm: str | None = None
+    """RMSNorm on queries and keys before RoPE: ``None``, ``"head"`` (over each head,
+    Qwen3-MoE) or ``"full"`` (over the whole projection, OLMoE)."""
+    clip_qkv: float | None = None
+    """Clamp queries, keys and values to ``[-clip_qkv, clip_qkv]`` (OLMoE option)."""
+    sliding_window: int | None = None
+    """Each token attends to at most this many most recent tokens (Mixtral's option)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight init (output projections are scaled by
     ``1/sqrt(2 * n_layers)``, as in GPT-2)."""
@@ -235,6 +250,14 @@ class ModelConfig:
             raise ValueError(f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})")
         if self.moe.d_model != self.d_model:
             self.moe = replace(self.moe, d_model=self.d_model)
+        _check_choice("qk_norm", self.qk_norm, QK_NORMS)
+        for name in ("clip_qkv", "sliding_window"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name), float if name == "clip_qkv" else int)
+        self.dense_layers = list(self.dense_layers)
+        bad = [i for i in self.dense_layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"dense_layers must hold layer indices in 0..{self.n_layers - 1}, got {bad}")
 
     @property
     def kv_heads(self) -> int:
@@ -251,7 +274,7 @@ class ModelConfig:
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether block ``i`` (0-based) has an MoE feed-forward."""
-        if self.dense or i < self.first_dense_layers:
+        if self.dense or i < self.first_dense_layers or i in self.dense_layers:
             return False
         return (i - self.first_dense_layers) % self.moe_every == self.moe_every - 1
 
@@ -401,6 +424,12 @@ def parse_value(text: str, hint: Any, name: str) -> Any:
     if text.lower() == "none" and type(None) in args:
         return None
     kind = next((a for a in args if a is not type(None)), hint)
+    if typing.get_origin(kind) is list:  # "1,3" -> [1, 3]
+        item = typing.get_args(kind)[0]
+        try:
+            return [item(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"{name} expects a comma-separated list of {item.__name__}, got {text!r}") from None
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True

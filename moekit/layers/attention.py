@@ -1,5 +1,10 @@
 """Causal self-attention with RoPE and grouped-query attention (GQA), on
-``scaled_dot_product_attention``. With a KV cache it attends to the cached keys too."""
+``scaled_dot_product_attention``. With a KV cache it attends to the cached keys too.
+
+The options the Hugging Face MoE families need are flags here: q/k/v (and output) biases
+(Qwen2-MoE), RMSNorm on queries and keys per head (Qwen3-MoE) or over the whole projection
+(OLMoE), clamping q/k/v (OLMoE's ``clip_qkv``) and a sliding window (Mixtral).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.config import QK_NORMS
+from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import apply_rotary
 
 
 class Attention(nn.Module):
     """Multi-head attention where ``n_kv_heads`` key/value heads are shared by groups of
-    ``n_heads // n_kv_heads`` query heads (Mixtral: 32 query heads, 8 KV heads)."""
+    ``n_heads // n_kv_heads`` query heads (Mixtral: 32 query heads, 8 KV heads).
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int):
+    Args:
+        qkv_bias / out_bias: biases on the q, k, v projections / on the output projection.
+        qk_norm: ``None``, ``"head"`` (RMSNorm over each head's ``head_dim``, Qwen3) or
+            ``"full"`` (RMSNorm over the whole q and k projections, OLMoE).
+        clip_qkv: clamp q, k and v to ``[-clip_qkv, clip_qkv]`` (``None``: no clamp).
+        sliding_window: a query sees at most this many most recent keys (itself included).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm: str | None = None,
+        norm_eps: float = 1e-5,
+        clip_qkv: float | None = None,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {list(QK_NORMS)}, got {qk_norm!r}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
+        self.q_norm = self.k_norm = None
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(head_dim, norm_eps), RMSNorm(head_dim, norm_eps)
+        elif qk_norm == "full":
+            self.q_norm = RMSNorm(n_heads * head_dim, norm_eps)
+            self.k_norm = RMSNorm(n_kv_heads * head_dim, norm_eps)
 
     def forward(
         self,
@@ -29,30 +65,57 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv_cache=None,
         layer: int = 0,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args:
             x: ``[B, S, d_model]``.
-            cos, sin: ``[S, head_dim]`` rotary tables of x's positions.
+            cos, sin: ``[S, head_dim]`` (or ``[B, S, head_dim]``) rotary tables of x's positions.
             kv_cache: optional :class:`moekit.inference.KVCache`; x's keys and values are
                 appended to layer ``layer``'s cache and x attends to everything cached.
+            key_mask: optional ``[B, past+S]`` bool, False for padding keys (left-padded
+                batches); a padding query still sees itself so no row is empty.
         Returns ``[B, S, d_model]``.
         """
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, S, H*hd] -> [B, H, S, hd]
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # -> [B, Hkv, S, hd]
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, S, self.n_heads, self.head_dim)  # [B, S, H*hd] -> [B, S, H, hd]
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos.dim() == 3:  # per-sequence positions: [B, S, hd] -> [B, 1, S, hd]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # -> [B, H, S, hd]
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # -> [B, Hkv, S, hd]
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         past = 0
         if kv_cache is not None:
             past = kv_cache.length
             k, v = kv_cache.update(layer, k, v)  # [B, Hkv, past+S, hd]
         gqa = self.n_heads != self.n_kv_heads
-        if past == 0:
+        mask = self._mask(past, S, key_mask, x.device)
+        if mask is None and past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif S == 1:  # one new token sees every cached one
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:  # a chunk after a prefix: query i sees keys 0..past+i
-            keys = torch.arange(past + S, device=x.device)
-            mask = keys[None, :] <= (past + torch.arange(S, device=x.device))[:, None]  # [S, past+S]
+        else:  # mask None here: one new token sees every cached one
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))  # [B, H, S, hd] -> [B, S, H*hd]
+
+    def _mask(self, past: int, S: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+        """Boolean ``[S, past+S]`` or ``[B, 1, S, past+S]`` mask (True = attend), or None when
+        plain causal attention (or, for one new token, no mask at all) is exact."""
+        total = past + S
+        windowed = self.sliding_window is not None and total > self.sliding_window
+        if key_mask is None and not windowed and (past == 0 or S == 1):
+            return None
+        keys = torch.arange(total, device=device)
+        queries = past + torch.arange(S, device=device)
+        mask = keys[None, :] <= queries[:, None]  # [S, total] query i sees keys 0..past+i
+        if windowed:
+            mask = mask & (keys[None, :] > queries[:, None] - self.sliding_window)
+        if key_mask is not None:  # [B, total] -> [B, 1, S, total]
+            mask = mask & key_mask[:, None, None, :].bool()
+            mask = mask | (keys[None, :] == queries[:, None])  # a padding query sees itself
+        return mask

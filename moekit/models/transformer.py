@@ -48,13 +48,17 @@ class Block(nn.Module):
         super().__init__()
         self.index = index
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = Attention(config.d_model, config.n_heads, config.kv_heads, config.dim_per_head)
+        self.attn = Attention(
+            config.d_model, config.n_heads, config.kv_heads, config.dim_per_head,
+            qkv_bias=config.qkv_bias, out_bias=config.out_bias, qk_norm=config.qk_norm,
+            norm_eps=config.norm_eps, clip_qkv=config.clip_qkv, sliding_window=config.sliding_window,
+        )
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.is_moe = config.is_moe_layer(index)
         self.ffn = MoE(config.moe) if self.is_moe else FeedForward(config.d_model, config.ffn_width)
 
-    def forward(self, x, cos, sin, tokens, padding_mask, kv_cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, self.index)
+    def forward(self, x, cos, sin, tokens, padding_mask, kv_cache, key_mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, self.index, key_mask)
         h = self.ffn_norm(x)
         if not self.is_moe:
             return x + self.ffn(h), None
@@ -97,6 +101,9 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache=None,
         padding_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> ModelOutput:
         """Args:
             tokens: ``[B, S]`` int64 ids.
@@ -104,24 +111,32 @@ class Transformer(nn.Module):
             kv_cache: optional :class:`moekit.inference.KVCache`: tokens continue the cached
                 sequence (positions start at ``kv_cache.length``).
             padding_mask: ``[B, S]`` 1 for real tokens; padding is left out of the MoE losses.
+            positions: ``[B, S]`` RoPE position of each token (left-padded batches); default
+                ``kv_cache.length + arange(S)`` for every sequence.
+            key_mask: ``[B, past+S]`` bool, False where a key is padding (with a KV cache,
+                covering the cached tokens too).
+            last_only: compute logits for the last position only (``[B, 1, V]``; generation).
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq] ids, got shape {tuple(tokens.shape)}")
         B, S = tokens.shape
         start = 0 if kv_cache is None else kv_cache.length
-        positions = torch.arange(start, start + S, device=tokens.device)
-        cos, sin = self.rope(positions)
+        if positions is None:
+            positions = torch.arange(start, start + S, device=tokens.device)
+        cos, sin = self.rope(positions)  # [S, hd] or [B, S, hd]
         x = self.embed(tokens)
         aux = x.new_zeros((), dtype=torch.float32)
         stats, logits_per_layer = [], []
         for block in self.blocks:
-            x, moe_out = block(x, cos, sin, tokens, padding_mask, kv_cache)
+            x, moe_out = block(x, cos, sin, tokens, padding_mask, kv_cache, key_mask)
             stats.append(None if moe_out is None else moe_out.stats)
             logits_per_layer.append(None if moe_out is None else moe_out.router_logits)
             if moe_out is not None:
                 aux = aux + moe_out.aux_loss
         if kv_cache is not None:
             kv_cache.advance(S)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
@@ -153,8 +168,11 @@ def count_model_params(config: ModelConfig) -> ParamCount:
     Mixtral 8x7B's shape gives 46.70B total, 12.88B active."""
     from moekit.layers.moe import count_params
 
-    d, hd = config.d_model, config.dim_per_head
-    attn = d * hd * (2 * config.n_heads + 2 * config.kv_heads) + 2 * d  # q, o, k, v + two norms
+    d, hd, h, kv = config.d_model, config.dim_per_head, config.n_heads, config.kv_heads
+    attn = d * hd * (2 * h + 2 * kv) + 2 * d  # q, o, k, v + two norms
+    attn += hd * (h + 2 * kv) if config.qkv_bias else 0
+    attn += d if config.out_bias else 0
+    attn += {"head": 2 * hd, "full": hd * (h + kv)}.get(config.qk_norm, 0)
     dense_ffn = 3 * d * config.ffn_width
     moe = count_params(config.moe)
     total = active = 0

@@ -53,7 +53,9 @@ def test_expert_choice_is_not_causal_and_refuses_generation():
 
 @pytest.mark.parametrize("kw", [{}, {"dense": True}, {"tie_embeddings": True}, {"moe_every": 2},
                                 {"first_dense_layers": 1, "n_layers": 3}, {"n_kv_heads": None, "head_dim": 16},
-                                {"moe": {"num_shared_experts": 1, "router": "noisy_topk"}}])
+                                {"moe": {"num_shared_experts": 1, "router": "noisy_topk"}},
+                                {"qkv_bias": True, "out_bias": True, "qk_norm": "head", "dense_layers": [0]},
+                                {"qk_norm": "full", "head_dim": 16}])
 def test_count_model_params_is_exact(kw):
     config = tiny(**kw)
     assert count_model_params(config) == Transformer(config).num_params()
@@ -121,3 +123,30 @@ def test_bad_input_is_refused():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="beyond max_seq_len=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_sliding_window_equals_attention_over_the_last_window_only():
+    # with window w, the last token's logits equal those of a forward over its last w tokens
+    # (positions shifted: RoPE depends only on relative positions, up to float rounding)
+    model = Transformer(tiny(sliding_window=4, n_layers=1)).eval()
+    tokens = torch.randint(0, 50, (1, 10))
+    with torch.no_grad():
+        full = model(tokens).logits[0, -1]
+        window = model(tokens[:, -4:]).logits[0, -1]
+        unwindowed = Transformer(tiny(n_layers=1)).eval()
+        unwindowed.load_state_dict(model.state_dict())
+        other = unwindowed(tokens).logits[0, -1]
+    assert torch.allclose(full, window, atol=1e-5)
+    assert not torch.allclose(full, other, atol=1e-3)
+
+
+def test_left_padding_with_key_mask_and_positions_equals_the_unpadded_sequence():
+    model = Transformer(tiny()).eval()
+    tokens = torch.randint(0, 50, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), tokens], 1)
+    mask = torch.tensor([[False] * 3 + [True] * 6])
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        plain = model(tokens).logits
+        pad = model(padded, key_mask=mask, positions=positions).logits[:, 3:]
+    assert torch.allclose(plain, pad, atol=1e-5)

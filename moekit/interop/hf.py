@@ -1,0 +1,236 @@
+"""Hugging Face directories in and out: :func:`load_hf`, :func:`save_hf`, :func:`convert`,
+and :func:`load_model` (a moekit run or an HF directory, whichever ``path`` is).
+
+The state-dict and config mappings are pure functions in ``hf_weights.py`` and
+``hf_config.py``; this file does the file work around them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.config import ModelConfig
+from moekit.interop.hf_config import FAMILIES, check_expressible, choose_family, config_from_hf, config_to_hf, family_of
+from moekit.interop.hf_weights import from_hf, to_hf
+from moekit.interop.safetensors_io import SafetensorsDir, save_safetensors_dir
+from moekit.models import Transformer
+from moekit.training.checkpoint import state_dict_for_save
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and what goes with it.
+
+    Attributes:
+        model: the :class:`Transformer`, in eval mode.
+        tokenizer: an object with ``encode``/``decode`` (``None`` when the directory has none).
+        eos_ids: token ids that end a generation (from the HF config; empty for moekit runs).
+        source: ``"moekit"`` or the HF ``model_type``.
+    """
+
+    model: Transformer
+    tokenizer: Any
+    eos_ids: list[int]
+    source: str
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: {path} is not a Hugging Face model directory")
+    try:
+        return json.loads(file.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc})") from None
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a Hugging Face model (a config.json with a ``model_type``)."""
+    try:
+        return "model_type" in read_hf_config(path)
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def build_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> Transformer:
+    """A :class:`Transformer` that takes ``state``'s tensors as its weights (no copy, no
+    random init: the model is built on the meta device first)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rope = type(model.rope)(config.dim_per_head, config.max_seq_len, config.rope_theta)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.to(device).eval()
+
+
+def load_hf(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    max_seq_len: int | None = None,
+) -> Transformer:
+    """Load a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE directory (config.json plus one
+    safetensors file or shards with an index) as a moekit :class:`Transformer`.
+
+    Tensors are read one at a time from the files and converted to ``dtype``. ``max_seq_len``
+    caps the RoPE tables (default: the config's ``max_position_embeddings``).
+    """
+    hf_config = read_hf_config(path)
+    family = family_of(hf_config)
+    config = config_from_hf(hf_config, max_seq_len)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+    state = from_hf(SafetensorsDir(path), config, family, shapes, dtype)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    return build_from_state(config, state, device)
+
+
+def save_hf(
+    model: Transformer,
+    path: str | Path,
+    model_type: str | None = None,
+    tokenizer: Any = None,
+    max_shard_bytes: int = 4 << 30,
+) -> str:
+    """Save ``model`` as a Hugging Face directory that ``transformers`` loads with
+    ``from_pretrained`` (same logits). Returns the ``model_type`` written.
+
+    Args:
+        model_type: one of ``FAMILIES`` (``None``: the family that expresses the model, see
+            :func:`choose_family`). A feature the family cannot express is a ValueError.
+        tokenizer: a moekit tokenizer; written as ``tokenizer.json`` (the byte tokenizer as a
+            byte-level BPE with no merges, ids = byte values).
+    """
+    config = model.config
+    if model_type is None:
+        family = choose_family(config)
+    elif model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r}; moekit writes {sorted(FAMILIES)}")
+    else:
+        family = FAMILIES[model_type]
+        check_expressible(config, family)
+    state = state_dict_for_save(model)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    files = {CONFIG_FILE: (json.dumps(config_to_hf(config, family, dtype), indent=2) + "\n").encode()}
+    if tokenizer is not None:
+        files[TOKENIZER_FILE] = tokenizer_json(tokenizer).encode()
+    save_safetensors_dir(to_hf(state, config, family), path, files, max_shard_bytes)
+    return family.model_type
+
+
+def tokenizer_json(tokenizer: Any) -> str:
+    """``tokenizer.json`` text of a moekit tokenizer (byte or BPE)."""
+    if getattr(tokenizer, "kind", None) == "bpe":
+        return tokenizer._tok.to_str()
+    if getattr(tokenizer, "kind", None) == "byte":
+        return byte_tokenizer().to_str()
+    raise ValueError(f"cannot write a tokenizer.json for {type(tokenizer).__name__}")
+
+
+def byte_tokenizer():
+    """A ``tokenizers`` Tokenizer equal to :class:`moekit.data.ByteTokenizer`: byte-level
+    pre-tokenisation, one vocabulary entry per byte (id = byte value), no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = _bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which ByteLevel uses."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+def load_hf_tokenizer(path: str | Path):
+    """The directory's ``tokenizer.json`` through the ``tokenizers`` library, or ``None``."""
+    from moekit.data.tokenizer import BPETokenizer
+
+    return BPETokenizer.load(path) if (Path(path) / TOKENIZER_FILE).is_file() else None
+
+
+def _eos_ids(hf_config: dict[str, Any], path: Path) -> list[int]:
+    eos = hf_config.get("eos_token_id")
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        try:
+            eos = json.loads(gen.read_text("utf-8")).get("eos_token_id", eos)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    max_seq_len: int | None = None,
+) -> LoadedModel:
+    """A moekit run directory (or one of its ``step_*`` folders) or a Hugging Face directory."""
+    from moekit.training.checkpoint import load_trained
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if is_hf_dir(path):
+        hf_config = read_hf_config(path)
+        model = load_hf(path, dtype, device, max_seq_len)
+        return LoadedModel(model, load_hf_tokenizer(path), _eos_ids(hf_config, path), hf_config["model_type"])
+    model, tokenizer, _ = load_trained(path, device)
+    return LoadedModel(model.to(dtype), tokenizer, [], "moekit")
+
+
+def convert(src: str | Path, dst: str | Path, model_type: str | None = None, overwrite: bool = False) -> str:
+    """``moekit convert``: a moekit run -> a Hugging Face directory, or a Hugging Face
+    directory -> a moekit run directory (config.json + one checkpoint). Returns a one-line
+    description of what was written."""
+    from moekit.config import DataConfig, RunConfig, TrainConfig
+    from moekit.training.checkpoint import save_checkpoint, save_config
+
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    loaded = load_model(src)
+    if loaded.source == "moekit":
+        written = save_hf(loaded.model, dst, model_type, loaded.tokenizer)
+        return f"wrote a {written} Hugging Face directory to {dst}"
+    if model_type is not None:
+        raise ValueError("model_type applies to moekit -> Hugging Face conversions only")
+    tok = loaded.tokenizer
+    data = {"tokenizer": "bpe"} if tok is not None else {}
+    if tok is not None:
+        data["bpe_vocab_size"] = max(257, tok.vocab_size)
+    train = TrainConfig(seq_len=min(TrainConfig.seq_len, loaded.model.config.max_seq_len))
+    config = RunConfig(model=loaded.model.config, data=DataConfig(**data), train=train)
+    if dst.exists():
+        import shutil
+
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    save_config(dst, config)
+    if tok is not None:
+        tok.save(dst)
+    save_checkpoint(dst, 0, loaded.model, {"step": 0, "converted_from": str(src)})
+    return f"wrote a moekit run directory ({loaded.source} weights) to {dst}"
