@@ -140,27 +140,75 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise _fail("train", exc) from None
     print(f"summary: {out / 'summary.json'}  (val loss {summary['val_loss']:.4f})")
-    print(f'generate: moekit generate --checkpoint {out} --prompt "def "')
+    print(f'generate: moekit generate --model {out} --prompt "def "')
     return 0
 
 
 def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     import torch
 
-    from moekit.inference import generate
-    from moekit.training.checkpoint import load_trained
+    from moekit.inference import generate_batch
+    from moekit.interop import load_model
 
     if overrides:
         raise _fail("generate", ValueError(f"config fields cannot be set here: {sorted(overrides)}"))
     try:
-        model, tokenizer, _ = load_trained(args.checkpoint)
-        prompt = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long)[None]
-        if prompt.shape[1] == 0:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        loaded = load_model(args.model, dtype=dtype)
+        tokenizer = loaded.tokenizer
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer.json: moekit cannot turn --prompt into ids")
+        if args.compile:
+            loaded.model.forward = torch.compile(loaded.model.forward, dynamic=True)
+        ids = [int(i) for i in tokenizer.encode(args.prompt)]
+        if not ids:
             raise ValueError("--prompt must not be empty")
-        new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    except (ValueError, FileNotFoundError) as exc:
+        stream = _Stream(tokenizer, args.prompt)
+        result = generate_batch(
+            loaded.model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+            stop_ids=loaded.eos_ids if args.stop is None else args.stop, on_token=stream,
+        )
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         raise _fail("generate", exc) from None
-    sys.stdout.write(args.prompt + tokenizer.decode(new[0].tolist()) + "\n")
+    stream.finish()
+    if args.stats:
+        print(result.stats.summary(), file=sys.stderr)
+    return 0
+
+
+class _Stream:
+    """Prints the text as tokens arrive; holds back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, prompt: str):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+
+    def __call__(self, step_ids) -> None:
+        if int(step_ids[0]) >= 0:
+            self.ids.append(int(step_ids[0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.flush()
+        self.printed = text
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        sys.stdout.write(text[len(self.printed):] + "\n")
+        sys.stdout.flush()
+
+
+def cmd_convert(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from moekit.interop import convert
+
+    if overrides:
+        raise _fail("convert", ValueError(f"config fields cannot be set here: {sorted(overrides)}"))
+    try:
+        print(convert(args.src, args.dst, args.model_type, args.overwrite))
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
+        raise _fail("convert", exc) from None
     return 0
 
 
@@ -243,14 +291,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    g = sub.add_parser("generate", help="sample text from a trained model")
-    g.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or one of its step_* folders")
+    g = sub.add_parser("generate", help="generate text from a moekit run or a Hugging Face directory")
+    g.add_argument("--model", "--checkpoint", dest="model", required=True, metavar="DIR",
+                   help="a moekit run directory (or one of its step_* folders), or a Hugging Face model directory")
     g.add_argument("--prompt", required=True, help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens")
+    g.add_argument("--top-p", type=float, default=None, help="sample among the likeliest tokens holding this mass")
+    g.add_argument("--stop", type=int, nargs="*", metavar="ID",
+                   help="stop token ids (default: the model's eos_token_id, if any)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and compute dtype")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    g.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s and peak memory")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="moekit run <-> Hugging Face directory (Mixtral, Qwen2/3-MoE, OLMoE)")
+    c.add_argument("src", help="a moekit run directory or a Hugging Face model directory")
+    c.add_argument("dst", help="where to write the other format")
+    c.add_argument("--model-type", choices=["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"],
+                   help="Hugging Face family to write (default: the one that expresses the model)")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    c.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("params", help="count total and active parameters (a Mixtral 8x7B layer by default)",
                        epilog="--moe.FIELD VALUE sets a layer field; with --preset, --model.FIELD sets a model field.")

@@ -42,13 +42,24 @@ def test_train_and_generate_end_to_end_in_a_subprocess(tmp_path):
     out = tmp_path / "run"
     r = run_cli("train", "--preset", "tiny", "--out", str(out), "--max-steps", "6", "--no-progress",
                 "--model.num_experts", "8", "--train.lr", "2e-3", "--data.max_chars", "50000")
-    assert "done: 6 steps" in r.stdout and "moekit generate --checkpoint" in r.stdout
+    assert "done: 6 steps" in r.stdout and "moekit generate --model" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6
     saved = json.loads((out / "config.json").read_text())
     assert saved["model"]["moe"]["num_experts"] == 8 and saved["train"]["lr"] == 2e-3
     g = run_cli("generate", "--checkpoint", str(out), "--prompt", "import ", "--max-new-tokens", "20", "--seed", "1")
     assert g.stdout.startswith("import ") and len(g.stdout.encode()) >= len("import ") + 1
+    # to Hugging Face and back: the same text, greedy, from either directory
+    c = run_cli("convert", str(out), str(tmp_path / "hf"))
+    assert "wrote a mixtral Hugging Face directory" in c.stdout
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    greedy = ("--prompt", "def f(", "--max-new-tokens", "12", "--temperature", "0")
+    a = run_cli("generate", "--model", str(out), *greedy)
+    b = run_cli("generate", "--model", str(tmp_path / "hf"), *greedy, "--stats")
+    assert a.stdout == b.stdout and a.stdout.startswith("def f(")
+    assert "prefill 6 tokens" in b.stderr and "decode 11 steps" in b.stderr and "peak memory" in b.stderr
+    exists = run_cli("convert", str(out), str(tmp_path / "hf"), check=False)
+    assert exists.returncode != 0 and "not empty" in exists.stderr
     again = run_cli("train", "--preset", "tiny", "--out", str(out), "--max-steps", "6", check=False)
     assert again.returncode != 0 and "already holds a run" in again.stderr
     # resuming may extend the run but not change the model

@@ -1,6 +1,7 @@
 """Inference outside the model: the KV cache, sampling and the decode loop."""
 
-from moekit.inference.generate import generate, sample_next
+from moekit.inference.generate import GenerationOutput, GenerationStats, generate, generate_batch
 from moekit.inference.kv_cache import KVCache
+from moekit.inference.sampling import sample_next
 
-__all__ = ["KVCache", "generate", "sample_next"]
+__all__ = ["GenerationOutput", "GenerationStats", "KVCache", "generate", "generate_batch", "sample_next"]

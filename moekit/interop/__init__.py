@@ -1,7 +1,19 @@
 """Hugging Face interop: Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE checkpoints in and out."""
 
-from moekit.interop.hf import LoadedModel, convert, is_hf_dir, load_hf, load_model, save_hf
-from moekit.interop.hf_config import FAMILIES, choose_family, config_from_hf, config_to_hf
+from moekit.interop.hf import (
+    LoadedModel,
+    convert,
+    is_hf_dir,
+    load_hf,
+    load_model,
+    save_hf,
+)
+from moekit.interop.hf_config import (
+    FAMILIES,
+    choose_family,
+    config_from_hf,
+    config_to_hf,
+)
 from moekit.interop.hf_weights import from_hf, to_hf
 from moekit.interop.safetensors_io import SafetensorsDir, save_safetensors_dir
 

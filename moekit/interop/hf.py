@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from moekit.config import ModelConfig
-from moekit.interop.hf_config import FAMILIES, check_expressible, choose_family, config_from_hf, config_to_hf, family_of
+from moekit.interop.hf_config import (
+    FAMILIES,
+    check_expressible,
+    choose_family,
+    config_from_hf,
+    config_to_hf,
+    family_of,
+)
 from moekit.interop.hf_weights import from_hf, to_hf
 from moekit.interop.safetensors_io import SafetensorsDir, save_safetensors_dir
 from moekit.models import Transformer

@@ -118,7 +118,7 @@ def from_hf(
                 same(b + "ffn.shared_experts.gate.weight", mp + ".shared_expert_gate.weight")
         elif family.model_type == "qwen2_moe" and f"{mp}.shared_expert_gate.weight" in hf:
             r.problems.append(f"{mp}.shared_expert_gate.weight is present but shared_expert_intermediate_size is 0")
-    unexpected = sorted(k for k in hf.keys() if k not in r.used and not _IGNORED.search(k))
+    unexpected = sorted(k for k in hf if k not in r.used and not _IGNORED.search(k))
     if unexpected:
         r.problems.append(f"unexpected {len(unexpected)} tensor(s): {unexpected[:8]}" + (" ..." if len(unexpected) > 8 else ""))
     if r.problems:

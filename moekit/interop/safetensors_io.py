@@ -60,7 +60,7 @@ class SafetensorsDir(Mapping):
             except (SafetensorError, OSError, ValueError) as exc:
                 raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
             self._handles[name] = handle
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 self._where[key] = name
         if weight_map is not None:
             absent = sorted(k for k, f in weight_map.items() if self._where.get(k) != f)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moekit.config import ModelConfig, MoEConfig
-from moekit.inference import generate, sample_next
+from moekit.inference import generate, generate_batch, sample_next
 from moekit.models import Transformer
 
 
@@ -48,3 +48,46 @@ def test_generation_past_the_context_restarts_the_cache():
     assert torch.equal(new, generate(m, prompt, 30, temperature=1.0, seed=0))  # seeded: reproducible
     with pytest.raises(ValueError, match="prompt must be"):
         generate(m, torch.zeros(1, 0, dtype=torch.long), 3)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert {int(sample_next(logits, 1.0, top_p=0.4, generator=g)) for _ in range(50)} == {0}
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sample_next(logits, 1.0, top_p=0.0)
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    m = model()
+    prompts = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8]]
+    batch = generate_batch(m, prompts, 7, temperature=0)
+    alone = [generate_batch(m, [p], 7, temperature=0).tokens[0] for p in prompts]
+    assert batch.tokens == alone
+    assert batch.stats.prompt_tokens == 12 and batch.stats.new_tokens == 21 and batch.stats.decode_steps == 6
+
+
+def test_stop_tokens_end_each_sequence_and_streaming_sees_every_step():
+    m = model()
+    prompts = [[3, 1, 4], [2, 6, 1]]
+    free = generate_batch(m, prompts, 10, temperature=0).tokens
+    stop = free[0][2]  # the first sequence's third token
+    seen = []
+    out = generate_batch(m, prompts, 10, temperature=0, stop_ids=[stop], on_token=lambda ids: seen.append(ids.tolist()))
+    for row, full in zip(out.tokens, free):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert row == full[:cut]
+    assert [s[0] for s in seen if s[0] >= 0] == out.tokens[0]
+    assert out.stats.decode_tokens_per_s > 0 and out.stats.peak_memory_bytes > 0
+
+
+def test_max_length_guard():
+    m = model()  # max_seq_len 16
+    with pytest.raises(ValueError, match="padded batches cannot slide"):
+        generate_batch(m, [[1] * 10, [2] * 4], 10)
+    long = generate_batch(m, [list(range(30))], 3, temperature=0)  # keeps the last 16 prompt tokens
+    assert long.tokens == generate_batch(m, [list(range(14, 30))], 3, temperature=0).tokens
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate_batch(m, [[41]], 2)

@@ -10,7 +10,14 @@ import transformers
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.inference import generate
-from moekit.interop import SafetensorsDir, choose_family, convert, load_hf, load_model, save_hf
+from moekit.interop import (
+    SafetensorsDir,
+    choose_family,
+    convert,
+    load_hf,
+    load_model,
+    save_hf,
+)
 from moekit.models import Transformer
 
 VOCAB = 97
