@@ -158,8 +158,6 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         tokenizer = loaded.tokenizer
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.json: moekit cannot turn --prompt into ids")
-        if args.compile:
-            loaded.model.forward = torch.compile(loaded.model.forward, dynamic=True)
         ids = [int(i) for i in tokenizer.encode(args.prompt)]
         if not ids:
             raise ValueError("--prompt must not be empty")
@@ -303,7 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop token ids (default: the model's eos_token_id, if any)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and compute dtype")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model first")
     g.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s and peak memory")
     g.set_defaults(func=cmd_generate)
 

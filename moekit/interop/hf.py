@@ -195,7 +195,9 @@ def load_model(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     max_seq_len: int | None = None,
 ) -> LoadedModel:
-    """A moekit run directory (or one of its ``step_*`` folders) or a Hugging Face directory."""
+    """A moekit run directory (or one of its ``step_*`` folders) or a Hugging Face directory,
+    ready for inference (:func:`moekit.inference.prepare_for_inference`)."""
+    from moekit.inference import prepare_for_inference
     from moekit.training.checkpoint import load_trained
 
     path = Path(path)
@@ -203,10 +205,10 @@ def load_model(
         raise FileNotFoundError(f"model path {path} does not exist")
     if is_hf_dir(path):
         hf_config = read_hf_config(path)
-        model = load_hf(path, dtype, device, max_seq_len)
+        model = prepare_for_inference(load_hf(path, dtype, device, max_seq_len))
         return LoadedModel(model, load_hf_tokenizer(path), _eos_ids(hf_config, path), hf_config["model_type"])
     model, tokenizer, _ = load_trained(path, device)
-    return LoadedModel(model.to(dtype), tokenizer, [], "moekit")
+    return LoadedModel(prepare_for_inference(model.to(dtype)), tokenizer, [], "moekit")
 
 
 def convert(src: str | Path, dst: str | Path, model_type: str | None = None, overwrite: bool = False) -> str:

@@ -147,18 +147,28 @@ def _dispatch_few(
     T, k = routing.indices.shape
     experts_of = routing.indices.tolist()
     weight_of = routing.weights.tolist()
-    out = x.new_zeros(T, experts.d_out)
+    rows = []
     for t in range(T):
-        row = x[t : t + 1]
+        row, acc = x[t : t + 1], None
         for e, w in zip(experts_of[t], weight_of[t]):
-            out[t : t + 1].add_(experts.expert_forward(e, row), alpha=w)
-    flat = routing.indices.reshape(-1)  # [T, k] -> [T*k]
-    order = torch.argsort(flat, stable=True)
+            y = experts.expert_forward(e, row)
+            acc = y * w if acc is None else acc.add_(y, alpha=w)  # y may alias a module's input: no mul_
+        rows.append(acc)
+    out = rows[0] if T == 1 else torch.cat(rows)
+    # the plan from the Python lists (a few slots sort faster here than in tensor ops), made
+    # as one tensor: [counts (E) | slot order (T*k) | token of each slot (T*k) | dropped (1)]
+    flat = [e for row in experts_of for e in row]
+    order = sorted(range(T * k), key=flat.__getitem__)  # stable: slot order within an expert
+    counts = [0] * num_experts
+    for e in flat:
+        counts[e] += 1
+    packed = torch.tensor(counts + order + [s // k for s in order] + [0], device=x.device)
+    E, n = num_experts, T * k
     plan = DispatchPlan(
-        token_idx=torch.div(order, k, rounding_mode="floor"),
-        slot_idx=order,
-        tokens_per_expert=torch.bincount(flat, minlength=num_experts),
-        dropped_tokens=torch.zeros((), dtype=torch.long, device=x.device),
+        token_idx=packed[E + n : E + 2 * n],
+        slot_idx=packed[E : E + n],
+        tokens_per_expert=packed[:E],
+        dropped_tokens=packed[-1],
     )
     return out, plan, None
 

@@ -91,3 +91,27 @@ def test_max_length_guard():
     assert long.tokens == generate_batch(m, [list(range(14, 30))], 3, temperature=0).tokens
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generate_batch(m, [[41]], 2)
+
+
+def test_prepare_for_inference_keeps_weights_logits_and_state_dict():
+    from moekit.inference import prepare_for_inference
+
+    m = Transformer(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
+                                qkv_bias=True, moe=MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2))).eval()
+    tokens = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        before = m(tokens).logits
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        params = [id(p) for p in m.parameters()]
+        prepare_for_inference(m)
+        after = m(tokens).logits
+    assert [id(p) for p in m.parameters()] == params  # same Parameter objects (optimizers keep theirs)
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    experts, attn = m.blocks[0].ffn.experts, m.blocks[0].attn
+    assert experts.w1.data_ptr() == experts.fused_gate_up.data_ptr()  # the fused tensor is really used
+    assert attn.wk.weight.data_ptr() == attn.fused_qkv[0][32:].data_ptr()
+    assert torch.allclose(before, after, atol=1e-6)
+    assert torch.equal(generate(m, tokens[:, :4], 6, temperature=0), generate(m, tokens[:, :4], 6, temperature=0))
+    m.train()  # gradients still reach the parameters through the unfused path
+    m(tokens, targets=tokens).loss.backward()
+    assert m.blocks[0].ffn.experts.w1.grad is not None and m.blocks[0].attn.wq.weight.grad is not None

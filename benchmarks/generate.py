@@ -1,0 +1,173 @@
+"""Generation speed: moekit's engine against transformers' ``generate`` on the same
+random-weight Mixtral-format model, same machine, same run.
+
+    python benchmarks/generate.py            # the full table (about 5 minutes on 2 cores)
+    python benchmarks/generate.py --quick    # 32 new tokens, batch 1 only
+
+The model (vocab 32000, hidden 512, intermediate 1408, 8 layers, 8 heads, 2 KV heads, 8
+experts, top 2) is built once with transformers from a fixed seed and saved under
+``--model-dir``. For each engine: prefill tokens/s of a 512-token prompt and decode
+tokens/s of 128 new tokens, at batch 1 and batch 8, greedy. transformers runs each experts
+implementation (``eager``, ``grouped_mm``, ``batched_mm``; ``batched_mm`` materialises
+every expert's weights per token, so its prefill runs with ``grouped_mm`` and it is timed
+on decoding only). moekit's greedy tokens are checked against transformers' first.
+
+Decode is bound by reading the weights: the script prints the bytes read per decoded token
+and the fraction of the machine's memory bandwidth (``--bandwidth-gbs``, measured here as
+a plain sum over a large tensor) that each engine reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from moekit.inference import generate_batch, prepare_for_inference
+from moekit.interop import load_hf
+
+SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+             num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+             max_position_embeddings=1024)
+
+
+def make_model(path: Path) -> None:
+    import transformers
+
+    if (path / "config.json").is_file():
+        return
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**SHAPE))
+    model.save_pretrained(path)
+    print(f"saved a random-weight Mixtral-format model to {path}")
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decoded token reads: attention, router and top_k experts per
+    layer, the norms and the LM head (one embedding row, negligible, left out)."""
+    total = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                if "experts." not in name and not name.startswith("embed."))
+    for block in model.blocks:
+        if block.is_moe:
+            ex = block.ffn.experts
+            per_expert = sum(p.numel() * p.element_size() for p in ex.parameters()) // ex.num_experts
+            total += block.ffn.config.top_k * per_expert
+    return total
+
+
+def measure_bandwidth() -> float:
+    """GB/s of the fastest plain read we find: a dot product of two 256 MiB vectors."""
+    x, y = torch.ones(64 * 2**20), torch.ones(64 * 2**20)
+    torch.dot(x, y)
+    best = min(_timed(lambda: torch.dot(x, y)) for _ in range(7))
+    return 2 * x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def hf_run(model, prompts: torch.Tensor, new: int, impl: str) -> tuple[float, float, list[int]]:
+    """(prefill s, decode s per step, greedy ids of row 0) with transformers' generate."""
+    from transformers import DynamicCache
+
+    kw = dict(do_sample=False, pad_token_id=0)
+    model.set_experts_implementation("grouped_mm" if impl == "batched_mm" else impl)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=model.config)
+        first = model.generate(prompts, max_new_tokens=1, min_new_tokens=1, past_key_values=cache, **kw)
+        prefill = time.perf_counter() - t0
+        model.set_experts_implementation(impl)
+        t0 = time.perf_counter()  # continues from the prefilled cache: only decode steps run
+        out = model.generate(first, max_new_tokens=new - 1, min_new_tokens=new - 1, past_key_values=cache, **kw)
+        decode = (time.perf_counter() - t0) / (new - 1)
+    return prefill, decode, out[0, prompts.shape[1]:].tolist()
+
+
+def moekit_run(model, prompts: torch.Tensor, new: int) -> tuple[float, float, list[int]]:
+    r = generate_batch(model, prompts.tolist(), new, temperature=0)
+    return r.stats.prefill_s, r.stats.decode_s / r.stats.decode_steps, r.tokens[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", default="/tmp/moekit-bench/mixtral-h512", type=Path)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--hf-impls", default="eager,grouped_mm,batched_mm")
+    ap.add_argument("--quick", action="store_true", help="32 new tokens, batch 1, grouped_mm only")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each engine (median reported)")
+    args = ap.parse_args()
+    if args.quick:
+        args.new_tokens, args.batches, args.hf_impls, args.rounds = 32, "1", "grouped_mm", 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    make_model(args.model_dir)
+    gen = torch.Generator().manual_seed(0)
+    warnings.filterwarnings("ignore")  # transformers' generation-config chatter
+    ours = {dtype: prepare_for_inference(load_hf(args.model_dir, dtype=dtype))
+            for dtype in (torch.float32, torch.bfloat16)}
+    ours = {"float32": ours[torch.float32], "bfloat16": ours[torch.bfloat16]}
+    theirs = transformers.MixtralForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    bandwidth = measure_bandwidth()
+    per_token = weight_bytes_per_token(ours["float32"])
+    limit = bandwidth * 1e9 / per_token
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+          f"weights read per decoded token {per_token / 1e6:.0f} MB (float32); memory bandwidth {bandwidth:.0f} GB/s "
+          f"(plain sum) -> at most {limit:.0f} tokens/s")
+    prompt1 = torch.randint(0, SHAPE["vocab_size"], (1, args.prompt_len), generator=gen)
+    with torch.inference_mode():  # bf16's logit error against float32
+        ref = ours["float32"](prompt1).logits.float()
+        bf = ours["bfloat16"](prompt1).logits.float()
+        hf_ref = theirs(prompt1).logits.float()
+        hf_bf = transformers.MixtralForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16).eval()(
+            prompt1).logits.float()
+    agree = (bf.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"moekit float32 vs transformers float32 logits: max |diff| {(ref - hf_ref).abs().max().item():.2g}")
+    print(f"bfloat16 weights vs float32: max |logit diff| {(bf - ref).abs().max().item():.3g} (transformers' own "
+          f"bfloat16: {(hf_bf - hf_ref).abs().max().item():.3g}; logits' std {ref.std().item():.3g}), "
+          f"same argmax at {agree:.1%} of positions")
+
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = torch.randint(0, SHAPE["vocab_size"], (batch, args.prompt_len), generator=gen)
+        engines = {f"transformers {impl}": (lambda impl=impl: hf_run(theirs, prompts, args.new_tokens, impl))
+                   for impl in args.hf_impls.split(",")}
+        engines.update({f"moekit {dtype}": (lambda m=m: moekit_run(m, prompts, args.new_tokens))
+                        for dtype, m in ours.items()})
+        runs: dict[str, list] = {name: [] for name in engines}
+        for _ in range(args.rounds):  # round-robin, so drift in machine load hits every engine alike
+            for name, run in engines.items():
+                runs[name].append(run())
+        results = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs), rs[0][2])
+                   for name, rs in runs.items()}
+        ref_ids = next(v[2] for k, v in results.items() if k.startswith("transformers"))
+        ours_ids = results["moekit float32"][2]
+        same = ours_ids == ref_ids
+        first_diff = next((i for i, (a, b) in enumerate(zip(ours_ids, ref_ids)) if a != b), None)
+        hf_names = [k for k in results if k.startswith("transformers")]
+        best_hf_decode = max(batch / results[k][1] for k in hf_names)
+        best_hf_prefill = max(batch * args.prompt_len / results[k][0] for k in hf_names if "batched" not in k)
+        print(f"\nbatch {batch}, {args.prompt_len}-token prompts, {args.new_tokens} new tokens, median of "
+              f"{args.rounds} rounds: moekit float32 greedy tokens equal transformers': {same}"
+              + ("" if same else f" (first difference at new token {first_diff})"))
+        print(f"{'engine':<26}{'prefill tok/s':>14}{'vs best HF':>11}{'decode tok/s':>14}{'vs best HF':>11}"
+              f"{'of bandwidth':>14}")
+        for name, (prefill, step, _) in results.items():
+            p, d = batch * args.prompt_len / prefill, batch / step
+            pre, pre_ratio = (("(grouped_mm)", "") if "batched" in name else (f"{p:,.0f}", f"{p / best_hf_prefill:.2f}x"))
+            share = f"{d / limit:.0%}" if batch == 1 and "bfloat16" not in name else ""
+            print(f"{name:<26}{pre:>14}{pre_ratio:>11}{d:>14.1f}{d / best_hf_decode:>10.2f}x{share:>14}")
+
+if __name__ == "__main__":
+    main()
