@@ -96,6 +96,50 @@ def moekit_run(model, prompts: torch.Tensor, new: int) -> tuple[float, float, li
     return r.stats.prefill_s, r.stats.decode_s / r.stats.decode_steps, r.tokens[0]
 
 
+def decode_paths(model, rounds: int = 200) -> None:
+    """Which few-token MoE path to use, by measurement on layer 0 (prepared weights): the
+    slot loop (each chosen expert on its row, no sorting), the sorted path (plan, gather,
+    segments, scatter) and gathering the chosen experts' weights into one batched matmul."""
+    import importlib
+
+    import torch.nn.functional as F
+    from moe_layer import interleaved_medians
+
+    d = importlib.import_module("moekit.layers.dispatch")  # the module (moekit.layers exports a function of that name)
+
+    moe = model.blocks[0].ffn
+    ex = moe.experts
+
+    def gather(x, routing):
+        idx = routing.indices.reshape(-1)  # [T, k] -> [T*k]
+        gate_up = ex.fused_gate_up.index_select(0, idx)  # [T*k, d, 2f]: copies the chosen weights
+        rows = x.repeat_interleave(routing.indices.shape[1], 0)[:, None]  # [T*k, 1, d]
+        gate, up = torch.bmm(rows, gate_up).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, ex.w2.index_select(0, idx))[:, 0]  # [T*k, d]
+        return (y.view(*routing.indices.shape, -1) * routing.weights[..., None]).sum(1)
+
+    print(f"\nfew-token MoE paths (layer 0, microseconds per call, median of interleaved runs; the engine "
+          f"takes the slot loop up to {d.SMALL_BATCH_SLOTS} slots, then the sorted path):")
+    print(f"{'tokens':>7}{'slot loop':>12}{'sorted':>12}{'gather':>12}")
+    with torch.inference_mode():
+        for T in (1, 2, 4, 8):
+            x = torch.randn(T, moe.config.d_model)
+            routing = moe.router(x)
+            ref = d._dispatch_few(x, routing, ex, moe.config.num_experts)[0]
+            saved, d.SMALL_BATCH_SLOTS = d.SMALL_BATCH_SLOTS, 0
+            try:
+                assert torch.allclose(d.dispatch(x, routing, ex)[0], ref, atol=1e-4)
+                assert torch.allclose(gather(x, routing), ref, atol=1e-4)
+                t = interleaved_medians({
+                    "loop": lambda: d._dispatch_few(x, routing, ex, moe.config.num_experts),
+                    "sorted": lambda: d.dispatch(x, routing, ex),
+                    "gather": lambda: gather(x, routing),
+                }, budget_s=2.0, max_rounds=rounds)
+            finally:
+                d.SMALL_BATCH_SLOTS = saved
+            print(f"{T:>7}{t['loop'] * 1e6:>12.0f}{t['sorted'] * 1e6:>12.0f}{t['gather'] * 1e6:>12.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default="/tmp/moekit-bench/mixtral-h512", type=Path)
@@ -103,7 +147,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--hf-impls", default="eager,grouped_mm,batched_mm")
-    ap.add_argument("--quick", action="store_true", help="32 new tokens, batch 1, grouped_mm only")
+    ap.add_argument("--quick", action="store_true", help="32 new tokens, batch 1, grouped_mm only, one round")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3, help="runs of each engine (median reported)")
     args = ap.parse_args()
@@ -141,9 +185,9 @@ def main() -> None:
 
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(0, SHAPE["vocab_size"], (batch, args.prompt_len), generator=gen)
-        engines = {f"transformers {impl}": (lambda impl=impl: hf_run(theirs, prompts, args.new_tokens, impl))
+        engines = {f"transformers {impl}": (lambda impl=impl, p=prompts: hf_run(theirs, p, args.new_tokens, impl))
                    for impl in args.hf_impls.split(",")}
-        engines.update({f"moekit {dtype}": (lambda m=m: moekit_run(m, prompts, args.new_tokens))
+        engines.update({f"moekit {dtype}": (lambda m=m, p=prompts: moekit_run(m, p, args.new_tokens))
                         for dtype, m in ours.items()})
         runs: dict[str, list] = {name: [] for name in engines}
         for _ in range(args.rounds):  # round-robin, so drift in machine load hits every engine alike
@@ -168,6 +212,7 @@ def main() -> None:
             pre, pre_ratio = (("(grouped_mm)", "") if "batched" in name else (f"{p:,.0f}", f"{p / best_hf_prefill:.2f}x"))
             share = f"{d / limit:.0%}" if batch == 1 and "bfloat16" not in name else ""
             print(f"{name:<26}{pre:>14}{pre_ratio:>11}{d:>14.1f}{d / best_hf_decode:>10.2f}x{share:>14}")
+    decode_paths(ours["float32"])
 
 if __name__ == "__main__":
     main()

@@ -234,14 +234,26 @@ class SwiGLUExperts(GroupedExperts):
         _init_uniform(self.w2, self.d_ff)
 
     def run(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if (
-            self.use_grouped_mm is None
-            and x.device.type == "cpu"
-            and self.needs_grad(x)
-            and x.shape[0] >= CPU_SEGMENT_BACKWARD_MIN_ROWS * self.num_experts
-        ):
-            return _SwiGLUSegments.apply(x, *weights, segments(tokens_per_expert))
+        if self.use_grouped_mm is None and x.device.type == "cpu":
+            if self.needs_grad(x):
+                if x.shape[0] >= CPU_SEGMENT_BACKWARD_MIN_ROWS * self.num_experts:
+                    return _SwiGLUSegments.apply(x, *weights, segments(tokens_per_expert))
+            elif self._fused_is_live(weights[0]) and not grouped_mm_qualifies(x, weights[0], False):
+                return self._fused_segments(x, tokens_per_expert)
         return super().run(x, tokens_per_expert, weights)
+
+    def _fused_is_live(self, w1: torch.Tensor) -> bool:
+        """Whether :meth:`fuse_gate_up` ran and ``w1`` (as this call sees it) still views it."""
+        fused = self.fused_gate_up
+        return fused is not None and w1.data_ptr() == fused.data_ptr() and not torch.is_grad_enabled()
+
+    def _fused_segments(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """No-grad loop over segments with one gate/up matmul per expert."""
+        out = x.new_empty(x.shape[0], self.d_out)
+        for e, a, b in segments(tokens_per_expert):
+            gate, up = (x[a:b] @ self.fused_gate_up[e]).chunk(2, dim=-1)  # [n, d] -> 2 x [n, f]
+            torch.mm(F.silu(gate, inplace=True).mul_(up), self.w2[e], out=out[a:b])
+        return out
 
     def grouped(self, w, x, tokens_per_expert):
         gate = grouped_matmul(x, w[0], tokens_per_expert)  # [N, d] -> [N, f]
@@ -259,9 +271,8 @@ class SwiGLUExperts(GroupedExperts):
         return torch.mm(hidden, w2, out=out)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        fused = self.fused_gate_up
-        if fused is not None and not torch.is_grad_enabled() and fused.data_ptr() == self.w1.data_ptr():
-            gate, up = (x @ fused[e]).chunk(2, dim=-1)  # [n, d] -> [n, 2f] -> 2 x [n, f]
+        if self._fused_is_live(self.w1):
+            gate, up = (x @ self.fused_gate_up[e]).chunk(2, dim=-1)  # [n, d] -> [n, 2f] -> 2 x [n, f]
             return (F.silu(gate) * up) @ self.w2[e]
         return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
 
