@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--hf-impls", default="eager,grouped_mm,batched_mm")
     ap.add_argument("--quick", action="store_true", help="32 new tokens, batch 1, grouped_mm only, one round")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=3, help="runs of each engine (median reported)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each engine, round-robin (median reported)")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.batches, args.hf_impls, args.rounds = 32, "1", "grouped_mm", 1
@@ -195,6 +195,7 @@ def main() -> None:
                 runs[name].append(run())
         results = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs), rs[0][2])
                    for name, rs in runs.items()}
+        best_step = {name: min(r[1] for r in rs) for name, rs in runs.items()}
         ref_ids = next(v[2] for k, v in results.items() if k.startswith("transformers"))
         ours_ids = results["moekit float32"][2]
         same = ours_ids == ref_ids
@@ -206,12 +207,13 @@ def main() -> None:
               f"{args.rounds} rounds: moekit float32 greedy tokens equal transformers': {same}"
               + ("" if same else f" (first difference at new token {first_diff})"))
         print(f"{'engine':<26}{'prefill tok/s':>14}{'vs best HF':>11}{'decode tok/s':>14}{'vs best HF':>11}"
-              f"{'of bandwidth':>14}")
+              f"{'of bandwidth':>14}{'fastest round':>15}")
         for name, (prefill, step, _) in results.items():
             p, d = batch * args.prompt_len / prefill, batch / step
             pre, pre_ratio = (("(grouped_mm)", "") if "batched" in name else (f"{p:,.0f}", f"{p / best_hf_prefill:.2f}x"))
             share = f"{d / limit:.0%}" if batch == 1 and "bfloat16" not in name else ""
-            print(f"{name:<26}{pre:>14}{pre_ratio:>11}{d:>14.1f}{d / best_hf_decode:>10.2f}x{share:>14}")
+            print(f"{name:<26}{pre:>14}{pre_ratio:>11}{d:>14.1f}{d / best_hf_decode:>10.2f}x{share:>14}"
+                  f"{batch / best_step[name]:>15.1f}")
     decode_paths(ours["float32"])
 
 if __name__ == "__main__":

@@ -198,6 +198,20 @@ class _Stream:
         sys.stdout.flush()
 
 
+def cmd_inspect(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from moekit.analysis import inspect_model
+
+    if overrides:
+        raise _fail("inspect", ValueError(f"config fields cannot be set here: {sorted(overrides)}"))
+    try:
+        inspect_model(args.checkpoint, data=args.data, out=args.out, text=args.text, max_tokens=args.max_tokens,
+                      seq_len=args.seq_len, batch_size=args.batch_size, jitter=args.jitter,
+                      progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise _fail("inspect", exc) from None
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from moekit.interop import convert
 
@@ -303,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and compute dtype")
     g.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s and peak memory")
     g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="routing statistics, specialisation, plots and an HTML report")
+    i.add_argument("checkpoint", help="a moekit run directory (or step_* folder) or a Hugging Face directory")
+    i.add_argument("--data", metavar="PATH", help="text file or folder (default: the run's corpus); a folder of "
+                   "sub-folders is read as one domain per sub-folder")
+    i.add_argument("--out", metavar="DIR", help="write PNG plots, report.html and inspect.json here")
+    i.add_argument("--text", help="sample text to show token by token (default: the corpus's start)")
+    i.add_argument("--max-tokens", type=int, default=32768, help="tokens of the corpus to route")
+    i.add_argument("--seq-len", type=int, default=256)
+    i.add_argument("--batch-size", type=int, default=8)
+    i.add_argument("--jitter", type=float, default=0.01, help="router-input jitter for the consistency test")
+    i.add_argument("--no-progress", action="store_true")
+    i.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("convert", help="moekit run <-> Hugging Face directory (Mixtral, Qwen2/3-MoE, OLMoE)")
     c.add_argument("src", help="a moekit run directory or a Hugging Face model directory")

@@ -242,7 +242,7 @@ class Trainer:
             loss_sum += float(out.loss.detach())
             aux_sum += float(out.aux_loss.detach())
             loads = [s.tokens_per_expert for s in out.layer_stats if s is not None]
-            self.window.add(loads)
+            self.window.add(loads, [lg for lg in out.router_logits if lg is not None])
             self.health.add(loads)
         train_loss, aux = loss_sum / t.grad_accum, aux_sum / t.grad_accum
         if not math.isfinite(train_loss + aux):
@@ -318,15 +318,23 @@ class _Window:
 
     def __init__(self, n_moe: int, n_experts: int):
         self.loads = [torch.zeros(n_experts, dtype=torch.long) for _ in range(n_moe)]
+        self.entropy = [0.0] * n_moe
+        self.entropy_n = 0
         self.steps = 0
         self.tokens = 0
         self.seconds = 0.0
         self.loss = self.aux = 0.0
         self.last_loss = None
 
-    def add(self, loads: list[torch.Tensor]) -> None:
+    def add(self, loads: list[torch.Tensor], router_logits: list[torch.Tensor] | None = None) -> None:
         for acc, load in zip(self.loads, loads):
             acc += load.cpu()
+        if router_logits:
+            with torch.no_grad():  # mean entropy (nats) of each token's router distribution
+                for i, logits in enumerate(router_logits):
+                    logp = torch.log_softmax(logits.float(), dim=-1)
+                    self.entropy[i] += float(-(logp.exp() * logp).sum(-1).mean())
+            self.entropy_n += 1
 
     def tick(self, tokens: int, seconds: float, loss: float, aux: float) -> None:
         self.steps += 1
@@ -346,6 +354,8 @@ class _Window:
             "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None,
             "max_over_mean": max_over_mean(self.loads) if self.loads else None,
             "tokens_per_expert": [load.tolist() for load in self.loads],
+            "layer_max_over_mean": [max_over_mean([load]) for load in self.loads],
+            "router_entropy": [e / self.entropy_n for e in self.entropy] if self.entropy_n else None,
         }
         if val_loss is not None:
             record["val_loss"] = val_loss
@@ -355,6 +365,8 @@ class _Window:
     def reset(self) -> None:
         for load in self.loads:
             load.zero_()
+        self.entropy = [0.0] * len(self.loads)
+        self.entropy_n = 0
         self.steps = self.tokens = 0
         self.seconds = self.loss = self.aux = 0.0
 
