@@ -131,9 +131,9 @@ def decode_paths(model, rounds: int = 200) -> None:
                 assert torch.allclose(d.dispatch(x, routing, ex)[0], ref, atol=1e-4)
                 assert torch.allclose(gather(x, routing), ref, atol=1e-4)
                 t = interleaved_medians({
-                    "loop": lambda: d._dispatch_few(x, routing, ex, moe.config.num_experts),
-                    "sorted": lambda: d.dispatch(x, routing, ex),
-                    "gather": lambda: gather(x, routing),
+                    "loop": lambda x=x, r=routing: d._dispatch_few(x, r, ex, moe.config.num_experts),
+                    "sorted": lambda x=x, r=routing: d.dispatch(x, r, ex),
+                    "gather": lambda x=x, r=routing: gather(x, r),
                 }, budget_s=2.0, max_rounds=rounds)
             finally:
                 d.SMALL_BATCH_SLOTS = saved

@@ -12,8 +12,18 @@ from moekit.analysis.collect import (
     windows,
 )
 from moekit.analysis.inspect import inspect_model
-from moekit.analysis.labels import CHAR_CLASSES, char_class, domain_corpus, token_class_labels
-from moekit.analysis.stats import LayerAccumulator, LayerStats, mutual_information, verdict
+from moekit.analysis.labels import (
+    CHAR_CLASSES,
+    char_class,
+    domain_corpus,
+    token_class_labels,
+)
+from moekit.analysis.stats import (
+    LayerAccumulator,
+    LayerStats,
+    mutual_information,
+    verdict,
+)
 
 __all__ = [
     "CHAR_CLASSES", "LayerAccumulator", "LayerStats", "char_class", "checkpoint_consistency", "domain_corpus",

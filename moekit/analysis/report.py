@@ -164,11 +164,11 @@ def write_html(path: Path, title: str, summary: dict, stats: list[LayerStats], i
         body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "text-align:right}img{max-width:100%}.balanced{color:#080}.imbalanced{color:#a60}"
-             ".collapsed{color:#c00}</style></head><body>",
+             "text-align:right}img{max-width:100%}")
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{style}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              "<ul>" + "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in summary.items()) + "</ul>",
              "<h2>Routing per layer</h2>", table(COLUMNS, table_rows(stats)),

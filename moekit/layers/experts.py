@@ -238,8 +238,8 @@ class SwiGLUExperts(GroupedExperts):
             if self.needs_grad(x):
                 if x.shape[0] >= CPU_SEGMENT_BACKWARD_MIN_ROWS * self.num_experts:
                     return _SwiGLUSegments.apply(x, *weights, segments(tokens_per_expert))
-            elif self._fused_is_live(weights[0]) and not grouped_mm_qualifies(x, weights[0], False):
-                return self._fused_segments(x, tokens_per_expert)
+            elif self._fused_is_live(weights[0]):
+                return self._fused_run(x, tokens_per_expert)
         return super().run(x, tokens_per_expert, weights)
 
     def _fused_is_live(self, w1: torch.Tensor) -> bool:
@@ -247,8 +247,11 @@ class SwiGLUExperts(GroupedExperts):
         fused = self.fused_gate_up
         return fused is not None and w1.data_ptr() == fused.data_ptr() and not torch.is_grad_enabled()
 
-    def _fused_segments(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """No-grad loop over segments with one gate/up matmul per expert."""
+    def _fused_run(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """No grad, fused weights: one gate/up matmul per expert, grouped or in a loop."""
+        if grouped_mm_qualifies(x, self.fused_gate_up, False):
+            gate, up = grouped_matmul(x, self.fused_gate_up, tokens_per_expert).chunk(2, dim=-1)  # [N, 2f] -> 2 x [N, f]
+            return grouped_matmul(F.silu(gate) * up, self.w2, tokens_per_expert)
         out = x.new_empty(x.shape[0], self.d_out)
         for e, a, b in segments(tokens_per_expert):
             gate, up = (x[a:b] @ self.fused_gate_up[e]).chunk(2, dim=-1)  # [n, d] -> 2 x [n, f]

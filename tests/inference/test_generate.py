@@ -99,12 +99,14 @@ def test_prepare_for_inference_keeps_weights_logits_and_state_dict():
     m = Transformer(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
                                 qkv_bias=True, moe=MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2))).eval()
     tokens = torch.randint(0, 40, (2, 9))
+    many = torch.randint(0, 40, (8, 16))  # enough rows per expert for the segment loop
     with torch.no_grad():
-        before = m(tokens).logits
+        before, before_many = m(tokens).logits, m(many).logits
         state = {k: v.clone() for k, v in m.state_dict().items()}
         params = [id(p) for p in m.parameters()]
         prepare_for_inference(m)
         after = m(tokens).logits
+        assert torch.allclose(before_many, m(many).logits, atol=1e-5)
     assert [id(p) for p in m.parameters()] == params  # same Parameter objects (optimizers keep theirs)
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
     experts, attn = m.blocks[0].ffn.experts, m.blocks[0].attn
