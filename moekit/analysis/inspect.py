@@ -44,7 +44,7 @@ def _corpus(path: Path, loaded, data: str | None, max_tokens: int):
         per = max_tokens // len(streams)
         streams = [s[:per] for s in streams]
         labels = [torch.full_like(s, i) for i, s in enumerate(streams)]
-        return names, torch.cat(streams), torch.cat(labels), f"domains of {data} ({', '.join(names)})"
+        return names, torch.cat(streams), torch.cat(labels), f"domains of {Path(data).name}/ ({', '.join(names)})"
     from moekit.data.corpus import load_text
 
     if data is None and loaded.source == "moekit":

@@ -57,7 +57,10 @@ def print_table(stats: list[LayerStats], title: str = "routing per MoE layer") -
         r = list(r)
         r[1] = f"[{colour[r[1]]}]{r[1]}[/]"
         t.add_row(*r)
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:  # piped or logged: do not squeeze the columns to 80
+        console = Console(width=140)
+    console.print(t)
 
 
 def _plt():
@@ -123,15 +126,23 @@ def plot_matrices(stats: list[LayerStats], key: str, path: Path, title: str) -> 
 
 
 def plot_dynamics(dynamics: dict, path: Path) -> Path:
-    """Max/mean load and load entropy per layer over training steps."""
+    """Max/mean load, load entropy and (when logged) mean router entropy per token, per
+    layer over training steps."""
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    logged = any(e is not None for d in dynamics["layers"].values() for e in d["router_entropy"])
+    fig, axes = plt.subplots(1, 3 if logged else 2, figsize=(14 if logged else 10, 3.5))
+    a, b = axes[0], axes[1]
     for i, d in dynamics["layers"].items():
         a.plot(dynamics["steps"], d["max_over_mean"], label=f"layer {i}")
         b.plot(dynamics["steps"], d["load_entropy"], label=f"layer {i}")
+        if logged:
+            points = [(s, e) for s, e in zip(dynamics["steps"], d["router_entropy"]) if e is not None]
+            axes[2].plot([p[0] for p in points], [p[1] for p in points], label=f"layer {i}")
     a.set_title("busiest expert / mean load")
     b.set_title("entropy of the load (nats)")
-    for ax in (a, b):
+    if logged:
+        axes[2].set_title("router entropy per token (nats)")
+    for ax in axes:
         ax.set_xlabel("step")
     a.legend(fontsize=7)
     return _save(fig, path)
