@@ -6,6 +6,8 @@ Shapes: ``T`` tokens, ``E`` experts, ``k`` slots per token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -24,6 +26,7 @@ def load_balancing_loss(
     num_experts: int,
     padding_mask: torch.Tensor | None = None,
     slot_mask: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Switch/GShard load-balancing loss, ``E * sum_e f_e * P_e``.
 
@@ -37,6 +40,9 @@ def load_balancing_loss(
         indices: ``[T, k]`` chosen experts.
         padding_mask: ``[T]`` (or any shape with T entries), 1/True for real tokens.
         slot_mask: ``[T, k]`` bool, slots that exist (expert choice).
+        reduce: applied to the per-expert sums and the token count before they become
+            means (expert parallelism passes an all-reduce, so ``f`` and ``P`` are means
+            over the global batch).
     """
     T = probs.shape[0]
     m = _token_mask(padding_mask, T, probs.device)
@@ -51,17 +57,28 @@ def load_balancing_loss(
         probs_sum = probs.sum(0)
         n = torch.tensor(float(max(T, 1)), device=probs.device)
     counts = torch.zeros(num_experts, device=probs.device).scatter_add_(0, indices.reshape(-1), slot_w.reshape(-1))
+    if reduce is not None:
+        counts, probs_sum, n = reduce(torch.cat([counts, probs_sum, n.reshape(1)])).split([num_experts, num_experts, 1])
+        n = n[0]
     return num_experts * torch.sum((counts / n) * (probs_sum / n))
 
 
-def z_loss(logits: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+def z_loss(
+    logits: torch.Tensor,
+    padding_mask: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """ST-MoE router z-loss (Zoph et al. 2022): mean over tokens of ``logsumexp(logits)^2``.
-    Keeps router logits small, which keeps the float32 softmax well conditioned."""
+    Keeps router logits small, which keeps the float32 softmax well conditioned.
+    ``reduce`` (an all-reduce under expert parallelism) makes it the global batch's mean."""
     z = torch.logsumexp(logits.float(), dim=-1) ** 2  # [T]
     m = _token_mask(padding_mask, logits.shape[0], logits.device)
-    if m is None:
-        return z.mean()
-    return (z * m).sum() / m.sum().clamp_min(1.0)
+    if reduce is None:
+        return z.mean() if m is None else (z * m).sum() / m.sum().clamp_min(1.0)
+    total = (z.sum() if m is None else (z * m).sum()).reshape(1)
+    count = z.new_tensor([float(z.shape[0])]) if m is None else m.sum().reshape(1).to(z.dtype)
+    total, count = reduce(torch.cat([total, count])).unbind(0)
+    return total / count.clamp_min(1.0)
 
 
 def sequence_balance_loss(

@@ -97,6 +97,10 @@ class MoE(nn.Module):
         self.experts = experts if experts is not None else build_experts(config)
         self.shared_experts = SharedExperts(config) if config.num_shared_experts > 0 else None
         self.d_out = getattr(self.experts, "d_out", config.d_model)
+        # Expert parallelism (moekit.distributed) swaps these in: a dispatch that exchanges
+        # tokens between processes, and a reduction making the losses' sums global.
+        self.dispatcher = None
+        self.reduce = None
         if self.shared_experts is not None and self.d_out != config.d_model:
             raise ValueError(
                 f"shared experts output d_model ({config.d_model}) but the routed experts output {self.d_out}"
@@ -163,7 +167,7 @@ class MoE(nn.Module):
         capacity = None
         if cfg.capacity_factor is not None and self.router.token_choice:
             capacity = expert_capacity(flat.shape[0], cfg.top_k, cfg.num_experts, cfg.capacity_factor)
-        run = reference_dispatch if cfg.implementation == "reference" else dispatch
+        run = self.dispatcher or (reference_dispatch if cfg.implementation == "reference" else dispatch)
         out, plan, y_sorted = run(flat, routing, self.experts, capacity)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -195,10 +199,10 @@ class MoE(nn.Module):
         E = cfg.num_experts
         if cfg.aux_loss_coef > 0:
             aux = aux + cfg.aux_loss_coef * load_balancing_loss(
-                routing.probs, routing.indices, E, padding_mask, routing.mask
+                routing.probs, routing.indices, E, padding_mask, routing.mask, self.reduce
             )
         if cfg.z_loss_coef > 0:
-            aux = aux + cfg.z_loss_coef * z_loss(routing.logits, padding_mask)
+            aux = aux + cfg.z_loss_coef * z_loss(routing.logits, padding_mask, self.reduce)
         if cfg.seq_aux_loss_coef > 0 and self.router.token_choice:
             S = lead[-1] if len(lead) > 1 else routing.probs.shape[0]
             B = routing.probs.shape[0] // S

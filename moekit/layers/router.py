@@ -192,6 +192,7 @@ class SigmoidBiasRouter(Router):
         self.topk_groups = config.topk_groups
         self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         self.register_buffer("load_accum", torch.zeros(config.num_experts), persistent=False)
+        self.load_reduce = None
 
     def route(self, logits: torch.Tensor) -> RouterOutput:
         scores = torch.sigmoid(logits)  # [T, E]
@@ -222,9 +223,11 @@ class SigmoidBiasRouter(Router):
     def update_bias(self) -> None:
         """Apply one aux-loss-free update from the loads accumulated since the last call."""
         load = self.load_accum
+        if self.load_reduce is not None:  # expert parallelism: the global batch's load
+            load = self.load_reduce(load)
         if load.sum() > 0:
             self.expert_bias += self.rate * torch.sign(load.mean() - load)
-        load.zero_()
+        self.load_accum.zero_()
 
 
 @register_router("expert_choice")
