@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import tomllib
 import typing
@@ -20,10 +21,10 @@ from moekit.config import MoEConfig, RunConfig, apply_overrides, parse_value
 
 # A Mixtral 8x7B layer: the shape people compare against.
 MIXTRAL_LAYER = {"d_model": 4096, "d_ff": 14336, "num_experts": 8, "top_k": 2}
-SECTIONS = ("model", "data", "train", "moe")
+SECTIONS = ("model", "data", "train", "moe", "parallel")
 # What may change when resuming: how long and how often, not what is trained.
 RESUMABLE = {"train.max_steps", "train.time_budget", "train.eval_every", "train.log_every",
-             "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.device"}
+             "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.device", "parallel.ep"}
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -139,8 +140,9 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         return 1
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise _fail("train", exc) from None
-    print(f"summary: {out / 'summary.json'}  (val loss {summary['val_loss']:.4f})")
-    print(f'generate: moekit generate --model {out} --prompt "def "')
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process reports
+        print(f"summary: {out / 'summary.json'}  (val loss {summary['val_loss']:.4f})")
+        print(f'generate: moekit generate --model {out} --prompt "def "')
     return 0
 
 

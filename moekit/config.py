@@ -389,12 +389,25 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run launched with ``torchrun`` spreads over its processes."""
+
+    ep: int = 1
+    """Expert-parallel degree: each process holds ``num_experts / ep`` experts; the world
+    size divided by ``ep`` is the data-parallel degree (experts replicated that many times)."""
+
+    def __post_init__(self) -> None:
+        _positive("ep", self.ep)
+
+
+@dataclass
 class RunConfig:
     """Everything ``moekit train`` needs; saved as ``config.json`` beside the weights."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
@@ -412,10 +425,11 @@ class RunConfig:
             model=ModelConfig.from_dict(data.get("model", {})),
             data=DataConfig(**_known_fields(DataConfig, data.get("data", {}), "data")),
             train=TrainConfig(**_known_fields(TrainConfig, data.get("train", {}), "train")),
+            parallel=ParallelConfig(**_known_fields(ParallelConfig, data.get("parallel", {}), "parallel")),
         )
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
 
 
 def parse_value(text: str, hint: Any, name: str) -> Any:

@@ -64,8 +64,12 @@ def load_config(run_dir: str | Path) -> RunConfig:
 def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors, contiguous, with tied weights stored once (safetensors refuses
     shared storage)."""
+    return _dedup(model.state_dict())
+
+
+def _dedup(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out, seen = {}, set()
-    for name, t in model.state_dict().items():
+    for name, t in weights.items():
         if t.data_ptr() in seen and t.numel():
             continue
         seen.add(t.data_ptr())
@@ -73,15 +77,18 @@ def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` of ``model`` and the training ``state``; keep the newest ``keep``."""
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint ``step`` of ``model`` (or of the given full ``weights``, e.g. gathered
+    from expert-parallel processes) and the training ``state``; keep the newest ``keep``."""
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
     final = run_dir / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        save_file(state_dict_for_save(model), str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
+        tensors = state_dict_for_save(model) if weights is None else _dedup(weights)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
         torch.save(state, tmp / STATE_FILE)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

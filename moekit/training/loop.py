@@ -30,6 +30,7 @@ from moekit.data import (
     train_batch,
 )
 from moekit.data.tokenizer import token_dtype
+from moekit.distributed.training import launched_distributed
 from moekit.layers.moe import update_router_biases
 from moekit.models import Transformer, model_param_groups
 from moekit.training import checkpoint as ckpt
@@ -87,17 +88,54 @@ def prepare_data(config: RunConfig, out_dir: Path, resume: bool, log: Callable[[
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, splits: TokenSplits, config: RunConfig, device: torch.device, autocast) -> float:
-    """Mean cross-entropy over the fixed validation windows."""
+def evaluate(model: Transformer, splits: TokenSplits, config: RunConfig, device: torch.device, autocast,
+             rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Mean cross-entropy over the fixed validation windows (``rows`` picks this process's
+    rows of each window batch in a multi-process run)."""
     t = config.train
     was_training = model.training
     model.eval()
     losses = []
     for x, y in eval_batches(splits.val, t.eval_batches, t.batch_size, t.seq_len):
+        if rows is not None:
+            x, y = rows(x), rows(y)
         with autocast():
             losses.append(float(model(x.to(device), y.to(device)).loss))
     model.train(was_training)
     return sum(losses) / len(losses)
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """``{parameter name: {state key: tensor}}``: independent of parameter order and, with
+    experts gathered (see ``moekit.distributed``), of the process layout."""
+    return {name: dict(optimizer.state.get(p, {})) for name, p in model.named_parameters()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, saved: dict,
+                         slicer: Callable | None = None) -> None:
+    """Restore :func:`named_optimizer_state` (``slicer(name, model, tensor)`` cuts a full
+    expert tensor to this process's shard); an older index-based state dict loads as is."""
+    if "named" not in saved:
+        optimizer.load_state_dict(saved)
+        return
+    named = saved["named"]
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(named))
+    if missing:
+        raise ValueError(f"the checkpoint's optimizer state lacks {missing[:5]}: it belongs to another model")
+    for name, p in params.items():
+        entry = {}
+        for key, value in named[name].items():
+            if torch.is_tensor(value):
+                value = (slicer(name, model, value) if slicer is not None else value).clone()
+                value = value.to(p.device) if value.dim() > 0 or key != "step" else value
+            entry[key] = value
+        if entry:
+            optimizer.state[p] = entry
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -160,9 +198,21 @@ class Trainer:
         self.wall0 = time.perf_counter()
         self.out_dir = out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.log = log
         t = config.train
         self.device = device = resolve_device(t.device)
+        self.dist = None
+        if launched_distributed():
+            from moekit.distributed.training import DistributedRun
+
+            self.dist = DistributedRun(config.to_dict(), config.parallel.ep, device)
+            if t.batch_size % self.dist.world:
+                raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes "
+                                 f"({self.dist.world})")
+            if not self.dist.main:  # one rank speaks and writes
+                log = _silent
+                t = config.train = replace(t, progress=False)
+        self.main = self.dist is None or self.dist.main
+        self.log = log
         torch.manual_seed(t.seed)
 
         self.tokenizer, self.splits = prepare_data(config, out_dir, resume, log)
@@ -170,24 +220,31 @@ class Trainer:
             config = replace(config, model=replace(config.model, vocab_size=self.tokenizer.vocab_size))
         self.config, self.t = config, t
         self.model = Transformer(config.model).to(device)
-        self.optimizer = build_optimizer(self.model, t)
         self.counts = self.model.num_params()
 
         self.step_count, self.tokens_seen, self.train_s = 0, 0, 0.0
         self.metrics_path = out_dir / METRICS_FILE
+        state = None
         if resume:
             where = ckpt.latest_checkpoint(out_dir)
-            ckpt.load_weights(self.model, where)
+            ckpt.load_weights(self.model, where)  # the full model: checkpoints hold every expert
             state = ckpt.load_state(where)
-            self.optimizer.load_state_dict(state["optimizer"])
+        if self.dist is not None:
+            self.dist.shard(self.model)
+        self.optimizer = build_optimizer(self.model, t)
+        if state is not None:
+            load_optimizer_state(self.optimizer, self.model, state["optimizer"],
+                                 None if self.dist is None else self.dist.expert_slice)
             self.step_count, self.tokens_seen, self.train_s = state["step"], state["tokens_seen"], state["train_seconds"]
             _set_rng_state(state["rng"], device)
-            _trim_metrics(self.metrics_path, self.step_count)
+            if self.main:
+                _trim_metrics(self.metrics_path, self.step_count)
             log(f"resumed from {where} at step {self.step_count}")
-        else:
+        elif self.main:
             self.metrics_path.unlink(missing_ok=True)
-        ckpt.save_config(out_dir, config)
-        self.tokenizer.save(out_dir)
+        if self.main:
+            ckpt.save_config(out_dir, config)
+            self.tokenizer.save(out_dir)
         log(f"model: {'dense' if config.model.dense else 'MoE'} {self.counts.total / 1e6:.2f}M parameters, "
             f"{self.counts.active / 1e6:.2f}M active per token; device {device}")
 
@@ -196,6 +253,7 @@ class Trainer:
         if self.step_count == 0 and not resume:
             self.save(0)  # so a NaN at the very start still leaves a checkpoint to return to
         self.bar = _progress(t.max_steps, self.step_count, t.progress)
+        self.say = self.bar.write if self.main else _silent
         n_moe, n_experts = len(self.moe_layers), config.model.moe.num_experts
         self.window = _Window(n_moe, n_experts)  # since the last metrics line
         self.health = _Window(n_moe, n_experts)  # since the last evaluation
@@ -218,12 +276,26 @@ class Trainer:
         return "max_steps" if self.step_count >= self.t.max_steps else "time_budget"
 
     def save(self, at_step: int) -> Path:
+        """A checkpoint of the full model and optimizer (every expert, whatever the layout),
+        written by the main process."""
+        if self.dist is None:
+            weights, optim = None, named_optimizer_state(self.optimizer, self.model)
+        else:  # collectives: every rank takes part
+            weights = self.dist.full_state(self.model)
+            optim = self.dist.full_optimizer_state(self.optimizer, self.model)
         state = {"step": at_step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_s,
-                 "optimizer": self.optimizer.state_dict(), "rng": _rng_state(self.device)}
-        return ckpt.save_checkpoint(self.out_dir, at_step, self.model, state, self.t.keep_checkpoints)
+                 "optimizer": {"named": optim}, "rng": _rng_state(self.device)}
+        path = self.out_dir / f"step_{at_step:07d}"
+        if self.main:
+            path = ckpt.save_checkpoint(self.out_dir, at_step, self.model, state, self.t.keep_checkpoints, weights)
+        if self.dist is not None:
+            self.dist.barrier()
+        return path
 
     def evaluate(self) -> float:
-        return evaluate(self.model, self.splits, self.config, self.device, self.autocast)
+        loss = evaluate(self.model, self.splits, self.config, self.device, self.autocast,
+                        None if self.dist is None else self.dist.rows)
+        return loss if self.dist is None else self.dist.mean(loss)
 
     def step(self) -> None:
         """One optimizer step, then any logging, evaluation and checkpoint due."""
@@ -236,6 +308,8 @@ class Trainer:
         loss_sum = aux_sum = 0.0
         for micro in range(t.grad_accum):
             x, y = train_batch(self.splits.train, t.batch_size, t.seq_len, t.seed, step, micro)
+            if self.dist is not None:  # this rank's rows of the global batch
+                x, y = self.dist.rows(x), self.dist.rows(y)
             with self.autocast():
                 out = self.step_fn(x.to(self.device), y.to(self.device))
             ((out.loss + out.aux_loss) / t.grad_accum).backward()
@@ -245,9 +319,16 @@ class Trainer:
             self.window.add(loads, [lg for lg in out.router_logits if lg is not None])
             self.health.add(loads)
         train_loss, aux = loss_sum / t.grad_accum, aux_sum / t.grad_accum
+        if self.dist is not None:
+            train_loss = self.dist.mean(train_loss)
         if not math.isfinite(train_loss + aux):
             raise TrainingDiverged(_diverged_message("loss", train_loss + aux, step, self.out_dir))
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        if self.dist is None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        else:
+            self.dist.reduce_gradients(self.model)
+            norm = self.dist.clip_grad_norm(self.model, max_norm)
         if not torch.isfinite(norm):
             raise TrainingDiverged(_diverged_message("gradient norm", float(norm), step, self.out_dir))
         self.optimizer.step()
@@ -266,15 +347,16 @@ class Trainer:
         if step % t.eval_every == 0 and not last:
             evaluated = self.evaluate()
             if step > t.warmup_steps:
-                _warn_health(self.health, self.moe_layers, self.warned, self.bar.write)
+                _warn_health(self.health, self.moe_layers, self.warned, self.say)
             self.health.reset()
         if (step % t.log_every == 0 or evaluated is not None) and not last:
             record = self.window.flush(step, lr, evaluated)
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            if self.main:
+                with open(self.metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
             self.bar.set_postfix_str(_postfix(record))
             if evaluated is not None:
-                self.bar.write(f"step {step}: train loss {record['train_loss']:.4f}, val loss {evaluated:.4f}")
+                self.say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {evaluated:.4f}")
         self.bar.update(1)
         if step % t.checkpoint_every == 0 and not last:
             self.save(step)
@@ -291,8 +373,9 @@ class Trainer:
         record = {"step": step, "val_loss": val_loss}
         if self.window.steps:
             record = self.window.flush(step, lr_at(t, max(step - 1, 0), self.train_s), val_loss)
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.main:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
         last = self.save(step)
         summary = {
             "val_loss": val_loss,
@@ -308,7 +391,10 @@ class Trainer:
             "stopped": self.stopped,
             "checkpoint": str(last),
         }
-        ckpt.atomic_write_bytes(self.out_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+        if self.dist is not None:
+            summary["processes"], summary["parallel_ep"] = self.dist.world, self.dist.layout.ep
+        if self.main:
+            ckpt.atomic_write_bytes(self.out_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
         self.log(f"done: {step} steps, val loss {val_loss:.4f}, {summary['tokens_per_s']} tokens/s; checkpoint {last}")
         return summary
 
