@@ -9,17 +9,39 @@ sums and the load statistics are all-reduced, so balancing sees the global batch
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moekit.distributed.layout import ParallelLayout
-from moekit.layers.dispatch import DispatchPlan, capacity_keep, expert_capacity, plan_dispatch
+from moekit.layers.dispatch import (
+    DispatchPlan,
+    capacity_keep,
+    expert_capacity,
+    plan_dispatch,
+)
 from moekit.layers.experts import GroupedExperts, ModuleExperts
 from moekit.layers.moe import MoE
 from moekit.layers.router import RouterOutput
 
 EXPERT_FLAG = "_moekit_expert_shard"
+
+EXCHANGE = {"seconds": 0.0, "bytes_sent": 0, "calls": 0}
+"""Running totals of this process's token exchanges (forward and backward): wall time
+inside ``all_to_all_single`` and bytes sent to *other* ranks. Reset by the caller; read by
+``benchmarks/expert_parallel.py``."""
+
+
+def _exchange(out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> None:
+    start = time.perf_counter()
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    EXCHANGE["seconds"] += time.perf_counter() - start
+    me = dist.get_rank(group)
+    row = x[0].numel() * x.element_size() if x.shape[0] else 0
+    EXCHANGE["bytes_sent"] += row * (sum(in_splits) - in_splits[me])
+    EXCHANGE["calls"] += 1
 
 
 class _AllToAll(torch.autograd.Function):
@@ -29,14 +51,14 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x, out_splits, in_splits, group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        _exchange(out, x.contiguous(), out_splits, in_splits, group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
         gx = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(gx, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        _exchange(gx, grad.contiguous(), in_splits, out_splits, ctx.group)
         return gx, None, None, None
 
 
@@ -185,14 +207,15 @@ def _sum_over_world(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def reduce_gradients(model: nn.Module, layout: ParallelLayout) -> None:
+def reduce_gradients(model: nn.Module, layout: ParallelLayout, experts_only: bool = False) -> None:
     """After ``backward``: average replicated parameters' gradients over the world, and sum
     each expert shard's gradients over its replica group divided by the world size (the
     expert already summed the contributions of its expert group's ranks), so every
-    gradient equals one process's on the global batch with a mean loss."""
+    gradient equals one process's on the global batch with a mean loss.
+    ``experts_only``: the replicated ones were averaged already (by DDP)."""
     world = layout.world
     for p in model.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or (experts_only and not getattr(p, EXPERT_FLAG, False)):
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # an expert that got no token: every rank must still reduce

@@ -12,8 +12,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.distributed.ep import EXPERT_FLAG, gather_experts_state, reduce_gradients, shard_experts
+from moekit.distributed.ep import (
+    EXPERT_FLAG,
+    gather_experts_state,
+    reduce_gradients,
+    shard_experts,
+)
 from moekit.distributed.layout import ParallelLayout, check_same_config, init_layout
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def launched_distributed() -> bool:
@@ -48,8 +57,23 @@ class DistributedRun:
         dist.all_reduce(t)
         return float(t) / self.world
 
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``DistributedDataParallel`` over the replicated parameters (it averages their
+        gradients during backward); the expert shards are left to :meth:`reduce_gradients`,
+        since their replicas live only in their replica group."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        experts = [n for n, p in model.named_parameters() if getattr(p, EXPERT_FLAG, False)]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
+        device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+        try:  # buffers (RoPE tables, router biases) are computed alike on every rank: no sync per forward
+            return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+        except TypeError:  # torch before forward_sync_buffers
+            return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
     def reduce_gradients(self, model: nn.Module) -> None:
-        reduce_gradients(model, self.layout)
+        """The expert shards' gradients (DDP has averaged the rest)."""
+        reduce_gradients(model, self.layout, experts_only=True)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip to the global gradient norm: replicated gradients counted once, each expert

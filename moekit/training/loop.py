@@ -249,6 +249,8 @@ class Trainer:
             f"{self.counts.active / 1e6:.2f}M active per token; device {device}")
 
         self.step_fn = torch.compile(self.model) if t.compile else self.model
+        if self.dist is not None:
+            self.step_fn = self.dist.wrap(self.step_fn)
         self.moe_layers = [i for i in range(config.model.n_layers) if config.model.is_moe_layer(i)]
         if self.step_count == 0 and not resume:
             self.save(0)  # so a NaN at the very start still leaves a checkpoint to return to
