@@ -86,7 +86,7 @@ def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
 
 def _all_gather_rows(x: torch.Tensor, group) -> list[torch.Tensor]:
     """Every rank's ``x`` (rows may differ in number) from ``group``, in rank order."""
-    n = torch.tensor([x.shape[0]], dtype=torch.long)
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
     sizes = [torch.empty_like(n) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, n, group=group)
     most = int(max(s.item() for s in sizes))
@@ -129,7 +129,7 @@ class ExpertParallelDispatch:
         this rank's sorted order). ``capacity`` (computed by the layer from the local batch)
         is ignored: capacity is decided over the expert group's batch."""
         lay, group = self.layout, self.layout.ep_group
-        mask, dropped = routing.mask, torch.zeros((), dtype=torch.long)
+        mask, dropped = routing.mask, torch.zeros((), dtype=torch.long, device=x.device)
         if self.capacity_factor is not None and capacity is not None:
             mask, dropped = self._capacity_mask(routing)
         plan = plan_dispatch(routing.indices, routing.weights, self.E, None, mask)

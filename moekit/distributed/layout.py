@@ -70,11 +70,19 @@ def init_layout(ep: int) -> ParallelLayout:
     return ParallelLayout(world, rank, ep, ep_group, replica_group)
 
 
+def comm_device(group=None) -> torch.device:
+    """Where small bookkeeping tensors for collectives live: the current GPU under NCCL
+    (which takes CUDA tensors only), else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def check_same_config(config: dict, what: str = "config") -> None:
     """Raise ValueError on every rank unless all ranks hold the same ``config`` (compared by
     a hash of its JSON), naming the ranks that differ from rank 0."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).digest()[:8]
-    mine = torch.tensor(list(digest), dtype=torch.int64)
+    mine = torch.tensor(list(digest), dtype=torch.int64, device=comm_device())
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     differ = [r for r, h in enumerate(every) if not torch.equal(h, every[0])]

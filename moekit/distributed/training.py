@@ -18,7 +18,7 @@ from moekit.distributed.ep import (
     reduce_gradients,
     shard_experts,
 )
-from moekit.distributed.layout import ParallelLayout, check_same_config, init_layout
+from moekit.distributed.layout import ParallelLayout, check_same_config, comm_device, init_layout
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -34,6 +34,8 @@ class DistributedRun:
     """This rank's part of a multi-process run (see the module docstring)."""
 
     def __init__(self, config_dict: dict, ep: int, device: torch.device):
+        if device.type == "cuda":  # one GPU per process: torchrun's LOCAL_RANK
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(minutes=10))
@@ -53,7 +55,7 @@ class DistributedRun:
         return x[self.rank * n : (self.rank + 1) * n]
 
     def mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=comm_device())
         dist.all_reduce(t)
         return float(t) / self.world
 
@@ -81,9 +83,10 @@ class DistributedRun:
         params = [p for p in model.parameters() if p.grad is not None]
         shared = sum((p.grad.double() ** 2).sum() for p in params if not getattr(p, EXPERT_FLAG, False))
         experts = sum((p.grad.double() ** 2).sum() for p in params if getattr(p, EXPERT_FLAG, False))
-        experts = torch.as_tensor(experts, dtype=torch.float64).clone()
+        device = params[0].device if params else comm_device()
+        experts = torch.as_tensor(experts, dtype=torch.float64, device=device).clone()
         dist.all_reduce(experts, group=self.layout.ep_group)
-        norm = torch.sqrt(torch.as_tensor(shared, dtype=torch.float64) + experts)
+        norm = torch.sqrt(torch.as_tensor(shared, dtype=torch.float64, device=device) + experts)
         if max_norm < float("inf") and norm > max_norm:
             for p in params:
                 p.grad.mul_(max_norm / (float(norm) + 1e-6))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -204,6 +205,8 @@ class Trainer:
         if launched_distributed():
             from moekit.distributed.training import DistributedRun
 
+            if device.type == "cuda":
+                self.device = device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             self.dist = DistributedRun(config.to_dict(), config.parallel.ep, device)
             if t.batch_size % self.dist.world:
                 raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes "
@@ -460,11 +463,14 @@ class _Window:
 
 
 def _warn_health(health: _Window, layers: list[int], warned: set, write: Callable[[str], None]) -> None:
-    """Print each new starving-expert or collapsing-layer warning once per run."""
-    for key, message in health_warnings(health.loads, layers):
+    """Print a starving-expert or collapsing-layer warning once per occurrence: when it
+    starts, not again while it lasts, and again if it comes back after recovering."""
+    current = dict(health_warnings(health.loads, layers))
+    for key, message in current.items():
         if key not in warned:
-            warned.add(key)
             write(f"warning: {message}")
+    warned.intersection_update(current)
+    warned.update(current)
 
 
 def _postfix(record: dict[str, Any]) -> str:

@@ -112,7 +112,8 @@ ROUTERS = [{"router": "topk"}, {"router": "switch", "top_k": 1}, {"router": "sig
 @pytest.mark.parametrize("world, ep, config_kw", [(2, 2, kw) for kw in ROUTERS] + [(4, 4, kw) for kw in ROUTERS]
                          # ep 2 x dp 2 (capacity is decided per expert group, so one process on the
                          # world's batch is its reference only without a capacity)
-                         + [(4, 2, kw) for kw in ROUTERS if "capacity_factor" not in kw])
+                         + [(4, 2, kw) for kw in ROUTERS if "capacity_factor" not in kw]
+                         + [(4, 1, {"router": "topk"})])  # data-parallel 4, experts replicated
 def test_expert_parallel_layer_equals_one_process(world, ep, config_kw):
     run_ranks(world, _layer_case, ep, config_kw, 6, False)
 

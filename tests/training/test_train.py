@@ -250,3 +250,14 @@ def test_compiled_training_matches_eager(tmp_path):
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=2e-3)
     assert [r.get("train_loss") for r in metrics(tmp_path / "compiled")] == pytest.approx(
         [r.get("train_loss") for r in metrics(tmp_path / "eager")], abs=2e-3)
+
+
+def test_health_warnings_come_once_per_occurrence():
+    window = loop._Window(1, 4)
+    warned, said = set(), []
+    starving, balanced = torch.tensor([200, 195, 3, 202]), torch.tensor([100, 98, 103, 99])
+    for load in (starving, starving, balanced, starving):  # starts, lasts, recovers, comes back
+        window.reset()
+        window.add([load])
+        loop._warn_health(window, [0], warned, said.append)
+    assert len(said) == 2 and all("layer 0 expert 2 is starving" in s for s in said)
