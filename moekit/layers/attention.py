@@ -120,7 +120,9 @@ class Attention(nn.Module):
         past = 0
         if kv_cache is not None:
             past = kv_cache.length
-            k, v = kv_cache.update(layer, k, v)  # [B, Hkv, past+S, hd]
+            cached_k, cached_v = kv_cache.update(layer, k, v)  # [B, Hkv, past+S, hd]
+            if past:  # (a prefill attends to its own k, v: the same values, without the cache's strides)
+                k, v = cached_k, cached_v
         gqa = self.n_heads != self.n_kv_heads
         mask = self._mask(past, S, key_mask, x.device)
         if mask is None and past == 0:
