@@ -81,3 +81,25 @@ def test_resume_two_process_checkpoint_in_one_process_and_back(one_process, tmp_
     rewind(one, 4)
     run_ranks(2, _train_rank, one, 2, True)  # 1 process -> 2
     assert losses(one)[0] == pytest.approx(losses(one_process)[0], rel=2e-4)
+
+
+def test_torchrun_launches_moekit_train(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.distributed.test_expert_parallel import _free_port
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "moekit", "train", "--preset", "tiny", "--parallel.ep", "2", "--out", str(out),
+           "--max-steps", "3", "--no-progress", "--data.max_chars", "40000"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("summary:") == 1  # one process reports
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["processes"] == 2 and summary["parallel_ep"] == 2
+    cmd[6] = str(_free_port())
+    bad = subprocess.run([*cmd[:7], "-m", "moekit", "train", "--preset", "tiny", "--parallel.ep", "3",
+                          "--out", str(tmp_path / "bad"), "--max-steps", "1", "--no-progress"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode != 0 and "parallel.ep must divide the world size 2" in bad.stderr
