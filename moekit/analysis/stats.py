@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moekit.training.health import (
+    STARVING_SHARE,  # one threshold for training warnings and verdicts
+)
+
 BALANCED_MAX_OVER_MEAN = 1.5
 """A layer is *balanced* when its busiest expert carries at most this multiple of the mean
 load and no expert starves."""
-STARVING_SHARE = 0.1
-"""An expert *starves* below this fraction of the mean load."""
 COLLAPSED_SHARE_OF_MAX = 0.75
 """A layer is *collapsed* when its busiest expert carries at least this fraction of the
 largest possible load (``E / k`` times the mean: every token picks it), or when more than

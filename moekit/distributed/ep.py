@@ -197,14 +197,8 @@ def shard_experts(model: nn.Module, layout: ParallelLayout) -> nn.Module:
         m.dispatcher = ExpertParallelDispatch(layout, cfg.num_experts, cfg.capacity_factor)
         m.reduce = all_reduce_sum
         if hasattr(m.router, "load_reduce"):
-            m.router.load_reduce = _sum_over_world
+            m.router.load_reduce = all_reduce_sum
     return model
-
-
-def _sum_over_world(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    dist.all_reduce(t)
-    return t
 
 
 def reduce_gradients(model: nn.Module, layout: ParallelLayout, experts_only: bool = False) -> None:
@@ -226,12 +220,16 @@ def reduce_gradients(model: nn.Module, layout: ParallelLayout, experts_only: boo
 def gather_experts_state(model: nn.Module, layout: ParallelLayout) -> dict[str, torch.Tensor]:
     """The full single-process state dict (every expert), assembled on every rank from the
     expert group's shards: what a checkpoint stores, whatever the layout."""
+    params = dict(model.named_parameters())
     state = {}
     for name, t in model.state_dict().items():
-        param = dict(model.named_parameters()).get(name)
-        if param is not None and getattr(param, EXPERT_FLAG, False):
-            parts = [torch.empty_like(t) for _ in range(layout.ep)]
-            dist.all_gather(parts, t.contiguous(), group=layout.ep_group)
-            t = torch.cat(parts)
-        state[name] = t
+        param = params.get(name)
+        state[name] = gather_shards(t, layout) if param is not None and getattr(param, EXPERT_FLAG, False) else t
     return state
+
+
+def gather_shards(t: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """The full-size tensor (all experts) from each expert-group rank's shard ``t``."""
+    parts = [torch.empty_like(t) for _ in range(layout.ep)]
+    dist.all_gather(parts, t.contiguous(), group=layout.ep_group)
+    return torch.cat(parts)

@@ -15,10 +15,16 @@ from torch import nn
 from moekit.distributed.ep import (
     EXPERT_FLAG,
     gather_experts_state,
+    gather_shards,
     reduce_gradients,
     shard_experts,
 )
-from moekit.distributed.layout import ParallelLayout, check_same_config, comm_device, init_layout
+from moekit.distributed.layout import (
+    ParallelLayout,
+    check_same_config,
+    comm_device,
+    init_layout,
+)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -103,16 +109,14 @@ class DistributedRun:
             entry = {}
             for key, value in state.items():
                 if getattr(p, EXPERT_FLAG, False) and torch.is_tensor(value) and value.dim() > 0:
-                    parts = [torch.empty_like(value) for _ in range(self.layout.ep)]
-                    dist.all_gather(parts, value.contiguous(), group=self.layout.ep_group)
-                    value = torch.cat(parts)
+                    value = gather_shards(value, self.layout)
                 entry[key] = value
             out[name] = entry
         return out
 
-    def expert_slice(self, name: str, model: nn.Module, full: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of a full-size expert tensor (others unchanged)."""
-        p = dict(model.named_parameters())[name]
+    def expert_slice(self, p: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a full-size tensor of expert parameter ``p`` (a tensor of any
+        other parameter unchanged)."""
         if not getattr(p, EXPERT_FLAG, False) or full.dim() == 0:
             return full
         n = p.shape[0]

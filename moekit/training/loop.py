@@ -118,7 +118,7 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, saved: dict,
                          slicer: Callable | None = None) -> None:
-    """Restore :func:`named_optimizer_state` (``slicer(name, model, tensor)`` cuts a full
+    """Restore :func:`named_optimizer_state` (``slicer(parameter, tensor)`` cuts a full
     expert tensor to this process's shard); an older index-based state dict loads as is."""
     if "named" not in saved:
         optimizer.load_state_dict(saved)
@@ -132,7 +132,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
         entry = {}
         for key, value in named[name].items():
             if torch.is_tensor(value):
-                value = (slicer(name, model, value) if slicer is not None else value).clone()
+                value = (slicer(p, value) if slicer is not None else value).clone()
                 value = value.to(p.device) if value.dim() > 0 or key != "step" else value
             entry[key] = value
         if entry:
