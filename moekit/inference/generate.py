@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.inference.decode import Decoder
 from moekit.inference.kv_cache import KVCache
 from moekit.inference.sampling import sample_next
 
@@ -149,6 +150,7 @@ def generate_batch(
                        last_only=True).logits[:, -1]
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
+        decoder = Decoder(model, cache)
         history = tokens  # equal-length prompts only: the context to restart from
         pos = positions[:, -1:] if padded else None
         for i in range(max_new_tokens):
@@ -166,10 +168,11 @@ def generate_batch(
             if cache.length >= cache.max_len:  # full (equal-length prompts only): keep the recent half
                 cache = KVCache.for_model(model, B, max_len)
                 logits = model(history[:, -(max_len // 2):], kv_cache=cache, last_only=True).logits[:, -1]
+                decoder = Decoder(model, cache)
             else:
                 key_mask = real[:, : cache.length + 1] if padded else None
                 pos = pos + 1 if padded else None
-                logits = model(nxt[:, None], kv_cache=cache, positions=pos, key_mask=key_mask).logits[:, -1]
+                logits = decoder.step(nxt, None if pos is None else pos[:, 0], key_mask)
             steps += 1
         decode_s = time.perf_counter() - t0
     finally:

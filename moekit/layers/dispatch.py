@@ -148,14 +148,15 @@ def _dispatch_few(
     T, k = routing.indices.shape
     experts_of = routing.indices.tolist()
     weight_of = routing.weights.tolist()
-    rows = []
+    out = x.new_zeros(T, experts.d_out)
+    add = getattr(experts, "expert_add_", None)
     for t in range(T):
-        row, acc = x[t : t + 1], None
+        row, acc = x[t : t + 1], out[t : t + 1]
         for e, w in zip(experts_of[t], weight_of[t]):
-            y = experts.expert_forward(e, row)
-            acc = y * w if acc is None else acc.add_(y, alpha=w)  # y may alias a module's input: no mul_
-        rows.append(acc)
-    out = rows[0] if T == 1 else torch.cat(rows)
+            if add is not None:
+                add(e, row, acc, w)
+            else:  # any experts module: its expert_forward
+                acc.add_(experts.expert_forward(e, row), alpha=w)
     # the plan from the Python lists (a few slots sort faster here than in tensor ops), made
     # as one tensor: [counts (E) | slot order (T*k) | token of each slot (T*k) | dropped (1)]
     flat = [e for row in experts_of for e in row]

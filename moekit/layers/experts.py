@@ -215,6 +215,10 @@ class GroupedExperts(nn.Module):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def expert_add_(self, e: int, x: torch.Tensor, out: torch.Tensor, weight: float) -> None:
+        """No grad: ``out += weight * expert_e(x)`` (the few-token inference path)."""
+        out.add_(self.expert_forward(e, x), alpha=weight)
+
 
 @register_expert("swiglu")
 class SwiGLUExperts(GroupedExperts):
@@ -278,6 +282,13 @@ class SwiGLUExperts(GroupedExperts):
             gate, up = (x @ self.fused_gate_up[e]).chunk(2, dim=-1)  # [n, d] -> [n, 2f] -> 2 x [n, f]
             return (F.silu(gate) * up) @ self.w2[e]
         return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
+
+    def expert_add_(self, e: int, x: torch.Tensor, out: torch.Tensor, weight: float) -> None:
+        if self._fused_is_live(self.w1):
+            gate, up = (x @ self.fused_gate_up[e]).chunk(2, dim=-1)  # [n, d] -> [n, 2f] -> 2 x [n, f]
+        else:
+            gate, up = x @ self.w1[e], x @ self.w3[e]
+        out.addmm_(F.silu(gate).mul_(up), self.w2[e], alpha=weight)  # the down projection adds in, scaled
 
     @torch.no_grad()
     def fuse_gate_up(self) -> None:

@@ -1,0 +1,166 @@
+"""One decode step without the model's generic forward: the per-token loop of generation.
+
+Decoding one token per sequence reads every active weight once and does little else, so
+on a CPU its speed is the memory bandwidth of a handful of matrix-vector products plus
+the cost of launching every small op (about 7 us each on a 2-core machine, as much as
+reading 150 KB of weights). :class:`Decoder` runs the same arithmetic as
+``Transformer.forward`` with a KV cache and ``S = 1`` in fewer ops: the residual is kept
+``[B, d]``; the rotation of queries and keys is one fused multiply-add over both (a roll
+instead of ``rotate_half``'s split/negate/concat); the attention output projection adds
+into the residual (``addmm``); the top-k router's softmax runs over the k chosen logits
+only (equal to softmax-then-renormalise); each chosen expert's down projection adds into
+the residual scaled by its router weight (``addmm(alpha=w)``); no routing statistics or
+auxiliary losses are built.
+
+It covers the common case and hands the rest to the modules themselves, so every model
+decodes: attention with q/k norms or q/k/v clamping runs ``Attention.forward``; routers
+other than ``topk`` are called as modules; experts other than fused SwiGLU run
+``expert_forward``; dense layers and shared experts run their modules. The generic
+forward is the reference: tests hold the logits of every configuration to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moekit.layers.experts import SwiGLUExperts
+from moekit.layers.router import TopKRouter
+
+
+class Decoder:
+    """Decode steps of ``model`` (a :class:`moekit.Transformer`) against ``cache``.
+
+    Build one per generation (it reads the weights as they are then, e.g. after
+    :func:`moekit.inference.prepare_for_inference`), then call :meth:`step` per token.
+    """
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        cfg = model.config
+        self.d, self.hd = cfg.d_model, cfg.dim_per_head
+        self.H, self.Hkv = cfg.n_heads, cfg.kv_heads
+        self.dtype = model.embed.weight.dtype
+        half = self.hd // 2
+        # RoPE as one matmul per layer: x * cos + rotate_half(x) * sin == x @ R with
+        # R = diag(cos) + P diag(sign * sin), P[i, j] = 1 where i = j + hd/2 (mod hd)
+        self.sin_sign = torch.cat([-torch.ones(half), torch.ones(self.hd - half)]).to(model.rope.sin)
+        self.swap = torch.eye(self.hd).roll(half, dims=0).to(model.rope.sin)
+        self.k_cache, self.v_cache = cache.k.unbind(0), cache.v.unbind(0)  # per layer [B, Hkv, max_len, hd]
+        self.layers = [self._plan(block) for block in model.blocks]
+
+    def _plan(self, block):
+        attn, ffn = block.attn, block.ffn
+        lean_attn = attn.qk_norm is None and attn.clip_qkv is None
+        if lean_attn:
+            if attn.fused_qkv is not None and attn.wq.weight.data_ptr() == attn.fused_qkv[0].data_ptr():
+                w_qkv, b_qkv = attn.fused_qkv
+            else:  # not prepared: fuse here (a copy, this generation only)
+                w_qkv = torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight])
+                b_qkv = None if attn.wq.bias is None else torch.cat([attn.wq.bias, attn.wk.bias, attn.wv.bias])
+            attn_weights = (w_qkv.t(), b_qkv, attn.wo.weight.t(), attn.wo.bias, attn.sliding_window)
+        else:
+            attn_weights = None
+        moe = None
+        if block.is_moe:
+            router, experts = ffn.router, ffn.experts
+            lean_router = type(router) is TopKRouter and {router.gate.weight.dtype, block.ffn_norm.weight.dtype,
+                                                           self.dtype} == {torch.float32}
+            fused = isinstance(experts, SwiGLUExperts) and experts._fused_is_live(experts.w1)
+            lean = (router.gate.weight.t(), router.gate.bias, router.renormalize, router.scale) if lean_router else None
+            moe = (lean, experts.fused_gate_up.unbind(0) if fused else None, experts.w2.unbind(0) if fused else None,
+                   experts.d_ff if fused else 0)
+        # float32 norms run F.rms_norm directly (RMSNorm's module call costs as much again)
+        norms = (block.attn_norm.weight, block.ffn_norm.weight, block.attn_norm.eps)
+        plain_norms = {norms[0].dtype, norms[1].dtype, self.dtype} == {torch.float32}
+        return block, attn_weights, moe, norms if plain_norms else None
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+             key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed one token per sequence; returns the next-token logits ``[B, vocab]``.
+
+        Args:
+            tokens: ``[B]`` ids, each continuing its cached sequence.
+            positions: ``[B]`` RoPE position of each token (left-padded batches); default
+                ``cache.length`` for all.
+            key_mask: ``[B, cache.length + 1]`` bool, False where a key is padding.
+        """
+        model, cache = self.model, self.cache
+        pos = cache.length
+        if pos >= cache.max_len:
+            raise ValueError(f"KV cache is full: {pos + 1} tokens needed, it holds {cache.max_len}")
+        if positions is None:
+            if pos >= model.rope.max_seq_len:
+                model.rope(torch.tensor([pos]))  # raises its error
+            cos_t, sin_t = model.rope.cos[pos : pos + 1], model.rope.sin[pos : pos + 1]  # [1, hd]
+        else:
+            cos_t, sin_t = model.rope(positions)  # [B, hd]
+        rotation = torch.diag_embed(cos_t) + self.swap * (sin_t * self.sin_sign)[:, None, :]  # [B or 1, hd, hd]
+        mask = key_mask[:, None, None, :] if key_mask is not None else None  # [B, L] -> [B, 1, 1, L]
+        x = F.embedding(tokens, model.embed.weight)  # [B, d]
+        d = (self.d,)
+        for layer, (block, attn_w, moe, norms) in enumerate(self.layers):
+            h = block.attn_norm(x) if norms is None else F.rms_norm(x, d, norms[0], norms[2])
+            if attn_w is None:
+                y = block.attn(h[:, None], cos_t if positions is None else cos_t[:, None],
+                               sin_t if positions is None else sin_t[:, None], cache, layer, key_mask)[:, 0]
+                x = x + y
+            else:
+                x = self._attention(x, h, attn_w, rotation, layer, pos, mask)
+            h = block.ffn_norm(x) if norms is None else F.rms_norm(x, d, norms[1], norms[2])
+            if moe is None:
+                x = x + block.ffn(h)
+            else:
+                x = self._moe(x, h, block.ffn, moe, tokens)
+        cache.advance(1)
+        return model.lm_head(model.norm(x))
+
+    def _attention(self, x, h, weights, rotation, layer, pos, mask):
+        w_qkv, b_qkv, w_o, b_o, window = weights
+        B, H, Hkv, hd = x.shape[0], self.H, self.Hkv, self.hd
+        qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)  # [B, (H+2Hkv) hd]
+        qk = qkv[:, : (H + Hkv) * hd].view(B, H + Hkv, hd)
+        if qk.dtype == rotation.dtype:
+            qk = torch.matmul(qk, rotation)  # RoPE on q and k at once
+        else:  # in float32, as the model's forward
+            qk = torch.matmul(qk.float(), rotation).to(qk.dtype)
+        k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
+        k_cache.select(2, pos).copy_(qk[:, H:])
+        v_cache.select(2, pos).copy_(qkv[:, (H + Hkv) * hd :].view(B, Hkv, hd))
+        start = 0 if window is None else max(0, pos + 1 - window)
+        keys, values = k_cache[:, :, start : pos + 1], v_cache[:, :, start : pos + 1]
+        if mask is not None:
+            mask = mask[..., start:]
+        y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=mask, enable_gqa=H != Hkv)
+        y = y.reshape(B, H * hd)  # [B, H, 1, hd] -> [B, H*hd]
+        return torch.addmm(x, y, w_o) if b_o is None else torch.addmm(x + b_o, y, w_o)
+
+    def _moe(self, x, h, moe_module, moe, tokens):
+        router, gate_up, w2, f = moe
+        if router is not None:
+            w_router, b_router, renormalize, scale = router
+            logits = torch.mm(h, w_router) if b_router is None else torch.addmm(b_router, h, w_router)  # [B, E]
+            k = moe_module.config.top_k
+            if renormalize:  # softmax over the chosen logits == softmax, top-k, renormalise
+                top, idx = torch.topk(logits, k, dim=-1)
+                weights = torch.softmax(top, dim=-1)
+            else:
+                weights, idx = torch.topk(torch.softmax(logits, dim=-1), k, dim=-1)
+        else:  # any other router, as a module (its weights already scaled)
+            routing = moe_module.router(h, token_ids=tokens)
+            weights, idx, scale = routing.weights, routing.indices, 1.0
+        experts, chosen = moe_module.experts, zip(idx.tolist(), weights.tolist())
+        if moe_module.shared_experts is not None:
+            x = x + moe_module.shared_experts(h)
+        # x is this step's own tensor (every layer makes a new one): the experts add into it
+        for b, (row_experts, row_weights) in enumerate(chosen):
+            hb, ob = (h, x) if x.shape[0] == 1 else (h[b : b + 1], x[b : b + 1])
+            for e, w in zip(row_experts, row_weights):
+                if gate_up is None:
+                    ob.add_(experts.expert_forward(e, hb), alpha=w * scale)
+                    continue
+                gu = torch.mm(hb, gate_up[e])  # [1, d] -> [1, 2f]
+                act = F.silu(gu[:, :f]).mul_(gu[:, f:])
+                ob.addmm_(act, w2[e], alpha=w * scale)
+        return x
