@@ -15,7 +15,8 @@ auxiliary losses are built.
 It covers the common case and hands the rest to the modules themselves, so every model
 decodes: attention with q/k norms or q/k/v clamping runs ``Attention.forward``; routers
 other than ``topk`` are called as modules; experts other than fused SwiGLU run
-``expert_forward``; dense layers and shared experts run their modules. The generic
+``expert_forward``; dense layers, shared experts and MoE layers under another dispatcher
+(expert parallelism) run their modules. The generic
 forward is the reference: tests hold the logits of every configuration to it.
 """
 
@@ -61,8 +62,8 @@ class Decoder:
             attn_weights = (w_qkv.t(), b_qkv, attn.wo.weight.t(), attn.wo.bias, attn.sliding_window)
         else:
             attn_weights = None
-        moe = None
-        if block.is_moe:
+        moe = None  # a dense layer, or an MoE under another dispatcher (expert parallelism): the module
+        if block.is_moe and ffn.dispatcher is None:
             router, experts = ffn.router, ffn.experts
             lean_router = type(router) is TopKRouter and {router.gate.weight.dtype, block.ffn_norm.weight.dtype,
                                                            self.dtype} == {torch.float32}
@@ -110,7 +111,8 @@ class Decoder:
                 x = self._attention(x, h, attn_w, rotation, layer, pos, mask)
             h = block.ffn_norm(x) if norms is None else F.rms_norm(x, d, norms[1], norms[2])
             if moe is None:
-                x = x + block.ffn(h)
+                y = block.ffn(h, token_ids=tokens).output if block.is_moe else block.ffn(h)
+                x = x + y
             else:
                 x = self._moe(x, h, block.ffn, moe, tokens)
         cache.advance(1)

@@ -95,3 +95,23 @@ def test_bfloat16_decode_stays_near_float32():
             ref = m(prompt, kv_cache=KVCache.for_model(m, 1, 16)).logits  # sanity: generic still runs
             assert ref.dtype == m.embed.weight.dtype
     assert (out[0] - out[1]).abs().max() < 0.1 * out[0].abs().max()
+
+
+def test_an_moe_under_another_dispatcher_decodes_through_it():
+    """Expert parallelism swaps the MoE's dispatcher: the lean step must not bypass it."""
+    from moekit.layers.dispatch import dispatch
+
+    model = prepare_for_inference(build({}))
+    calls = []
+    for block in model.blocks:
+        block.ffn.dispatcher = lambda *args, **kw: calls.append(1) or dispatch(*args, **kw)
+    prompt = torch.randint(0, 50, (1, 5))
+    with torch.inference_mode():
+        ref_cache, cache = KVCache.for_model(model, 1, 8), KVCache.for_model(model, 1, 8)
+        model(prompt, kv_cache=ref_cache)
+        model(prompt, kv_cache=cache)
+        calls.clear()
+        got = Decoder(model, cache).step(torch.tensor([3]))
+        assert len(calls) == 3  # one per MoE layer
+        torch.testing.assert_close(got, model(torch.tensor([[3]]), kv_cache=ref_cache).logits[:, -1],
+                                   atol=2e-5, rtol=1e-5)
