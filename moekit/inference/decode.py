@@ -5,8 +5,8 @@ on a CPU its speed is the memory bandwidth of a handful of matrix-vector product
 the cost of launching every small op (about 7 us each on a 2-core machine, as much as
 reading 150 KB of weights). :class:`Decoder` runs the same arithmetic as
 ``Transformer.forward`` with a KV cache and ``S = 1`` in fewer ops: the residual is kept
-``[B, d]``; the rotation of queries and keys is one fused multiply-add over both (a roll
-instead of ``rotate_half``'s split/negate/concat); the attention output projection adds
+``[B, d]``; the rotation of queries and keys is one small matmul over both (RoPE written
+as a ``[hd, hd]`` matrix, built once per step); the attention output projection adds
 into the residual (``addmm``); the top-k router's softmax runs over the k chosen logits
 only (equal to softmax-then-renormalise); each chosen expert's down projection adds into
 the residual scaled by its router weight (``addmm(alpha=w)``); no routing statistics or
@@ -16,8 +16,9 @@ It covers the common case and hands the rest to the modules themselves, so every
 decodes: attention with q/k norms or q/k/v clamping runs ``Attention.forward``; routers
 other than ``topk`` are called as modules; experts other than fused SwiGLU run
 ``expert_forward``; dense layers, shared experts and MoE layers under another dispatcher
-(expert parallelism) run their modules. The generic
-forward is the reference: tests hold the logits of every configuration to it.
+(expert parallelism) run their modules; under ``torch.autocast`` a step is the generic
+forward. The generic forward is the reference: tests hold the logits of every configuration
+to it.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class Decoder:
         pos = cache.length
         if pos >= cache.max_len:
             raise ValueError(f"KV cache is full: {pos + 1} tokens needed, it holds {cache.max_len}")
+        if torch.is_autocast_enabled(tokens.device.type):  # its casts reach the modules' ops only
+            pos_b = None if positions is None else positions[:, None]
+            return model(tokens[:, None], kv_cache=cache, positions=pos_b, key_mask=key_mask).logits[:, -1]
         if positions is None:
             if pos >= model.rope.max_seq_len:
                 model.rope(torch.tensor([pos]))  # raises its error

@@ -148,8 +148,11 @@ def _dispatch_few(
     T, k = routing.indices.shape
     experts_of = routing.indices.tolist()
     weight_of = routing.weights.tolist()
-    out = x.new_zeros(T, experts.d_out)
-    add = getattr(experts, "expert_add_", None)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    # the experts' outputs come in autocast's dtype there, and it does not cast in-place ops:
+    # under autocast each output is added as it comes, else expert_add_ adds straight into out
+    out = x.new_zeros(T, experts.d_out, dtype=torch.get_autocast_dtype(x.device.type) if autocast else None)
+    add = None if autocast else getattr(experts, "expert_add_", None)
     for t in range(T):
         row, acc = x[t : t + 1], out[t : t + 1]
         for e, w in zip(experts_of[t], weight_of[t]):

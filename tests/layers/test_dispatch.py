@@ -174,6 +174,21 @@ def test_inference_paths_match_reference(router, T, shape):
     assert torch.equal(a.stats.tokens_per_expert, b.stats.tokens_per_expert)
 
 
+@pytest.mark.parametrize("T", [1, 2, 40])
+def test_inference_under_bfloat16_autocast(T):
+    # the few-token path adds into its output in place, which autocast does not cast
+    fast, ref = pair(d_model=16, d_ff=24, num_experts=4, top_k=2)
+    fast.eval()
+    ref.eval()
+    x = torch.randn(T, 16)
+    with torch.inference_mode():
+        want = ref(x).output
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fast(x).output
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 def test_segment_backward_matches_reference(capacity_factor, monkeypatch):
     # the hand-written segment backward of the SwiGLU experts (large batches on CPU)
