@@ -10,7 +10,9 @@ as a ``[hd, hd]`` matrix, built once per step); the attention output projection 
 into the residual (``addmm``); the top-k router's softmax runs over the k chosen logits
 only (equal to softmax-then-renormalise); each chosen expert's down projection adds into
 the residual scaled by its router weight (``addmm(alpha=w)``); no routing statistics or
-auxiliary losses are built.
+auxiliary losses are built. Batches of more than ``SMALL_BATCH_SLOTS`` (token, expert) pairs
+run the MoE layer's own sorted path, which reads each chosen expert's weights once for all
+its rows.
 
 It covers the common case and hands the rest to the modules themselves, so every model
 decodes: attention with q/k norms or q/k/v clamping runs ``Attention.forward``; routers
@@ -26,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moekit.layers.dispatch import SMALL_BATCH_SLOTS
 from moekit.layers.experts import SwiGLUExperts
 from moekit.layers.router import TopKRouter
 
@@ -143,6 +146,10 @@ class Decoder:
         return torch.addmm(x, y, w_o) if b_o is None else torch.addmm(x + b_o, y, w_o)
 
     def _moe(self, x, h, moe_module, moe, tokens):
+        if x.shape[0] * moe_module.config.top_k > SMALL_BATCH_SLOTS:
+            # more rows than the slot loop pays for: the layer sorts them by expert, so each
+            # chosen expert's weights are read once for all its rows
+            return x + moe_module(h, token_ids=tokens).output
         router, gate_up, w2, f = moe
         if router is not None:
             w_router, b_router, renormalize, scale = router

@@ -40,14 +40,14 @@ def build(overrides: dict) -> Transformer:
 
 @pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_decode_step_equals_the_generic_forward(case, prepared):
+def test_decode_step_equals_the_generic_forward(case, prepared, batch=2):
     model = build(CASES[case])
     if prepared:
         prepare_for_inference(model)
-    prompt = torch.randint(0, 50, (2, 7))
-    steps = torch.randint(0, 50, (2, 6))
+    prompt = torch.randint(0, 50, (batch, 7))
+    steps = torch.randint(0, 50, (batch, 6))
     with torch.inference_mode():
-        ref_cache, cache = KVCache.for_model(model, 2, 16), KVCache.for_model(model, 2, 16)
+        ref_cache, cache = KVCache.for_model(model, batch, 16), KVCache.for_model(model, batch, 16)
         model(prompt, kv_cache=ref_cache)
         model(prompt, kv_cache=cache)
         decoder = Decoder(model, cache)
@@ -58,6 +58,12 @@ def test_decode_step_equals_the_generic_forward(case, prepared):
         assert cache.length == ref_cache.length == 13
         torch.testing.assert_close(cache.k[:, :, :, :13], ref_cache.k[:, :, :, :13], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cache.v[:, :, :, :13], ref_cache.v[:, :, :, :13], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_batches_past_the_slot_loop_decode_through_the_sorted_path(batch):
+    # 3 and 5 sequences x top-2 exceed SMALL_BATCH_SLOTS: the MoE layer's sorted path
+    test_decode_step_equals_the_generic_forward("mixtral", True, batch)
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qk norm full, clip", "sliding window"])
