@@ -16,8 +16,8 @@ its rows.
 
 It covers the common case and hands the rest to the modules themselves, so every model
 decodes: attention with q/k norms or q/k/v clamping runs ``Attention.forward``; routers
-other than ``topk`` are called as modules; experts other than fused SwiGLU run
-``expert_forward``; dense layers, shared experts and MoE layers under another dispatcher
+other than ``topk`` are called as modules; the chosen experts run as in the MoE layer's
+few-token path (:func:`moekit.layers.dispatch.add_chosen_experts`); dense layers, shared experts and MoE layers under another dispatcher
 (expert parallelism) run their modules; under ``torch.autocast`` a step is the generic
 forward. The generic forward is the reference: tests hold the logits of every configuration
 to it.
@@ -28,8 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moekit.layers.dispatch import SMALL_BATCH_SLOTS
-from moekit.layers.experts import SwiGLUExperts
+from moekit.layers.dispatch import SMALL_BATCH_SLOTS, add_chosen_experts
 from moekit.layers.router import TopKRouter
 
 
@@ -43,7 +42,7 @@ class Decoder:
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
         cfg = model.config
-        self.d, self.hd = cfg.d_model, cfg.dim_per_head
+        self.hd = cfg.dim_per_head
         self.H, self.Hkv = cfg.n_heads, cfg.kv_heads
         self.dtype = model.embed.weight.dtype
         half = self.hd // 2
@@ -56,29 +55,19 @@ class Decoder:
 
     def _plan(self, block):
         attn, ffn = block.attn, block.ffn
-        lean_attn = attn.qk_norm is None and attn.clip_qkv is None
-        if lean_attn:
-            if attn.fused_qkv is not None and attn.wq.weight.data_ptr() == attn.fused_qkv[0].data_ptr():
-                w_qkv, b_qkv = attn.fused_qkv
-            else:  # not prepared: fuse here (a copy, this generation only)
-                w_qkv = torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight])
-                b_qkv = None if attn.wq.bias is None else torch.cat([attn.wq.bias, attn.wk.bias, attn.wv.bias])
+        attn_weights = None  # q/k norms or clamping: the module
+        if attn.qk_norm is None and attn.clip_qkv is None:
+            w_qkv, b_qkv = attn.qkv_weights()  # (a copy for this generation when not prepared)
             attn_weights = (w_qkv.t(), b_qkv, attn.wo.weight.t(), attn.wo.bias, attn.sliding_window)
-        else:
-            attn_weights = None
-        moe = None  # a dense layer, or an MoE under another dispatcher (expert parallelism): the module
+        # moe: None runs the ffn module (a dense layer, or an MoE under another dispatcher, as
+        # expert parallelism sets); () calls the router as a module; else the top-k router inline
+        moe = None
         if block.is_moe and ffn.dispatcher is None:
-            router, experts = ffn.router, ffn.experts
+            router = ffn.router
             lean_router = type(router) is TopKRouter and {router.gate.weight.dtype, block.ffn_norm.weight.dtype,
                                                            self.dtype} == {torch.float32}
-            fused = isinstance(experts, SwiGLUExperts) and experts._fused_is_live(experts.w1)
-            lean = (router.gate.weight.t(), router.gate.bias, router.renormalize, router.scale) if lean_router else None
-            moe = (lean, experts.fused_gate_up.unbind(0) if fused else None, experts.w2.unbind(0) if fused else None,
-                   experts.d_ff if fused else 0)
-        # float32 norms run F.rms_norm directly (RMSNorm's module call costs as much again)
-        norms = (block.attn_norm.weight, block.ffn_norm.weight, block.attn_norm.eps)
-        plain_norms = {norms[0].dtype, norms[1].dtype, self.dtype} == {torch.float32}
-        return block, attn_weights, moe, norms if plain_norms else None
+            moe = (router.gate.weight.t(), router.gate.bias, router.renormalize, router.scale) if lean_router else ()
+        return block, attn_weights, moe
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
@@ -107,16 +96,15 @@ class Decoder:
         rotation = torch.diag_embed(cos_t) + self.swap * (sin_t * self.sin_sign)[:, None, :]  # [B or 1, hd, hd]
         mask = key_mask[:, None, None, :] if key_mask is not None else None  # [B, L] -> [B, 1, 1, L]
         x = F.embedding(tokens, model.embed.weight)  # [B, d]
-        d = (self.d,)
-        for layer, (block, attn_w, moe, norms) in enumerate(self.layers):
-            h = block.attn_norm(x) if norms is None else F.rms_norm(x, d, norms[0], norms[2])
+        for layer, (block, attn_w, moe) in enumerate(self.layers):
+            h = block.attn_norm(x)
             if attn_w is None:
                 y = block.attn(h[:, None], cos_t if positions is None else cos_t[:, None],
                                sin_t if positions is None else sin_t[:, None], cache, layer, key_mask)[:, 0]
                 x = x + y
             else:
                 x = self._attention(x, h, attn_w, rotation, layer, pos, mask)
-            h = block.ffn_norm(x) if norms is None else F.rms_norm(x, d, norms[1], norms[2])
+            h = block.ffn_norm(x)
             if moe is None:
                 y = block.ffn(h, token_ids=tokens).output if block.is_moe else block.ffn(h)
                 x = x + y
@@ -150,9 +138,8 @@ class Decoder:
             # more rows than the slot loop pays for: the layer sorts them by expert, so each
             # chosen expert's weights are read once for all its rows
             return x + moe_module(h, token_ids=tokens).output
-        router, gate_up, w2, f = moe
-        if router is not None:
-            w_router, b_router, renormalize, scale = router
+        if moe:  # the top-k router, inline
+            w_router, b_router, renormalize, scale = moe
             logits = torch.mm(h, w_router) if b_router is None else torch.addmm(b_router, h, w_router)  # [B, E]
             k = moe_module.config.top_k
             if renormalize:  # softmax over the chosen logits == softmax, top-k, renormalise
@@ -163,17 +150,8 @@ class Decoder:
         else:  # any other router, as a module (its weights already scaled)
             routing = moe_module.router(h, token_ids=tokens)
             weights, idx, scale = routing.weights, routing.indices, 1.0
-        experts, chosen = moe_module.experts, zip(idx.tolist(), weights.tolist())
         if moe_module.shared_experts is not None:
             x = x + moe_module.shared_experts(h)
         # x is this step's own tensor (every layer makes a new one): the experts add into it
-        for b, (row_experts, row_weights) in enumerate(chosen):
-            hb, ob = (h, x) if x.shape[0] == 1 else (h[b : b + 1], x[b : b + 1])
-            for e, w in zip(row_experts, row_weights):
-                if gate_up is None:
-                    ob.add_(experts.expert_forward(e, hb), alpha=w * scale)
-                    continue
-                gu = torch.mm(hb, gate_up[e])  # [1, d] -> [1, 2f]
-                act = F.silu(gu[:, :f]).mul_(gu[:, f:])
-                ob.addmm_(act, w2[e], alpha=w * scale)
+        add_chosen_experts(h, moe_module.experts, idx.tolist(), weights.tolist(), x, scale)
         return x

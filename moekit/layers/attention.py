@@ -65,8 +65,7 @@ class Attention(nn.Module):
         ``[(H + 2 Hkv) hd, d_model]`` tensor, so that a forward without gradients runs one
         matmul instead of three (one token reads the weights faster in one long call). The
         parameters stay the same objects, now views of the fused tensor."""
-        weight = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
-        bias = None if self.wq.bias is None else torch.cat([self.wq.bias, self.wk.bias, self.wv.bias])
+        weight, bias = self.qkv_weights()
         start = 0
         for lin in (self.wq, self.wk, self.wv):
             n = lin.weight.shape[0]
@@ -76,10 +75,22 @@ class Attention(nn.Module):
             start += n
         self.fused_qkv = (weight, bias)
 
+    def _fused_is_live(self) -> bool:
+        """Whether :meth:`fuse_qkv` ran and ``wq`` still views its tensor."""
+        return self.fused_qkv is not None and self.wq.weight.data_ptr() == self.fused_qkv[0].data_ptr()
+
+    def qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The q, k, v weights (and biases) as one ``[(H + 2 Hkv) hd, d_model]`` tensor: the
+        fused one after :meth:`fuse_qkv`, else a concatenated copy."""
+        if self._fused_is_live():
+            return self.fused_qkv
+        bias = None if self.wq.bias is None else torch.cat([self.wq.bias, self.wk.bias, self.wv.bias])
+        return torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]), bias
+
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        fused = self.fused_qkv
-        if fused is None or torch.is_grad_enabled() or self.wq.weight.data_ptr() != fused[0].data_ptr():
+        if torch.is_grad_enabled() or not self._fused_is_live():
             return self.wq(x), self.wk(x), self.wv(x)
+        fused = self.fused_qkv
         qkv = F.linear(x, fused[0], fused[1])
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         return qkv.split([q_width, kv_width, kv_width], dim=-1)

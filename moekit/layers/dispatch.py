@@ -140,6 +140,28 @@ def dispatch(
     return out, plan, y_sorted
 
 
+def add_chosen_experts(
+    x: torch.Tensor,
+    experts: nn.Module,
+    experts_of: list[list[int]],
+    weight_of: list[list[float]],
+    out: torch.Tensor,
+    scale: float = 1.0,
+    in_place: bool = True,
+) -> None:
+    """No grad: ``out[t] += scale * w * expert_e(x[t])`` for each chosen ``(e, w)`` of each row
+    ``t``, one row at a time. ``in_place``: through the experts' ``expert_add_`` where they
+    have one (the down projection adds straight into ``out``), else ``expert_forward``."""
+    add = getattr(experts, "expert_add_", None) if in_place else None
+    for t, (chosen, weights) in enumerate(zip(experts_of, weight_of)):
+        row, acc = (x, out) if x.shape[0] == 1 else (x[t : t + 1], out[t : t + 1])
+        for e, w in zip(chosen, weights):
+            if add is not None:
+                add(e, row, acc, w * scale)
+            else:  # any experts module: its expert_forward
+                acc.add_(experts.expert_forward(e, row), alpha=w * scale)
+
+
 def _dispatch_few(
     x: torch.Tensor, routing: RouterOutput, experts: nn.Module, num_experts: int
 ) -> tuple[torch.Tensor, DispatchPlan, None]:
@@ -152,14 +174,7 @@ def _dispatch_few(
     # the experts' outputs come in autocast's dtype there, and it does not cast in-place ops:
     # under autocast each output is added as it comes, else expert_add_ adds straight into out
     out = x.new_zeros(T, experts.d_out, dtype=torch.get_autocast_dtype(x.device.type) if autocast else None)
-    add = None if autocast else getattr(experts, "expert_add_", None)
-    for t in range(T):
-        row, acc = x[t : t + 1], out[t : t + 1]
-        for e, w in zip(experts_of[t], weight_of[t]):
-            if add is not None:
-                add(e, row, acc, w)
-            else:  # any experts module: its expert_forward
-                acc.add_(experts.expert_forward(e, row), alpha=w)
+    add_chosen_experts(x, experts, experts_of, weight_of, out, in_place=not autocast)
     # the plan from the Python lists (a few slots sort faster here than in tensor ops), made
     # as one tensor: [counts (E) | slot order (T*k) | token of each slot (T*k) | dropped (1)]
     flat = [e for row in experts_of for e in row]
