@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moekit import kernels
 from moekit.layers.dispatch import SMALL_BATCH_SLOTS, add_chosen_experts
 from moekit.layers.router import TopKRouter
 
@@ -51,6 +52,10 @@ class Decoder:
         self.sin_sign = torch.cat([-torch.ones(half), torch.ones(self.hd - half)]).to(model.rope.sin)
         self.swap = torch.eye(self.hd).roll(half, dims=0).to(model.rope.sin)
         self.k_cache, self.v_cache = cache.k.unbind(0), cache.v.unbind(0)  # per layer [B, Hkv, max_len, hd]
+        # one-row steps run their projections through moekit.kernels where it is built
+        # (float32 on the CPU): each norm folded into the product that reads it, each
+        # Mixtral-style MoE layer in one call
+        self.lib = kernels.load() if kernels.rows_ok(model.lm_head.weight) and _norm_ok(model.norm) else None
         self.layers = [self._plan(block) for block in model.blocks]
 
     def _plan(self, block):
@@ -67,7 +72,12 @@ class Decoder:
             lean_router = type(router) is TopKRouter and {router.gate.weight.dtype, block.ffn_norm.weight.dtype,
                                                            self.dtype} == {torch.float32}
             moe = (router.gate.weight.t(), router.gate.bias, router.renormalize, router.scale) if lean_router else ()
-        return block, attn_weights, moe
+        lib = self.lib is not None
+        k_attn = (lib and attn_weights is not None and _norm_ok(block.attn_norm)
+                  and kernels.rows_ok(attn_weights[0].t()) and kernels.rows_ok(attn_weights[2].t()))
+        k_moe = (lib and bool(moe) and ffn.shared_experts is None
+                 and kernels.moe_token_ok(block.ffn_norm, ffn.router.gate, ffn.experts))
+        return block, attn_weights, moe, k_attn, k_moe
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
@@ -96,14 +106,23 @@ class Decoder:
         rotation = torch.diag_embed(cos_t) + self.swap * (sin_t * self.sin_sign)[:, None, :]  # [B or 1, hd, hd]
         mask = key_mask[:, None, None, :] if key_mask is not None else None  # [B, L] -> [B, 1, 1, L]
         x = F.embedding(tokens, model.embed.weight)  # [B, d]
-        for layer, (block, attn_w, moe) in enumerate(self.layers):
-            h = block.attn_norm(x)
-            if attn_w is None:
-                y = block.attn(h[:, None], cos_t if positions is None else cos_t[:, None],
-                               sin_t if positions is None else sin_t[:, None], cache, layer, key_mask)[:, 0]
-                x = x + y
+        lib = self.lib if x.shape[0] == 1 else None
+        for layer, (block, attn_w, moe, k_attn, k_moe) in enumerate(self.layers):
+            if lib is not None and k_attn:  # the norm inside the q/k/v product
+                x = self._attention(x, None, attn_w, rotation, layer, pos, mask, lib, block.attn_norm)
             else:
-                x = self._attention(x, h, attn_w, rotation, layer, pos, mask)
+                h = block.attn_norm(x)
+                if attn_w is None:
+                    y = block.attn(h[:, None], cos_t if positions is None else cos_t[:, None],
+                                   sin_t if positions is None else sin_t[:, None], cache, layer, key_mask)[:, 0]
+                    x = x + y
+                else:
+                    x = self._attention(x, h, attn_w, rotation, layer, pos, mask, lib)
+            if lib is not None and k_moe:  # norm, router and experts in one call, adding into x (this step's own)
+                ffn = block.ffn
+                kernels.moe_token(lib, x[0], block.ffn_norm, ffn.router.gate, ffn.config.top_k, moe[2], moe[3],
+                                  ffn.experts)
+                continue
             h = block.ffn_norm(x)
             if moe is None:
                 y = block.ffn(h, token_ids=tokens).output if block.is_moe else block.ffn(h)
@@ -111,12 +130,23 @@ class Decoder:
             else:
                 x = self._moe(x, h, block.ffn, moe, tokens)
         cache.advance(1)
-        return model.lm_head(model.norm(x))
+        if lib is None:
+            return model.lm_head(model.norm(x))
+        head = model.lm_head
+        logits = x.new_empty(1, head.out_features)
+        kernels.rows(lib, head.weight, x[0], logits[0], bias=head.bias, norm=model.norm)
+        return logits
 
-    def _attention(self, x, h, weights, rotation, layer, pos, mask):
+    def _attention(self, x, h, weights, rotation, layer, pos, mask, lib, norm=None):
+        """Attention of the step's tokens, added to ``x``. ``h`` is the normed ``x``; with the
+        kernels (``lib``) it may be ``None`` and ``norm`` the RMSNorm to apply inside."""
         w_qkv, b_qkv, w_o, b_o, window = weights
         B, H, Hkv, hd = x.shape[0], self.H, self.Hkv, self.hd
-        qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)  # [B, (H+2Hkv) hd]
+        if lib is not None and kernels.rows_ok(w_qkv.t()):  # [1, d] -> [1, (H+2Hkv) hd]
+            src, norm = (x, norm) if h is None else (h, None)
+            qkv = kernels.rows(lib, w_qkv.t(), src[0], x.new_empty(1, w_qkv.shape[1])[0], bias=b_qkv, norm=norm)[None]
+        else:
+            qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)  # [B, (H+2Hkv) hd]
         qk = qkv[:, : (H + Hkv) * hd].view(B, H + Hkv, hd)
         if qk.dtype == rotation.dtype:
             qk = torch.matmul(qk, rotation)  # RoPE on q and k at once
@@ -131,6 +161,8 @@ class Decoder:
             mask = mask[..., start:]
         y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=mask, enable_gqa=H != Hkv)
         y = y.reshape(B, H * hd)  # [B, H, 1, hd] -> [B, H*hd]
+        if lib is not None and kernels.rows_ok(w_o.t()):  # the residual plus the output projection
+            return kernels.rows(lib, w_o.t(), y[0], torch.empty_like(x[0]), bias=b_o, add=x[0])[None]
         return torch.addmm(x, y, w_o) if b_o is None else torch.addmm(x + b_o, y, w_o)
 
     def _moe(self, x, h, moe_module, moe, tokens):
@@ -155,3 +187,10 @@ class Decoder:
         # x is this step's own tensor (every layer makes a new one): the experts add into it
         add_chosen_experts(h, moe_module.experts, idx.tolist(), weights.tolist(), x, scale)
         return x
+
+
+def _norm_ok(norm) -> bool:
+    """Whether the kernels can fold ``norm`` into a product: moekit's float32 RMSNorm."""
+    from moekit.layers.norm import RMSNorm
+
+    return isinstance(norm, RMSNorm) and norm.weight.dtype == torch.float32 and norm.weight.is_contiguous()

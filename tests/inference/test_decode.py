@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from moekit import kernels
 from moekit.config import ModelConfig, MoEConfig
 from moekit.inference import KVCache, generate_batch, prepare_for_inference
 from moekit.inference.decode import Decoder
@@ -58,6 +59,30 @@ def test_decode_step_equals_the_generic_forward(case, prepared, batch=2):
         assert cache.length == ref_cache.length == 13
         torch.testing.assert_close(cache.k[:, :, :, :13], ref_cache.k[:, :, :, :13], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cache.v[:, :, :, :13], ref_cache.v[:, :, :, :13], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "torch ops"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_row_decode_equals_the_generic_forward(case, use_kernels, monkeypatch):
+    """Batch 1 runs the projections through moekit.kernels where they are built; both ways
+    give the generic forward's logits, and the kernels are used where they apply."""
+    if use_kernels and kernels.load() is None:
+        pytest.skip(kernels.status())
+    if not use_kernels:
+        kernels.load()
+        monkeypatch.setitem(kernels._state, "lib", None)
+    calls = {"rows": 0, "moe_token": 0}
+    for name in calls:
+        def spy(*args, _f=getattr(kernels, name), _n=name, **kw):
+            calls[_n] += 1
+            return _f(*args, **kw)
+        monkeypatch.setattr(kernels, name, spy)
+    test_decode_step_equals_the_generic_forward(case, True, batch=1)
+    moe = CASES[case].get("moe", {})
+    whole_moe = moe.get("router", "topk") == "topk" and moe.get("expert", "swiglu") == "swiglu" \
+        and not moe.get("num_shared_experts")
+    assert (calls["moe_token"] > 0) == (use_kernels and whole_moe)
+    assert (calls["rows"] > 0) == use_kernels  # at least the LM head
 
 
 @pytest.mark.parametrize("batch", [1, 3, 5])

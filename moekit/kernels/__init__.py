@@ -1,0 +1,188 @@
+"""CPU kernels for the matrix-vector products of one-token decoding, built on first use.
+
+At batch 1 a decode step reads every active weight once, so its speed is the rate at
+which a few dozen matrix-vector products read memory. For a one-row ``x @ W`` torch calls
+a BLAS matrix-matrix kernel, which on this project's 2-core AVX-512 machine reads float32
+weights at 16-20 GB/s; the loops in ``cpu_gemv.c`` (several accumulators, software
+prefetch, each thread streaming its own share of the output) read them at 20-25 GB/s,
+measured by ``benchmarks/generate.py``. One call also runs a whole SwiGLU expert (gate,
+up, activation, down projection added into the output), where torch takes five ops.
+
+The C file is compiled with the system's C compiler (``$CC``, else ``cc`` or ``gcc``;
+``-O3 -march=native -fopenmp``) into a cache folder (``$MOEKIT_CACHE_DIR``, else
+``$XDG_CACHE_HOME/moekit``, else ``~/.cache/moekit``), under a name that hashes the source,
+the flags and the CPU, and is written atomically. Where there is no compiler, the build
+fails, or ``MOEKIT_KERNELS=0`` is set, :func:`load` returns ``None`` and the callers use
+torch ops (same results to float32 rounding); :func:`status` says which and why.
+OpenMP comes from the ``libgomp.so.1`` torch has already loaded, so the kernels share
+torch's threads (``torch.get_num_threads()`` of them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": CDLL or None, "reason": str
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept."""
+    if os.environ.get("MOEKIT_CACHE_DIR"):
+        return Path(os.environ["MOEKIT_CACHE_DIR"]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moekit" / "kernels"
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(lines))  # the first of each kind is enough
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)  # atomic: a concurrent build finds a whole file or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    P, L, F, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+    lib.moekit_rows.argtypes = [P, L, L, L, P, P, F, P, F, P, P, I]
+    lib.moekit_rows.restype = None
+    lib.moekit_swiglu_add.argtypes = [P, L, P, P, L, L, P, L, L, P, F, I]
+    lib.moekit_swiglu_add.restype = None
+    lib.moekit_moe_token.argtypes = [P, L, P, F, P, P, L, I, I, F, P, P, L, L, L, P, L, L, P, P, I]
+    lib.moekit_moe_token.restype = I
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, building them the first time; ``None`` where unavailable."""
+    with _lock:
+        if "reason" in _state:
+            return _state["lib"]
+        lib, reason = None, ""
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if os.environ.get("MOEKIT_KERNELS", "1") == "0":
+            reason = "disabled by MOEKIT_KERNELS=0"
+        elif platform.system() != "Linux":
+            reason = f"built on Linux only, this is {platform.system()}"
+        elif compiler is None:
+            reason = "no C compiler found (set CC, or install gcc)"
+        else:
+            key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_id(),
+                                            torch.__version__]).encode()).hexdigest()[:16]
+            target = cache_dir() / f"cpu_gemv-{key}.so"
+            try:
+                if not target.exists():
+                    _build(compiler, target)
+                lib = _declare(ctypes.CDLL(str(target)))
+                reason = f"compiled ({target})"
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                lib, reason = None, f"build failed, using torch ops: {exc}"
+        _state.update(lib=lib, reason=reason)
+        return lib
+
+
+def status() -> str:
+    """One line: whether the kernels are in use, and why not."""
+    load()
+    return ("cpu kernels: " if _state["lib"] is not None else "cpu kernels off: ") + _state["reason"]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def rows_ok(w: torch.Tensor) -> bool:
+    """Whether ``w`` (``[N, K]``) suits :func:`rows`: float32 on the CPU, unit stride in a row."""
+    return w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2 and w.stride(1) == 1
+
+
+def rows(lib: ctypes.CDLL, w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, alpha: float = 1.0,
+         bias: torch.Tensor | None = None, add: torch.Tensor | None = None, norm=None) -> torch.Tensor:
+    """``out = alpha * w @ v + bias + add`` for one vector ``v``: ``x``, or with ``norm``
+    (an :class:`moekit.layers.norm.RMSNorm`) ``norm(x)``. ``w [N, K]`` (:func:`rows_ok`),
+    ``x [K]``, ``out``/``bias``/``add`` ``[N]``, float32 (``add`` may be ``out``). Returns
+    ``out``."""
+    x = x.contiguous()
+    g, eps = (None, 0.0) if norm is None else (norm.weight.data_ptr(), norm.eps)
+    lib.moekit_rows(w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), x.data_ptr(), g, eps, out.data_ptr(),
+                    alpha, _ptr(bias), _ptr(add), torch.get_num_threads())
+    return out
+
+
+def swiglu_add(lib: ctypes.CDLL, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+               out: torch.Tensor, weight: float) -> None:
+    """``out += weight * (silu(x @ w1) * (x @ w3)) @ w2`` for one vector ``x [K]``: ``w1``,
+    ``w3`` ``[K, F]`` with the same row stride, ``w2 [F, N]``, each with unit stride in a
+    row (one expert's slices of :class:`moekit.layers.experts.SwiGLUExperts`, fused or not);
+    ``out [N]`` contiguous."""
+    x = x.contiguous()
+    lib.moekit_swiglu_add(x.data_ptr(), w1.shape[0], w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.shape[1],
+                          w2.data_ptr(), w2.stride(0), w2.shape[1], out.data_ptr(), weight, torch.get_num_threads())
+
+
+def moe_token(lib: ctypes.CDLL, x: torch.Tensor, norm, gate: torch.nn.Linear, top_k: int, renormalize: bool,
+              scale: float, experts) -> tuple[list[int], list[float]]:
+    """One token through a Mixtral-style MoE feed-forward, in place: ``x [d] += sum over the
+    chosen experts of w * expert(norm(x))``, with the top-k softmax router ``gate`` (the k
+    largest logits; weights softmax over them when ``renormalize``, else their softmax
+    probabilities; times ``scale``) and :class:`~moekit.layers.experts.SwiGLUExperts`
+    (:func:`moe_token_ok`). Returns the chosen experts and their weights."""
+    chosen = (ctypes.c_long * top_k)()
+    weights = (ctypes.c_float * top_k)()
+    w1, w3, w2 = experts.w1, experts.w3, experts.w2
+    rc = lib.moekit_moe_token(x.data_ptr(), x.shape[0], norm.weight.data_ptr(), norm.eps, gate.weight.data_ptr(),
+                              _ptr(gate.bias), gate.weight.shape[0], top_k, int(renormalize), scale,
+                              w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.stride(1), w1.shape[2],
+                              w2.data_ptr(), w2.stride(0), w2.stride(1), chosen, weights, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("moekit_moe_token could not allocate its buffers")
+    return list(chosen), list(weights)
+
+
+def moe_token_ok(norm, gate: torch.nn.Linear, experts) -> bool:
+    """Whether :func:`moe_token` takes these modules: float32 on the CPU, an RMSNorm, a
+    contiguous gate, SwiGLU experts whose rows have unit stride and which output d_model."""
+    from moekit.layers.experts import SwiGLUExperts
+    from moekit.layers.norm import RMSNorm
+
+    if not (isinstance(norm, RMSNorm) and type(experts) is SwiGLUExperts):
+        return False
+    tensors = [norm.weight, gate.weight, experts.w1, experts.w3, experts.w2]
+    if gate.bias is not None:
+        tensors.append(gate.bias)
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and gate.weight.is_contiguous() and norm.weight.is_contiguous()
+        and experts.w1.stride() == experts.w3.stride() and experts.w1.stride(2) == experts.w2.stride(2) == 1
+        and experts.d_out == experts.d_model
+    )

@@ -1,0 +1,249 @@
+/* moekit CPU kernels: the matrix-vector products of decoding one token.
+ *
+ * At batch 1 a decode step is memory-bound: it reads every active weight once. These
+ * loops stream the weights with software prefetch and several independent accumulators,
+ * which reads them faster on a 2-core AVX-512 machine than the BLAS call torch makes for
+ * a one-row matmul (measured by benchmarks/generate.py). Threads split the output, so no
+ * reduction across threads is needed. Built and loaded by moekit/kernels/__init__.py;
+ * float32, unit stride within a row, any row stride.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* Prefetch AHEAD rows ahead of the row being read; in column tiles, one prefetch per
+ * PF_EVERY vectors (4 x 64 B; the hardware fetches the neighbouring lines). Tuned on the
+ * 2-core AVX-512 machine: AHEAD 4-8 and PF_EVERY 4 read fastest. */
+#define AHEAD 8
+#define PF_EVERY 4
+
+/* [a, b): thread t's share of n items, in blocks of `align` */
+static void share(long n, long align, long *a, long *b)
+{
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    long blocks = (n + align - 1) / align;
+    *a = blocks * t / T * align;
+    *b = blocks * (t + 1) / T * align;
+    if (*a > n) *a = n;
+    if (*b > n) *b = n;
+}
+
+/* a hint, never a fault: the address may lie past the end of the weights */
+static inline void prefetch(const float *p, long offset)
+{
+    __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)offset * sizeof(float)), 0, 3);
+}
+
+/* r[i] = dot(w + i * ldw, x) for i < 4 (rows past `rows` repeat row 0) */
+static void dot4(const float *w, long ldw, int rows, long K, const float *x, float *r)
+{
+    const float *w0 = w, *w1 = rows > 1 ? w + ldw : w, *w2 = rows > 2 ? w + 2 * ldw : w, *w3 = rows > 3 ? w + 3 * ldw : w;
+    long ahead = AHEAD * ldw;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        prefetch(w0, ahead + k), prefetch(w1, ahead + k), prefetch(w2, ahead + k), prefetch(w3, ahead + k);
+        __m512 xv = _mm512_loadu_ps(x + k);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + k), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + k), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + k), xv, a3);
+    }
+    if (k < K) {
+        __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + k), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w1 + k), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w2 + k), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w3 + k), xv, a3);
+    }
+    r[0] = _mm512_reduce_add_ps(a0), r[1] = _mm512_reduce_add_ps(a1);
+    r[2] = _mm512_reduce_add_ps(a2), r[3] = _mm512_reduce_add_ps(a3);
+#else
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (long k = 0; k < K; k += 16)
+        prefetch(w0, ahead + k), prefetch(w1, ahead + k), prefetch(w2, ahead + k), prefetch(w3, ahead + k);
+    #pragma omp simd reduction(+:s0, s1, s2, s3)
+    for (long k = 0; k < K; k++) {
+        s0 += w0[k] * x[k], s1 += w1[k] * x[k], s2 += w2[k] * x[k], s3 += w3[k] * x[k];
+    }
+    r[0] = s0, r[1] = s1, r[2] = s2, r[3] = s3;
+#endif
+}
+
+/* acc[j] = sum_k x[k] * W[k, j] for j < n. Column tiles of 128 floats stay in registers
+ * while the tile's part of every row streams by (prefetched AHEAD rows ahead). */
+static void axpy_rows(const float *W, long K, long ldw, long n, const float *x, float *acc)
+{
+    long ahead = AHEAD * ldw;
+    long j = 0;
+#if defined(__AVX512F__)
+#define TILE(V)                                                                              \
+    for (; j + 16 * (V) <= n; j += 16 * (V)) {                                               \
+        __m512 a[V];                                                                         \
+        for (int v = 0; v < (V); v++) a[v] = _mm512_setzero_ps();                           \
+        const float *w = W + j;                                                              \
+        for (long k = 0; k < K; k++, w += ldw) {                                             \
+            for (int v = 0; v < (V); v += PF_EVERY) prefetch(w, ahead + 16 * v);           \
+            __m512 xv = _mm512_set1_ps(x[k]);                                                \
+            for (int v = 0; v < (V); v++) a[v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 16 * v), a[v]); \
+        }                                                                                    \
+        for (int v = 0; v < (V); v++) _mm512_storeu_ps(acc + j + 16 * v, a[v]);             \
+    }
+    TILE(8)
+    TILE(4)
+    TILE(1)
+#undef TILE
+    if (j < n) {
+        __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
+        __m512 a0 = _mm512_setzero_ps();
+        const float *w = W + j;
+        for (long k = 0; k < K; k++, w += ldw)
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), _mm512_maskz_loadu_ps(m, w), a0);
+        _mm512_mask_storeu_ps(acc + j, m, a0);
+        j = n;
+    }
+#endif
+    if (j < n) { /* without AVX-512: row by row */
+        long m = n - j;
+        for (long i = 0; i < m; i++) acc[j + i] = 0.0f;
+        for (long k = 0; k < K; k++) {
+            const float *w = W + k * ldw + j;
+            for (long i = 0; i < m; i += 16) prefetch(w, ahead + i);
+            float xk = x[k];
+            float *a = acc + j;
+            #pragma omp simd
+            for (long i = 0; i < m; i++) a[i] += xk * w[i];
+        }
+    }
+}
+
+/* out[i] = x[i] / sqrt(mean(x^2) + eps) * g[i], as torch's rms_norm */
+static void rmsnorm(const float *x, const float *g, long n, float eps, float *out)
+{
+    float ss = 0.0f;
+    #pragma omp simd reduction(+:ss)
+    for (long i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (long i = 0; i < n; i++) out[i] = x[i] * r * g[i];
+}
+
+/* y[n] = alpha * dot(W[n, :], v) + bias[n] + add[n] for n < N, where v = x, or rmsnorm(x) * g
+ * when g is given (bias, add, g may be NULL; add may be y). W is [N, K] with row stride ldw. */
+void moekit_rows(const float *W, long N, long K, long ldw, const float *x, const float *g, float eps,
+                 float *y, float alpha, const float *bias, const float *add, int nthreads)
+{
+    float *normed = NULL;
+    if (g) {
+        normed = malloc(K * sizeof(float));
+        if (!normed) return;
+        rmsnorm(x, g, K, eps, normed);
+        x = normed;
+    }
+    #pragma omp parallel num_threads(nthreads)
+    {
+        long n0, n1;
+        share(N, 16, &n0, &n1);
+        for (long n = n0; n < n1; n += 4) {
+            int rows = n1 - n < 4 ? (int)(n1 - n) : 4;
+            float r[4];
+            dot4(W + n * ldw, ldw, rows, K, x, r);
+            for (int i = 0; i < rows; i++) {
+                float v = alpha * r[i];
+                if (bias) v += bias[n + i];
+                if (add) v += add[n + i];
+                y[n + i] = v;
+            }
+        }
+    }
+    free(normed);
+}
+
+/* out[j] += weight * expert(x)[j] for j < N: one SwiGLU expert, (silu(x @ w1) * (x @ w3)) @ w2.
+ * w1, w3: [K, F] with row stride ld13 (two tensors, or the halves of a fused one); w2: [F, N]
+ * with row stride ld2; buf: 3F floats. Threads split the F hidden columns, then the N outputs. */
+static void swiglu_add(const float *x, long K, const float *w1, const float *w3, long ld13, long F,
+                       const float *w2, long ld2, long N, float *out, float weight, float *buf, int nthreads)
+{
+    float *gate = buf, *up = buf + F, *hidden = buf + 2 * F;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        long a, b;
+        share(F, 16, &a, &b);
+        if (b > a) {
+            axpy_rows(w1 + a, K, ld13, b - a, x, gate + a);
+            axpy_rows(w3 + a, K, ld13, b - a, x, up + a);
+            for (long j = a; j < b; j++) {
+                float g = gate[j];
+                hidden[j] = g / (1.0f + expf(-g)) * up[j];
+            }
+        }
+        #pragma omp barrier
+        share(N, 16, &a, &b);
+        for (long j = a; j < b; j += 1024) {
+            long m = b - j < 1024 ? b - j : 1024;
+            float y[1024];
+            axpy_rows(w2 + j, F, ld2, m, hidden, y);
+            for (long i = 0; i < m; i++) out[j + i] += weight * y[i];
+        }
+    }
+}
+
+void moekit_swiglu_add(const float *x, long K, const float *w1, const float *w3, long ld13, long F,
+                       const float *w2, long ld2, long N, float *out, float weight, int nthreads)
+{
+    float *buf = malloc(3 * F * sizeof(float));
+    if (!buf) return;
+    swiglu_add(x, K, w1, w3, ld13, F, w2, ld2, N, out, weight, buf, nthreads);
+    free(buf);
+}
+
+/* One token through an MoE feed-forward with a softmax top-k router (Mixtral):
+ * h = rmsnorm(x) * g; logits = wr @ h + br; the k largest logits (ties: lower index);
+ * weights = softmax over those k (renormalise) or their softmax probabilities over all E,
+ * times scale; x += sum of weight * expert(h). Expert e's weights: w1 + e * e13 (and w3),
+ * [K, F] with row stride ld13; w2 + e * e2, [F, K] with row stride ld2. The choice is
+ * written to chosen[k] and chosen_w[k]. Returns 0, or -1 when out of memory. */
+int moekit_moe_token(float *x, long K, const float *g, float eps, const float *wr, const float *br, long E,
+                     int k, int renormalize, float scale, const float *w1, const float *w3, long e13, long ld13,
+                     long F, const float *w2, long e2, long ld2, long *chosen, float *chosen_w, int nthreads)
+{
+    float *h = malloc((K + E + 3 * F) * sizeof(float));
+    if (!h) return -1;
+    float *logits = h + K, *buf = h + K + E;
+    rmsnorm(x, g, K, eps, h);
+    for (long e = 0; e < E; e++) {
+        const float *w = wr + e * K;
+        float s = 0.0f;
+        #pragma omp simd reduction(+:s)
+        for (long i = 0; i < K; i++) s += w[i] * h[i];
+        logits[e] = s + (br ? br[e] : 0.0f);
+    }
+    float top = -INFINITY;
+    for (long e = 0; e < E; e++) top = logits[e] > top ? logits[e] : top;
+    float total = 0.0f; /* softmax denominator over all E, for renormalize = 0 */
+    for (long e = 0; e < E; e++) total += expf(logits[e] - top);
+    float chosen_total = 0.0f;
+    for (int i = 0; i < k; i++) {
+        long best = -1;
+        for (long e = 0; e < E; e++) {
+            int taken = 0;
+            for (int j = 0; j < i; j++) taken |= chosen[j] == e;
+            if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+        }
+        chosen[i] = best;
+        chosen_w[i] = expf(logits[best] - top);
+        chosen_total += chosen_w[i];
+    }
+    for (int i = 0; i < k; i++) chosen_w[i] = chosen_w[i] / (renormalize ? chosen_total : total) * scale;
+    for (int i = 0; i < k; i++)
+        swiglu_add(h, K, w1 + chosen[i] * e13, w3 + chosen[i] * e13, ld13, F, w2 + chosen[i] * e2, ld2, K, x,
+                   chosen_w[i], buf, nthreads);
+    free(h);
+    return 0;
+}

@@ -1,0 +1,144 @@
+"""The C matrix-vector kernels against torch on the same numbers."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit import MoE, MoEConfig, kernels
+from moekit.layers.norm import RMSNorm
+
+lib = kernels.load()
+needs_lib = pytest.mark.skipif(lib is None, reason=f"kernels not built here: {kernels.status()}")
+
+
+@needs_lib
+@pytest.mark.parametrize("N, K, ld", [(1, 16, 16), (7, 5, 5), (33, 40, 40), (64, 512, 512), (19, 24, 31), (200, 130, 300)])
+def test_rows_equal_a_matrix_vector_product(N, K, ld):
+    torch.manual_seed(N + K)
+    w = torch.randn(N, ld)[:, :K]  # row stride ld >= K
+    x, bias, add = torch.randn(K), torch.randn(N), torch.randn(N)
+    out = torch.empty(N)
+    torch.testing.assert_close(kernels.rows(lib, w, x, out), w @ x, atol=1e-5, rtol=1e-5)
+    kernels.rows(lib, w, x, out, alpha=0.5, bias=bias, add=add)
+    torch.testing.assert_close(out, 0.5 * (w @ x) + bias + add, atol=1e-5, rtol=1e-5)
+    norm = RMSNorm(K, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    kernels.rows(lib, w, x, out, norm=norm)
+    with torch.no_grad():
+        torch.testing.assert_close(out, w @ norm(x), atol=1e-5, rtol=1e-5)
+    before = add.clone()
+    kernels.rows(lib, w, x, add, add=add)  # in place: out is add
+    torch.testing.assert_close(add, before + w @ x, atol=1e-5, rtol=1e-5)
+
+
+def swiglu(x, w1, w3, w2):
+    return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
+@needs_lib
+@pytest.mark.parametrize("K, Fd, N", [(16, 16, 16), (40, 72, 40), (512, 1408, 512), (33, 200, 17), (24, 300, 1100)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_swiglu_add_equals_the_expert(K, Fd, N, fused):
+    torch.manual_seed(K * Fd)
+    if fused:  # the halves of one [K, 2F] tensor, as SwiGLUExperts.fuse_gate_up stores them
+        w13 = torch.randn(K, 2 * Fd) / K**0.5
+        w1, w3 = w13[:, :Fd], w13[:, Fd:]
+    else:
+        w1, w3 = torch.randn(K, Fd) / K**0.5, torch.randn(K, Fd) / K**0.5
+    w2 = torch.randn(Fd, N) / Fd**0.5
+    x, out = torch.randn(K), torch.randn(N)
+    want = out + 0.3 * swiglu(x, w1, w3, w2)
+    kernels.swiglu_add(lib, x, w1, w3, w2, out, 0.3)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+
+
+@needs_lib
+@pytest.mark.parametrize("fields", [{}, dict(renormalize=False, router_bias=True, routed_scaling_factor=2.5),
+                                    dict(num_experts=8, top_k=3, d_ff=100), dict(top_k=1)],
+                         ids=["mixtral", "no renormalise, bias, scale", "top-3 of 8", "top-1"])
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "fused gate/up"])
+def test_moe_token_equals_the_moe_layer(fields, prepared):
+    torch.manual_seed(0)
+    cfg = MoEConfig(**(dict(d_model=48, d_ff=40, num_experts=6, top_k=2) | fields))
+    moe, norm = MoE(cfg).eval(), RMSNorm(48)
+    with torch.no_grad():
+        moe.router.gate.weight.normal_(0, 1.0)  # far from ties
+        if moe.router.gate.bias is not None:
+            moe.router.gate.bias.normal_(0, 1.0)
+        norm.weight.uniform_(0.5, 1.5)
+    if prepared:
+        moe.experts.fuse_gate_up()
+    assert kernels.moe_token_ok(norm, moe.router.gate, moe.experts)
+    with torch.inference_mode():
+        for _ in range(5):
+            x = torch.randn(48)
+            h = norm(x)
+            ref = moe(h[None])
+            want = x + ref.output[0]
+            got = x.clone()
+            chosen, weights = kernels.moe_token(lib, got, norm, moe.router.gate, cfg.top_k, cfg.renormalize,
+                                                cfg.routed_scaling_factor, moe.experts)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+            assert chosen == ref.routing.indices[0].tolist()
+            torch.testing.assert_close(torch.tensor(weights), ref.routing.weights[0], atol=1e-6, rtol=1e-5)
+
+
+def test_moe_token_refuses_what_it_cannot_run():
+    cfg = MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2)
+    moe, norm = MoE(cfg), RMSNorm(16)
+    assert not kernels.moe_token_ok(norm, moe.router.gate, MoE(MoEConfig(**{**cfg.__dict__, "expert": "gelu"})).experts)
+    assert not kernels.moe_token_ok(torch.nn.LayerNorm(16), moe.router.gate, moe.experts)
+    assert not kernels.moe_token_ok(norm, moe.router.gate, moe.to(torch.bfloat16).experts)
+
+
+def test_disabled_kernels_say_so_and_are_not_used(tmp_path):
+    code = "from moekit import kernels; print(kernels.load() is None); print(kernels.status())"
+    env = dict(os.environ, MOEKIT_KERNELS="0", MOEKIT_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["True", "cpu kernels off: disabled by MOEKIT_KERNELS=0"]
+
+
+def test_a_missing_compiler_falls_back_to_torch(tmp_path):
+    code = "from moekit import kernels; print(kernels.load() is None); print(kernels.status())"
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), MOEKIT_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert lines[0] == "True" and lines[1].startswith("cpu kernels off: build failed, using torch ops")
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written left behind
+
+
+@needs_lib
+def test_the_build_is_cached_by_source_and_cpu(tmp_path):
+    code = "from moekit import kernels; kernels.load(); print(kernels.status())"
+    env = dict(os.environ, MOEKIT_CACHE_DIR=str(tmp_path))
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    built = list((tmp_path / "kernels").glob("cpu_gemv-*.so"))
+    assert len(built) == 1 and str(built[0]) in first
+    mtime = built[0].stat().st_mtime_ns
+    subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built[0].name]  # no temp files left
+
+
+@needs_lib
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "fused gate/up"])
+def test_the_few_token_moe_path_runs_one_row_experts_in_the_kernel(prepared, monkeypatch):
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=40, d_ff=56, num_experts=4, top_k=2)
+    fast = MoE(cfg).eval()
+    ref = MoE(MoEConfig(**{**cfg.__dict__, "implementation": "reference"})).eval()
+    ref.load_state_dict(fast.state_dict())
+    if prepared:
+        fast.experts.fuse_gate_up()
+    calls = []
+    real = kernels.swiglu_add
+    monkeypatch.setattr(kernels, "swiglu_add", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(1, 40)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x).output, ref(x).output, atol=2e-5, rtol=1e-5)
+    assert len(calls) == 2  # one call per chosen expert
