@@ -73,8 +73,9 @@ class Decoder:
                                                            self.dtype} == {torch.float32}
             moe = (router.gate.weight.t(), router.gate.bias, router.renormalize, router.scale) if lean_router else ()
         lib = self.lib is not None
-        k_attn = (lib and attn_weights is not None and _norm_ok(block.attn_norm)
-                  and kernels.rows_ok(attn_weights[0].t()) and kernels.rows_ok(attn_weights[2].t()))
+        k_attn = (lib and attn_weights is not None and _norm_ok(block.attn_norm) and self.cache.k.shape[1] == 1
+                  and kernels.attention_ok(attn_weights[0].t(), attn_weights[2].t(), (self.H, self.Hkv, self.hd),
+                                           self.k_cache[0][0], self.v_cache[0][0], attn_weights[1], attn_weights[3]))
         k_moe = (lib and bool(moe) and ffn.shared_experts is None
                  and kernels.moe_token_ok(block.ffn_norm, ffn.router.gate, ffn.experts))
         return block, attn_weights, moe, k_attn, k_moe
@@ -103,13 +104,16 @@ class Decoder:
             cos_t, sin_t = model.rope.cos[pos : pos + 1], model.rope.sin[pos : pos + 1]  # [1, hd]
         else:
             cos_t, sin_t = model.rope(positions)  # [B, hd]
-        rotation = torch.diag_embed(cos_t) + self.swap * (sin_t * self.sin_sign)[:, None, :]  # [B or 1, hd, hd]
+        rotation = None  # built when a layer's attention runs in torch ops
         mask = key_mask[:, None, None, :] if key_mask is not None else None  # [B, L] -> [B, 1, 1, L]
         x = F.embedding(tokens, model.embed.weight)  # [B, d]
         lib = self.lib if x.shape[0] == 1 else None
         for layer, (block, attn_w, moe, k_attn, k_moe) in enumerate(self.layers):
-            if lib is not None and k_attn:  # the norm inside the q/k/v product
-                x = self._attention(x, None, attn_w, rotation, layer, pos, mask, lib, block.attn_norm)
+            if lib is not None and k_attn and mask is None:  # norm, q/k/v, RoPE, cache, attention, output: one call
+                w_qkv, b_qkv, w_o, b_o, window = attn_w
+                kernels.attention_token(lib, x[0], block.attn_norm, w_qkv.t(), b_qkv, (self.H, self.Hkv, self.hd),
+                                        cos_t[0], sin_t[0], self.k_cache[layer][0], self.v_cache[layer][0], pos,
+                                        0 if window is None else max(0, pos + 1 - window), w_o.t(), b_o)
             else:
                 h = block.attn_norm(x)
                 if attn_w is None:
@@ -117,7 +121,9 @@ class Decoder:
                                    sin_t if positions is None else sin_t[:, None], cache, layer, key_mask)[:, 0]
                     x = x + y
                 else:
-                    x = self._attention(x, h, attn_w, rotation, layer, pos, mask, lib)
+                    if rotation is None:
+                        rotation = torch.diag_embed(cos_t) + self.swap * (sin_t * self.sin_sign)[:, None, :]  # [B or 1, hd, hd]
+                    x = self._attention(x, h, attn_w, rotation, layer, pos, mask)
             if lib is not None and k_moe:  # norm, router and experts in one call, adding into x (this step's own)
                 ffn = block.ffn
                 kernels.moe_token(lib, x[0], block.ffn_norm, ffn.router.gate, ffn.config.top_k, moe[2], moe[3],
@@ -137,16 +143,10 @@ class Decoder:
         kernels.rows(lib, head.weight, x[0], logits[0], bias=head.bias, norm=model.norm)
         return logits
 
-    def _attention(self, x, h, weights, rotation, layer, pos, mask, lib, norm=None):
-        """Attention of the step's tokens, added to ``x``. ``h`` is the normed ``x``; with the
-        kernels (``lib``) it may be ``None`` and ``norm`` the RMSNorm to apply inside."""
+    def _attention(self, x, h, weights, rotation, layer, pos, mask):
         w_qkv, b_qkv, w_o, b_o, window = weights
         B, H, Hkv, hd = x.shape[0], self.H, self.Hkv, self.hd
-        if lib is not None and kernels.rows_ok(w_qkv.t()):  # [1, d] -> [1, (H+2Hkv) hd]
-            src, norm = (x, norm) if h is None else (h, None)
-            qkv = kernels.rows(lib, w_qkv.t(), src[0], x.new_empty(1, w_qkv.shape[1])[0], bias=b_qkv, norm=norm)[None]
-        else:
-            qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)  # [B, (H+2Hkv) hd]
+        qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)  # [B, (H+2Hkv) hd]
         qk = qkv[:, : (H + Hkv) * hd].view(B, H + Hkv, hd)
         if qk.dtype == rotation.dtype:
             qk = torch.matmul(qk, rotation)  # RoPE on q and k at once
@@ -161,8 +161,6 @@ class Decoder:
             mask = mask[..., start:]
         y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=mask, enable_gqa=H != Hkv)
         y = y.reshape(B, H * hd)  # [B, H, 1, hd] -> [B, H*hd]
-        if lib is not None and kernels.rows_ok(w_o.t()):  # the residual plus the output projection
-            return kernels.rows(lib, w_o.t(), y[0], torch.empty_like(x[0]), bias=b_o, add=x[0])[None]
         return torch.addmm(x, y, w_o) if b_o is None else torch.addmm(x + b_o, y, w_o)
 
     def _moe(self, x, h, moe_module, moe, tokens):

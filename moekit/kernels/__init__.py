@@ -80,6 +80,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moekit_swiglu_add.restype = None
     lib.moekit_moe_token.argtypes = [P, L, P, F, P, P, L, I, I, F, P, P, L, L, L, P, L, L, P, P, I]
     lib.moekit_moe_token.restype = I
+    lib.moekit_attention_token.argtypes = [P, L, P, F, P, P, L, L, L, P, P, P, P, L, L, L, P, L, P, I]
+    lib.moekit_attention_token.restype = I
     return lib
 
 
@@ -185,4 +187,37 @@ def moe_token_ok(norm, gate: torch.nn.Linear, experts) -> bool:
         and gate.weight.is_contiguous() and norm.weight.is_contiguous()
         and experts.w1.stride() == experts.w3.stride() and experts.w1.stride(2) == experts.w2.stride(2) == 1
         and experts.d_out == experts.d_model
+    )
+
+
+def attention_token(lib: ctypes.CDLL, x: torch.Tensor, norm, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
+                    heads: tuple[int, int, int], cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, pos: int, start: int, w_o: torch.Tensor, b_o: torch.Tensor | None) -> None:
+    """One token's self-attention (batch 1) added into ``x [d]`` in place: q/k/v from
+    ``norm(x)`` (``w_qkv [(H + 2 Hkv) hd, d]``), RoPE (``cos``/``sin`` ``[hd]`` of this
+    position), k and v written at row ``pos`` of the layer's caches (``[Hkv, rows, hd]``),
+    attention over rows ``[start, pos]`` (query head h reads kv head ``h // (H / Hkv)``, scale
+    ``1/sqrt(hd)``), then ``x += w_o @ y + b_o``. ``heads`` is ``(H, Hkv, hd)``; the tensors
+    pass :func:`attention_ok`."""
+    H, Hkv, hd = heads
+    rc = lib.moekit_attention_token(
+        x.data_ptr(), x.shape[0], norm.weight.data_ptr(), norm.eps, w_qkv.data_ptr(), _ptr(b_qkv), H, Hkv, hd,
+        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos, start,
+        w_o.data_ptr(), w_o.stride(0), _ptr(b_o), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("moekit_attention_token could not allocate its buffers")
+
+
+def attention_ok(w_qkv: torch.Tensor, w_o: torch.Tensor, heads: tuple[int, int, int], k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, *biases: torch.Tensor | None) -> bool:
+    """Whether :func:`attention_token` takes these: float32 on the CPU, contiguous q/k/v rows,
+    ``w_o`` rows with unit stride, caches ``[Hkv, rows, hd]`` with contiguous rows and the same
+    layout, an even head size, query heads a multiple of kv heads."""
+    H, Hkv, hd = heads
+    tensors = [w_qkv, w_o, k_cache, v_cache, *(b for b in biases if b is not None)]
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and w_qkv.is_contiguous() and rows_ok(w_o) and all(b.is_contiguous() for b in biases if b is not None)
+        and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and k_cache.stride(-2) == hd
+        and hd % 2 == 0 and H % Hkv == 0
     )

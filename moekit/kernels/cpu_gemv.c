@@ -247,3 +247,62 @@ int moekit_moe_token(float *x, long K, const float *g, float eps, const float *w
     free(h);
     return 0;
 }
+
+/* v[hd] rotated by RoPE in the half-split layout: (a, b) -> (a cos - b sin, b cos + a sin) */
+static void rope(float *v, long hd, const float *cos, const float *sin)
+{
+    long half = hd / 2;
+    for (long i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* One token's self-attention (batch 1) added into the residual x[d], in place:
+ * qkv = wqkv @ (rmsnorm(x) * g) + bqkv, [(H + 2 Hkv) hd] (wqkv rows contiguous, [n, d]);
+ * q and k rotated by RoPE (cos, sin: [hd] of this position); k and v written at row `pos`
+ * of the layer's caches kc, vc ([Hkv, rows, hd], head stride hs, row stride hd); each query
+ * head attends to kv head h / (H / Hkv) over cache rows [start, pos] (softmax of q.k / sqrt(hd));
+ * x += wo @ y + bo (wo: [d, H hd] with row stride ldo). Returns 0, or -1 when out of memory. */
+int moekit_attention_token(float *x, long d, const float *g, float eps, const float *wqkv, const float *bqkv,
+                           long H, long Hkv, long hd, const float *cos, const float *sin, float *kc, float *vc,
+                           long hs, long pos, long start, const float *wo, long ldo, const float *bo, int nthreads)
+{
+    long n = (H + 2 * Hkv) * hd, L = pos + 1 - start;
+    float *qkv = malloc((n + H * hd + H * L) * sizeof(float));
+    if (!qkv) return -1;
+    float *y = qkv + n, *scores = y + H * hd;
+    moekit_rows(wqkv, n, d, d, x, g, eps, qkv, 1.0f, bqkv, NULL, nthreads);
+    for (long h = 0; h < H + Hkv; h++) rope(qkv + h * hd, hd, cos, sin);
+    for (long h = 0; h < Hkv; h++) {
+        float *k = qkv + (H + h) * hd, *v = qkv + (H + Hkv + h) * hd;
+        for (long i = 0; i < hd; i++) kc[h * hs + pos * hd + i] = k[i], vc[h * hs + pos * hd + i] = v[i];
+    }
+    float scale = 1.0f / sqrtf((float)hd);
+    long group = H / Hkv;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long h = 0; h < H; h++) {
+        const float *q = qkv + h * hd, *keys = kc + (h / group) * hs, *vals = vc + (h / group) * hs;
+        float *s = scores + h * L, *out = y + h * hd, top = -INFINITY, total = 0.0f;
+        for (long t = 0; t < L; t++) {
+            const float *k = keys + (start + t) * hd;
+            float dot = 0.0f;
+            #pragma omp simd reduction(+:dot)
+            for (long i = 0; i < hd; i++) dot += q[i] * k[i];
+            s[t] = dot * scale;
+            top = s[t] > top ? s[t] : top;
+        }
+        for (long t = 0; t < L; t++) s[t] = expf(s[t] - top), total += s[t];
+        for (long i = 0; i < hd; i++) out[i] = 0.0f;
+        for (long t = 0; t < L; t++) {
+            const float *v = vals + (start + t) * hd;
+            float p = s[t] / total;
+            #pragma omp simd
+            for (long i = 0; i < hd; i++) out[i] += p * v[i];
+        }
+    }
+    moekit_rows(wo, d, H * hd, ldo, y, NULL, 0.0f, x, 1.0f, bo, x, nthreads);
+    free(qkv);
+    return 0;
+}

@@ -71,7 +71,7 @@ def test_one_row_decode_equals_the_generic_forward(case, use_kernels, monkeypatc
     if not use_kernels:
         kernels.load()
         monkeypatch.setitem(kernels._state, "lib", None)
-    calls = {"rows": 0, "moe_token": 0}
+    calls = {"rows": 0, "moe_token": 0, "attention_token": 0}
     for name in calls:
         def spy(*args, _f=getattr(kernels, name), _n=name, **kw):
             calls[_n] += 1
@@ -82,6 +82,7 @@ def test_one_row_decode_equals_the_generic_forward(case, use_kernels, monkeypatc
     whole_moe = moe.get("router", "topk") == "topk" and moe.get("expert", "swiglu") == "swiglu" \
         and not moe.get("num_shared_experts")
     assert (calls["moe_token"] > 0) == (use_kernels and whole_moe)
+    assert (calls["attention_token"] > 0) == (use_kernels and "qk_norm" not in CASES[case])
     assert (calls["rows"] > 0) == use_kernels  # at least the LM head
 
 
