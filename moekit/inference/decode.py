@@ -56,9 +56,9 @@ class Decoder:
         # (float32 on the CPU): each norm folded into the product that reads it, each
         # Mixtral-style MoE layer in one call
         self.lib = kernels.load() if kernels.rows_ok(model.lm_head.weight) and _norm_ok(model.norm) else None
-        self.layers = [self._plan(block) for block in model.blocks]
+        self.layers = [self._plan(layer, block) for layer, block in enumerate(model.blocks)]
 
-    def _plan(self, block):
+    def _plan(self, layer, block):
         attn, ffn = block.attn, block.ffn
         attn_weights = None  # q/k norms or clamping: the module
         if attn.qk_norm is None and attn.clip_qkv is None:
@@ -72,12 +72,18 @@ class Decoder:
             lean_router = type(router) is TopKRouter and {router.gate.weight.dtype, block.ffn_norm.weight.dtype,
                                                            self.dtype} == {torch.float32}
             moe = (router.gate.weight.t(), router.gate.bias, router.renormalize, router.scale) if lean_router else ()
-        lib = self.lib is not None
-        k_attn = (lib and attn_weights is not None and _norm_ok(block.attn_norm) and self.cache.k.shape[1] == 1
-                  and kernels.attention_ok(attn_weights[0].t(), attn_weights[2].t(), (self.H, self.Hkv, self.hd),
-                                           self.k_cache[0][0], self.v_cache[0][0], attn_weights[1], attn_weights[3]))
-        k_moe = (lib and bool(moe) and ffn.shared_experts is None
-                 and kernels.moe_token_ok(block.ffn_norm, ffn.router.gate, ffn.experts))
+        # one-row steps: this layer's attention and MoE bound to the kernels, where they apply
+        k_attn = k_moe = None
+        if self.lib is not None and attn_weights is not None and _norm_ok(block.attn_norm) and self.cache.k.shape[1] == 1:
+            w_qkv, b_qkv, w_o, b_o, _ = attn_weights
+            heads, k_cache, v_cache = (self.H, self.Hkv, self.hd), self.k_cache[layer][0], self.v_cache[layer][0]
+            if kernels.attention_ok(w_qkv.t(), w_o.t(), heads, k_cache, v_cache, b_qkv, b_o):
+                k_attn = kernels.AttentionStep(self.lib, block.attn_norm, w_qkv.t(), b_qkv, heads, k_cache, v_cache,
+                                               w_o.t(), b_o)
+        if (self.lib is not None and moe and ffn.shared_experts is None
+                and kernels.moe_token_ok(block.ffn_norm, ffn.router.gate, ffn.experts)):
+            k_moe = kernels.MoETokenStep(self.lib, block.ffn_norm, ffn.router.gate, ffn.config.top_k, moe[2], moe[3],
+                                         ffn.experts)
         return block, attn_weights, moe, k_attn, k_moe
 
     @torch.inference_mode()
@@ -109,11 +115,9 @@ class Decoder:
         x = F.embedding(tokens, model.embed.weight)  # [B, d]
         lib = self.lib if x.shape[0] == 1 else None
         for layer, (block, attn_w, moe, k_attn, k_moe) in enumerate(self.layers):
-            if lib is not None and k_attn and mask is None:  # norm, q/k/v, RoPE, cache, attention, output: one call
-                w_qkv, b_qkv, w_o, b_o, window = attn_w
-                kernels.attention_token(lib, x[0], block.attn_norm, w_qkv.t(), b_qkv, (self.H, self.Hkv, self.hd),
-                                        cos_t[0], sin_t[0], self.k_cache[layer][0], self.v_cache[layer][0], pos,
-                                        0 if window is None else max(0, pos + 1 - window), w_o.t(), b_o)
+            if lib is not None and k_attn is not None and mask is None:  # norm, q/k/v, RoPE, cache, attention, out
+                window = attn_w[4]
+                k_attn(x[0], cos_t[0], sin_t[0], pos, 0 if window is None else max(0, pos + 1 - window))
             else:
                 h = block.attn_norm(x)
                 if attn_w is None:
@@ -124,10 +128,8 @@ class Decoder:
                     if rotation is None:
                         rotation = torch.diag_embed(cos_t) + self.swap * (sin_t * self.sin_sign)[:, None, :]  # [B or 1, hd, hd]
                     x = self._attention(x, h, attn_w, rotation, layer, pos, mask)
-            if lib is not None and k_moe:  # norm, router and experts in one call, adding into x (this step's own)
-                ffn = block.ffn
-                kernels.moe_token(lib, x[0], block.ffn_norm, ffn.router.gate, ffn.config.top_k, moe[2], moe[3],
-                                  ffn.experts)
+            if lib is not None and k_moe is not None:  # norm, router, experts: one call adding into x (this step's own)
+                k_moe(x[0])
                 continue
             h = block.ffn_norm(x)
             if moe is None:

@@ -152,27 +152,37 @@ def swiglu_add(lib: ctypes.CDLL, x: torch.Tensor, w1: torch.Tensor, w3: torch.Te
                           w2.data_ptr(), w2.stride(0), w2.shape[1], out.data_ptr(), weight, torch.get_num_threads())
 
 
-def moe_token(lib: ctypes.CDLL, x: torch.Tensor, norm, gate: torch.nn.Linear, top_k: int, renormalize: bool,
-              scale: float, experts) -> tuple[list[int], list[float]]:
-    """One token through a Mixtral-style MoE feed-forward, in place: ``x [d] += sum over the
-    chosen experts of w * expert(norm(x))``, with the top-k softmax router ``gate`` (the k
-    largest logits; weights softmax over them when ``renormalize``, else their softmax
-    probabilities; times ``scale``) and :class:`~moekit.layers.experts.SwiGLUExperts`
-    (:func:`moe_token_ok`). Returns the chosen experts and their weights."""
-    chosen = (ctypes.c_long * top_k)()
-    weights = (ctypes.c_float * top_k)()
-    w1, w3, w2 = experts.w1, experts.w3, experts.w2
-    rc = lib.moekit_moe_token(x.data_ptr(), x.shape[0], norm.weight.data_ptr(), norm.eps, gate.weight.data_ptr(),
-                              _ptr(gate.bias), gate.weight.shape[0], top_k, int(renormalize), scale,
-                              w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.stride(1), w1.shape[2],
-                              w2.data_ptr(), w2.stride(0), w2.stride(1), chosen, weights, torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("moekit_moe_token could not allocate its buffers")
-    return list(chosen), list(weights)
+class MoETokenStep:
+    """One token through a Mixtral-style MoE feed-forward, in place, bound to its weights:
+    ``step(x)`` does ``x [d] += sum over the chosen experts of w * expert(norm(x))`` with the
+    top-k softmax router ``gate`` (the k largest logits; weights softmax over them when
+    ``renormalize``, else their softmax probabilities; times ``scale``) and
+    :class:`~moekit.layers.experts.SwiGLUExperts` (:func:`moe_token_ok`), and returns the
+    chosen experts and their weights. The weights are read where they are when the step is
+    bound (it keeps them alive), so bind once per generation."""
+
+    def __init__(self, lib: ctypes.CDLL, norm, gate: torch.nn.Linear, top_k: int, renormalize: bool, scale: float,
+                 experts):
+        w1, w3, w2 = experts.w1, experts.w3, experts.w2
+        self._keep = (norm.weight, gate.weight, gate.bias, w1, w3, w2)
+        self._fn = lib.moekit_moe_token
+        self._router = (norm.weight.data_ptr(), norm.eps, gate.weight.data_ptr(), _ptr(gate.bias),
+                        gate.weight.shape[0], top_k, int(renormalize), scale)
+        self._experts = (w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.stride(1), w1.shape[2],
+                         w2.data_ptr(), w2.stride(0), w2.stride(1))
+        self._chosen, self._weights = (ctypes.c_long * top_k)(), (ctypes.c_float * top_k)()
+
+    def __call__(self, x: torch.Tensor) -> tuple[list[int], list[float]]:
+        """``x``: ``[d]`` contiguous float32, updated in place."""
+        rc = self._fn(x.data_ptr(), x.shape[0], *self._router, *self._experts, self._chosen, self._weights,
+                      torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("moekit_moe_token could not allocate its buffers")
+        return list(self._chosen), list(self._weights)
 
 
 def moe_token_ok(norm, gate: torch.nn.Linear, experts) -> bool:
-    """Whether :func:`moe_token` takes these modules: float32 on the CPU, an RMSNorm, a
+    """Whether :class:`MoETokenStep` takes these modules: float32 on the CPU, an RMSNorm, a
     contiguous gate, SwiGLU experts whose rows have unit stride and which output d_model."""
     from moekit.layers.experts import SwiGLUExperts
     from moekit.layers.norm import RMSNorm
@@ -190,27 +200,34 @@ def moe_token_ok(norm, gate: torch.nn.Linear, experts) -> bool:
     )
 
 
-def attention_token(lib: ctypes.CDLL, x: torch.Tensor, norm, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
-                    heads: tuple[int, int, int], cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, pos: int, start: int, w_o: torch.Tensor, b_o: torch.Tensor | None) -> None:
-    """One token's self-attention (batch 1) added into ``x [d]`` in place: q/k/v from
-    ``norm(x)`` (``w_qkv [(H + 2 Hkv) hd, d]``), RoPE (``cos``/``sin`` ``[hd]`` of this
-    position), k and v written at row ``pos`` of the layer's caches (``[Hkv, rows, hd]``),
-    attention over rows ``[start, pos]`` (query head h reads kv head ``h // (H / Hkv)``, scale
-    ``1/sqrt(hd)``), then ``x += w_o @ y + b_o``. ``heads`` is ``(H, Hkv, hd)``; the tensors
-    pass :func:`attention_ok`."""
-    H, Hkv, hd = heads
-    rc = lib.moekit_attention_token(
-        x.data_ptr(), x.shape[0], norm.weight.data_ptr(), norm.eps, w_qkv.data_ptr(), _ptr(b_qkv), H, Hkv, hd,
-        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos, start,
-        w_o.data_ptr(), w_o.stride(0), _ptr(b_o), torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("moekit_attention_token could not allocate its buffers")
+class AttentionStep:
+    """One token's self-attention (batch 1) added into the residual in place, bound to a
+    layer's weights and KV cache: ``step(x, cos, sin, pos, start)`` computes q/k/v from
+    ``norm(x)`` (``w_qkv [(H + 2 Hkv) hd, d]``), rotates q and k by RoPE (``cos``/``sin``
+    ``[hd]`` of this position), writes k and v at row ``pos`` of the caches (``[Hkv, rows,
+    hd]``), attends over rows ``[start, pos]`` (query head h reads kv head ``h // (H / Hkv)``,
+    scale ``1/sqrt(hd)``) and adds ``w_o @ y + b_o`` into ``x [d]``. ``heads`` is
+    ``(H, Hkv, hd)``; the tensors pass :func:`attention_ok` and are kept alive."""
+
+    def __init__(self, lib: ctypes.CDLL, norm, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
+                 heads: tuple[int, int, int], k_cache: torch.Tensor, v_cache: torch.Tensor, w_o: torch.Tensor,
+                 b_o: torch.Tensor | None):
+        self._keep = (norm.weight, w_qkv, b_qkv, k_cache, v_cache, w_o, b_o)
+        self._fn = lib.moekit_attention_token
+        self._qkv = (norm.weight.data_ptr(), norm.eps, w_qkv.data_ptr(), _ptr(b_qkv), *heads)
+        self._cache = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0))
+        self._out = (w_o.data_ptr(), w_o.stride(0), _ptr(b_o))
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, start: int) -> None:
+        rc = self._fn(x.data_ptr(), x.shape[0], *self._qkv, cos.data_ptr(), sin.data_ptr(), *self._cache, pos, start,
+                      *self._out, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("moekit_attention_token could not allocate its buffers")
 
 
 def attention_ok(w_qkv: torch.Tensor, w_o: torch.Tensor, heads: tuple[int, int, int], k_cache: torch.Tensor,
                  v_cache: torch.Tensor, *biases: torch.Tensor | None) -> bool:
-    """Whether :func:`attention_token` takes these: float32 on the CPU, contiguous q/k/v rows,
+    """Whether :class:`AttentionStep` takes these: float32 on the CPU, contiguous q/k/v rows,
     ``w_o`` rows with unit stride, caches ``[Hkv, rows, hd]`` with contiguous rows and the same
     layout, an even head size, query heads a multiple of kv heads."""
     H, Hkv, hd = heads

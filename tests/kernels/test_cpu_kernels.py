@@ -81,8 +81,9 @@ def test_moe_token_equals_the_moe_layer(fields, prepared):
             ref = moe(h[None])
             want = x + ref.output[0]
             got = x.clone()
-            chosen, weights = kernels.moe_token(lib, got, norm, moe.router.gate, cfg.top_k, cfg.renormalize,
-                                                cfg.routed_scaling_factor, moe.experts)
+            step = kernels.MoETokenStep(lib, norm, moe.router.gate, cfg.top_k, cfg.renormalize,
+                                        cfg.routed_scaling_factor, moe.experts)
+            chosen, weights = step(got)
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
             assert chosen == ref.routing.indices[0].tolist()
             torch.testing.assert_close(torch.tensor(weights), ref.routing.weights[0], atol=1e-6, rtol=1e-5)
