@@ -105,7 +105,11 @@ def load() -> ctypes.CDLL | None:
             try:
                 if not target.exists():
                     _build(compiler, target)
-                lib = _declare(ctypes.CDLL(str(target)))
+                try:
+                    lib = _declare(ctypes.CDLL(str(target)))
+                except OSError:  # a damaged file in the cache: build it again, once
+                    _build(compiler, target)
+                    lib = _declare(ctypes.CDLL(str(target)))
                 reason = f"compiled ({target})"
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 lib, reason = None, f"build failed, using torch ops: {exc}"

@@ -143,3 +143,14 @@ def test_the_few_token_moe_path_runs_one_row_experts_in_the_kernel(prepared, mon
     with torch.inference_mode():
         torch.testing.assert_close(fast(x).output, ref(x).output, atol=2e-5, rtol=1e-5)
     assert len(calls) == 2  # one call per chosen expert
+
+
+@needs_lib
+def test_a_damaged_cached_build_is_rebuilt(tmp_path):
+    code = "from moekit import kernels; print(kernels.load() is not None)"
+    env = dict(os.environ, MOEKIT_CACHE_DIR=str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    (built,) = (tmp_path / "kernels").glob("cpu_gemv-*.so")
+    built.write_bytes(b"not a shared library")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True" and built.read_bytes()[:4] == b"\x7fELF"
