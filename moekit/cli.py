@@ -172,7 +172,10 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         raise _fail("generate", exc) from None
     stream.finish()
     if args.stats:
+        from moekit import kernels
+
         print(result.stats.summary(), file=sys.stderr)
+        print(kernels.status(), file=sys.stderr)  # whether batch-1 steps ran the C kernels
     return 0
 
 

@@ -58,6 +58,7 @@ def test_train_and_generate_end_to_end_in_a_subprocess(tmp_path):
     b = run_cli("generate", "--model", str(tmp_path / "hf"), *greedy, "--stats")
     assert a.stdout == b.stdout and a.stdout.startswith("def f(")
     assert "prefill 6 tokens" in b.stderr and "decode 11 steps" in b.stderr and "peak memory" in b.stderr
+    assert "cpu kernels" in b.stderr
     exists = run_cli("convert", str(out), str(tmp_path / "hf"), check=False)
     assert exists.returncode != 0 and "not empty" in exists.stderr
     again = run_cli("train", "--preset", "tiny", "--out", str(out), "--max-steps", "6", check=False)

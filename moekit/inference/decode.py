@@ -14,6 +14,12 @@ auxiliary losses are built. Batches of more than ``SMALL_BATCH_SLOTS`` (token, e
 run the MoE layer's own sorted path, which reads each chosen expert's weights once for all
 its rows.
 
+At batch 1 in float32 on the CPU, where ``moekit.kernels`` is built, each layer is two
+calls into C instead: the attention (norm, q/k/v, RoPE, cache write, attention, output
+projection into the residual) and the Mixtral-style MoE feed-forward (norm, top-k router,
+each chosen SwiGLU expert added into the residual), and the final norm is folded into the
+LM-head product; layers the kernels do not take run as below.
+
 It covers the common case and hands the rest to the modules themselves, so every model
 decodes: attention with q/k norms or q/k/v clamping runs ``Attention.forward``; routers
 other than ``topk`` are called as modules; the chosen experts run as in the MoE layer's
