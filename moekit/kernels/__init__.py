@@ -1,21 +1,23 @@
-"""CPU kernels for the matrix-vector products of one-token decoding, built on first use.
+"""CPU kernels for decoding one token, built on first use.
 
 At batch 1 a decode step reads every active weight once, so its speed is the rate at
 which a few dozen matrix-vector products read memory. For a one-row ``x @ W`` torch calls
 a BLAS matrix-matrix kernel, which on this project's 2-core AVX-512 machine reads float32
 weights at 16-20 GB/s; the loops in ``cpu_gemv.c`` (several accumulators, software
-prefetch, each thread streaming its own share of the output) read them at 20-25 GB/s,
-measured by ``benchmarks/generate.py``. One call also runs a whole SwiGLU expert (gate,
-up, activation, down projection added into the output), where torch takes five ops.
+prefetch, each thread streaming its own share of the output) read them at 20-28 GB/s,
+measured by ``benchmarks/generate.py``. Whole steps run in one call each, where torch takes
+a dozen ops: a SwiGLU expert (:func:`swiglu_add`), a Mixtral-style MoE feed-forward with
+its norm and router (:class:`MoETokenStep`) and a layer's attention with its norm, RoPE and
+KV-cache write (:class:`AttentionStep`); :func:`rows` is the plain product (the LM head).
 
 The C file is compiled with the system's C compiler (``$CC``, else ``cc`` or ``gcc``;
 ``-O3 -march=native -fopenmp``) into a cache folder (``$MOEKIT_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/moekit``, else ``~/.cache/moekit``), under a name that hashes the source,
-the flags and the CPU, and is written atomically. Where there is no compiler, the build
-fails, or ``MOEKIT_KERNELS=0`` is set, :func:`load` returns ``None`` and the callers use
-torch ops (same results to float32 rounding); :func:`status` says which and why.
-OpenMP comes from the ``libgomp.so.1`` torch has already loaded, so the kernels share
-torch's threads (``torch.get_num_threads()`` of them).
+the flags, the CPU and the torch version, and is written atomically. Where there is no
+compiler, the build fails, or ``MOEKIT_KERNELS=0`` is set, :func:`load` returns ``None``
+and the callers use torch ops (same results to float32 rounding); :func:`status` says which
+and why. OpenMP comes from the ``libgomp.so.1`` torch has already loaded, so the kernels
+share torch's threads (``torch.get_num_threads()`` of them).
 """
 
 from __future__ import annotations
@@ -75,9 +77,9 @@ def _build(compiler: str, target: Path) -> None:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     P, L, F, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
     lib.moekit_rows.argtypes = [P, L, L, L, P, P, F, P, F, P, P, I]
-    lib.moekit_rows.restype = None
+    lib.moekit_rows.restype = I
     lib.moekit_swiglu_add.argtypes = [P, L, P, P, L, L, P, L, L, P, F, I]
-    lib.moekit_swiglu_add.restype = None
+    lib.moekit_swiglu_add.restype = I
     lib.moekit_moe_token.argtypes = [P, L, P, F, P, P, L, I, I, F, P, P, L, L, L, P, L, L, P, P, I]
     lib.moekit_moe_token.restype = I
     lib.moekit_attention_token.argtypes = [P, L, P, F, P, P, L, L, L, P, P, P, P, L, L, L, P, L, P, I]
@@ -140,8 +142,9 @@ def rows(lib: ctypes.CDLL, w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, 
     ``out``."""
     x = x.contiguous()
     g, eps = (None, 0.0) if norm is None else (norm.weight.data_ptr(), norm.eps)
-    lib.moekit_rows(w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), x.data_ptr(), g, eps, out.data_ptr(),
-                    alpha, _ptr(bias), _ptr(add), torch.get_num_threads())
+    if lib.moekit_rows(w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), x.data_ptr(), g, eps, out.data_ptr(),
+                       alpha, _ptr(bias), _ptr(add), torch.get_num_threads()) != 0:
+        raise MemoryError("moekit_rows could not allocate its buffer")
     return out
 
 
@@ -152,8 +155,10 @@ def swiglu_add(lib: ctypes.CDLL, x: torch.Tensor, w1: torch.Tensor, w3: torch.Te
     row (one expert's slices of :class:`moekit.layers.experts.SwiGLUExperts`, fused or not);
     ``out [N]`` contiguous."""
     x = x.contiguous()
-    lib.moekit_swiglu_add(x.data_ptr(), w1.shape[0], w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.shape[1],
-                          w2.data_ptr(), w2.stride(0), w2.shape[1], out.data_ptr(), weight, torch.get_num_threads())
+    if lib.moekit_swiglu_add(x.data_ptr(), w1.shape[0], w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.shape[1],
+                             w2.data_ptr(), w2.stride(0), w2.shape[1], out.data_ptr(), weight,
+                             torch.get_num_threads()) != 0:
+        raise MemoryError("moekit_swiglu_add could not allocate its buffer")
 
 
 class MoETokenStep:

@@ -134,14 +134,15 @@ static void rmsnorm(const float *x, const float *g, long n, float eps, float *ou
 }
 
 /* y[n] = alpha * dot(W[n, :], v) + bias[n] + add[n] for n < N, where v = x, or rmsnorm(x) * g
- * when g is given (bias, add, g may be NULL; add may be y). W is [N, K] with row stride ldw. */
-void moekit_rows(const float *W, long N, long K, long ldw, const float *x, const float *g, float eps,
-                 float *y, float alpha, const float *bias, const float *add, int nthreads)
+ * when g is given (bias, add, g may be NULL; add may be y). W is [N, K] with row stride ldw.
+ * Returns 0, or -1 when out of memory (y untouched). */
+int moekit_rows(const float *W, long N, long K, long ldw, const float *x, const float *g, float eps,
+                float *y, float alpha, const float *bias, const float *add, int nthreads)
 {
     float *normed = NULL;
     if (g) {
         normed = malloc(K * sizeof(float));
-        if (!normed) return;
+        if (!normed) return -1;
         rmsnorm(x, g, K, eps, normed);
         x = normed;
     }
@@ -162,6 +163,7 @@ void moekit_rows(const float *W, long N, long K, long ldw, const float *x, const
         }
     }
     free(normed);
+    return 0;
 }
 
 /* out[j] += weight * expert(x)[j] for j < N: one SwiGLU expert, (silu(x @ w1) * (x @ w3)) @ w2.
@@ -194,13 +196,15 @@ static void swiglu_add(const float *x, long K, const float *w1, const float *w3,
     }
 }
 
-void moekit_swiglu_add(const float *x, long K, const float *w1, const float *w3, long ld13, long F,
-                       const float *w2, long ld2, long N, float *out, float weight, int nthreads)
+/* Returns 0, or -1 when out of memory (out untouched). */
+int moekit_swiglu_add(const float *x, long K, const float *w1, const float *w3, long ld13, long F,
+                      const float *w2, long ld2, long N, float *out, float weight, int nthreads)
 {
     float *buf = malloc(3 * F * sizeof(float));
-    if (!buf) return;
+    if (!buf) return -1;
     swiglu_add(x, K, w1, w3, ld13, F, w2, ld2, N, out, weight, buf, nthreads);
     free(buf);
+    return 0;
 }
 
 /* One token through an MoE feed-forward with a softmax top-k router (Mixtral):
@@ -273,7 +277,10 @@ int moekit_attention_token(float *x, long d, const float *g, float eps, const fl
     float *qkv = malloc((n + H * hd + H * L) * sizeof(float));
     if (!qkv) return -1;
     float *y = qkv + n, *scores = y + H * hd;
-    moekit_rows(wqkv, n, d, d, x, g, eps, qkv, 1.0f, bqkv, NULL, nthreads);
+    if (moekit_rows(wqkv, n, d, d, x, g, eps, qkv, 1.0f, bqkv, NULL, nthreads) != 0) {
+        free(qkv);
+        return -1;
+    }
     for (long h = 0; h < H + Hkv; h++) rope(qkv + h * hd, hd, cos, sin);
     for (long h = 0; h < Hkv; h++) {
         float *k = qkv + (H + h) * hd, *v = qkv + (H + Hkv + h) * hd;
@@ -302,7 +309,7 @@ int moekit_attention_token(float *x, long d, const float *g, float eps, const fl
             for (long i = 0; i < hd; i++) out[i] += p * v[i];
         }
     }
-    moekit_rows(wo, d, H * hd, ldo, y, NULL, 0.0f, x, 1.0f, bo, x, nthreads);
+    moekit_rows(wo, d, H * hd, ldo, y, NULL, 0.0f, x, 1.0f, bo, x, nthreads); /* no norm: cannot fail */
     free(qkv);
     return 0;
 }

@@ -154,3 +154,37 @@ def test_a_damaged_cached_build_is_rebuilt(tmp_path):
     built.write_bytes(b"not a shared library")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True" and built.read_bytes()[:4] == b"\x7fELF"
+
+
+PORTABLE_CHECK = """
+import torch, torch.nn.functional as F
+from moekit import MoE, MoEConfig, kernels
+from moekit.layers.norm import RMSNorm
+lib = kernels.load()
+assert lib is not None, kernels.status()
+torch.manual_seed(0)
+w, x = torch.randn(37, 50), torch.randn(50)
+torch.testing.assert_close(kernels.rows(lib, w, x, torch.empty(37)), w @ x, atol=1e-5, rtol=1e-5)
+w1, w3, w2, out = torch.randn(50, 70) / 7, torch.randn(50, 70) / 7, torch.randn(70, 50) / 8, torch.zeros(50)
+kernels.swiglu_add(lib, x, w1, w3, w2, out, 0.5)
+torch.testing.assert_close(out, 0.5 * (F.silu(x @ w1) * (x @ w3)) @ w2, atol=2e-5, rtol=1e-5)
+moe, norm = MoE(MoEConfig(d_model=50, d_ff=70, num_experts=4, top_k=2)).eval(), RMSNorm(50)
+with torch.inference_mode():
+    moe.router.gate.weight.normal_(0, 1.0)
+    got = x.clone()
+    kernels.MoETokenStep(lib, norm, moe.router.gate, 2, True, 1.0, moe.experts)(got)
+    torch.testing.assert_close(got, x + moe(norm(x)[None]).output[0], atol=2e-5, rtol=1e-5)
+print("ok")
+"""
+
+
+@needs_lib
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="-mno-avx512f is an x86 flag")
+def test_the_build_without_avx512_gives_the_same_numbers(tmp_path):
+    """The portable loops (the #else branches of cpu_gemv.c), built with AVX-512 turned off."""
+    cc = tmp_path / "cc-no-avx512"
+    cc.write_text('#!/bin/sh\nexec gcc "$@" -mno-avx512f\n')
+    cc.chmod(0o755)
+    env = dict(os.environ, CC=str(cc), MOEKIT_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
