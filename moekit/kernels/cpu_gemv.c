@@ -1,11 +1,15 @@
-/* moekit CPU kernels: the matrix-vector products of decoding one token.
+/* moekit CPU kernels: decoding one token (batch 1, float32).
  *
  * At batch 1 a decode step is memory-bound: it reads every active weight once. These
  * loops stream the weights with software prefetch and several independent accumulators,
  * which reads them faster on a 2-core AVX-512 machine than the BLAS call torch makes for
  * a one-row matmul (measured by benchmarks/generate.py). Threads split the output, so no
- * reduction across threads is needed. Built and loaded by moekit/kernels/__init__.py;
- * float32, unit stride within a row, any row stride.
+ * reduction across threads is needed. Exported: moekit_rows (W @ v, optional RMSNorm, bias,
+ * residual), moekit_swiglu_add (one SwiGLU expert into the output), moekit_moe_token (norm,
+ * top-k router and the chosen experts of a Mixtral-style layer) and moekit_attention_token
+ * (norm, q/k/v, RoPE, KV-cache write, attention, output projection). Built and loaded by
+ * moekit/kernels/__init__.py; unit stride within a row, any row stride. Without AVX-512 the
+ * #else branches are plain loops the compiler vectorises.
  */
 #include <math.h>
 #include <stdlib.h>
