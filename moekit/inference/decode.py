@@ -61,7 +61,7 @@ class Decoder:
         # one-row steps run their projections through moekit.kernels where it is built
         # (float32 on the CPU): each norm folded into the product that reads it, each
         # Mixtral-style MoE layer in one call
-        self.lib = kernels.load() if kernels.rows_ok(model.lm_head.weight) and _norm_ok(model.norm) else None
+        self.lib = kernels.load() if kernels.rows_ok(model.lm_head.weight) and kernels.norm_ok(model.norm) else None
         self.layers = [self._plan(layer, block) for layer, block in enumerate(model.blocks)]
 
     def _plan(self, layer, block):
@@ -80,7 +80,7 @@ class Decoder:
             moe = (router.gate.weight.t(), router.gate.bias, router.renormalize, router.scale) if lean_router else ()
         # one-row steps: this layer's attention and MoE bound to the kernels, where they apply
         k_attn = k_moe = None
-        if self.lib is not None and attn_weights is not None and _norm_ok(block.attn_norm) and self.cache.k.shape[1] == 1:
+        if self.lib is not None and attn_weights is not None and kernels.norm_ok(block.attn_norm) and self.cache.k.shape[1] == 1:
             w_qkv, b_qkv, w_o, b_o, _ = attn_weights
             heads, k_cache, v_cache = (self.H, self.Hkv, self.hd), self.k_cache[layer][0], self.v_cache[layer][0]
             if kernels.attention_ok(w_qkv.t(), w_o.t(), heads, k_cache, v_cache, b_qkv, b_o):
@@ -194,9 +194,3 @@ class Decoder:
         add_chosen_experts(h, moe_module.experts, idx.tolist(), weights.tolist(), x, scale)
         return x
 
-
-def _norm_ok(norm) -> bool:
-    """Whether the kernels can fold ``norm`` into a product: moekit's float32 RMSNorm."""
-    from moekit.layers.norm import RMSNorm
-
-    return isinstance(norm, RMSNorm) and norm.weight.dtype == torch.float32 and norm.weight.is_contiguous()

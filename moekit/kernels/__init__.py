@@ -190,21 +190,36 @@ class MoETokenStep:
         return list(self._chosen), list(self._weights)
 
 
-def moe_token_ok(norm, gate: torch.nn.Linear, experts) -> bool:
-    """Whether :class:`MoETokenStep` takes these modules: float32 on the CPU, an RMSNorm, a
-    contiguous gate, SwiGLU experts whose rows have unit stride and which output d_model."""
-    from moekit.layers.experts import SwiGLUExperts
+def norm_ok(norm) -> bool:
+    """Whether a kernel can fold ``norm`` into the product that reads it: moekit's float32
+    RMSNorm on the CPU."""
     from moekit.layers.norm import RMSNorm
 
-    if not (isinstance(norm, RMSNorm) and type(experts) is SwiGLUExperts):
+    return (isinstance(norm, RMSNorm) and norm.weight.dtype == torch.float32 and norm.weight.device.type == "cpu"
+            and norm.weight.is_contiguous())
+
+
+def swiglu_ok(experts) -> bool:
+    """Whether :func:`swiglu_add` can read the weights of ``experts`` (``w1``/``w3``
+    ``[E, d, f]``, ``w2`` ``[E, f, d]``, as :class:`~moekit.layers.experts.SwiGLUExperts`):
+    float32 on the CPU, ``w1`` and ``w3`` laid out alike (separate or the halves of a fused
+    tensor), unit stride in a row."""
+    w1, w3, w2 = experts.w1, experts.w3, experts.w2
+    return (all(w.dtype == torch.float32 and w.device.type == "cpu" for w in (w1, w3, w2))
+            and w1.stride() == w3.stride() and w1.stride(-1) == w2.stride(-1) == 1)
+
+
+def moe_token_ok(norm, gate: torch.nn.Linear, experts) -> bool:
+    """Whether :class:`MoETokenStep` takes these modules: an RMSNorm (:func:`norm_ok`), a
+    contiguous float32 gate on the CPU, SwiGLU experts (:func:`swiglu_ok`) that output d_model."""
+    from moekit.layers.experts import SwiGLUExperts
+
+    if not (type(experts) is SwiGLUExperts and norm_ok(norm) and swiglu_ok(experts)):
         return False
-    tensors = [norm.weight, gate.weight, experts.w1, experts.w3, experts.w2]
-    if gate.bias is not None:
-        tensors.append(gate.bias)
+    gate_tensors = [gate.weight] if gate.bias is None else [gate.weight, gate.bias]
     return (
-        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-        and gate.weight.is_contiguous() and norm.weight.is_contiguous()
-        and experts.w1.stride() == experts.w3.stride() and experts.w1.stride(2) == experts.w2.stride(2) == 1
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in gate_tensors)
+        and gate.weight.is_contiguous()
         and experts.d_out == experts.d_model
     )
 

@@ -285,8 +285,9 @@ class SwiGLUExperts(GroupedExperts):
         return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
 
     def expert_add_(self, e: int, x: torch.Tensor, out: torch.Tensor, weight: float) -> None:
-        if x.shape[0] == 1 and self._kernel_takes(x, out):  # one row: the whole expert in one C call
-            kernels.swiglu_add(kernels.load(), x[0], self.w1[e], self.w3[e], self.w2[e], out[0], weight)
+        lib = self._kernels_for(x, out) if x.shape[0] == 1 else None
+        if lib is not None:  # one row: the whole expert in one C call
+            kernels.swiglu_add(lib, x[0], self.w1[e], self.w3[e], self.w2[e], out[0], weight)
             return
         if self._fused_is_live(self.w1):
             gate, up = (x @ self.fused_gate_up[e]).chunk(2, dim=-1)  # [n, d] -> [n, 2f] -> 2 x [n, f]
@@ -294,17 +295,14 @@ class SwiGLUExperts(GroupedExperts):
             gate, up = x @ self.w1[e], x @ self.w3[e]
         out.addmm_(F.silu(gate).mul_(up), self.w2[e], alpha=weight)  # the down projection adds in, scaled
 
-    def _kernel_takes(self, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Whether :func:`moekit.kernels.swiglu_add` can run this row: float32 on the CPU,
-        contiguous, no autograd, and the kernels built."""
-        return (
-            x.dtype == out.dtype == self.w1.dtype == self.w2.dtype == torch.float32
-            and x.device.type == "cpu"
-            and x.is_contiguous() and out.is_contiguous()
-            and self.w1.stride() == self.w3.stride() and self.w1.stride(-1) == self.w2.stride(-1) == 1
-            and not torch.is_grad_enabled()
-            and kernels.load() is not None
-        )
+    def _kernels_for(self, x: torch.Tensor, out: torch.Tensor):
+        """The built kernels where :func:`moekit.kernels.swiglu_add` can run this row (float32
+        on the CPU, contiguous, no autograd, weights it can read), else ``None``."""
+        if (x.dtype == out.dtype == torch.float32 and x.device.type == "cpu"
+                and x.is_contiguous() and out.is_contiguous()
+                and not torch.is_grad_enabled() and kernels.swiglu_ok(self)):
+            return kernels.load()
+        return None
 
     @torch.no_grad()
     def fuse_gate_up(self) -> None:
