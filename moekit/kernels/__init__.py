@@ -1,4 +1,4 @@
-"""CPU kernels for decoding one token, built on first use.
+"""CPU kernels, built on first use: decoding one token, and moving the MoE layer's rows.
 
 At batch 1 a decode step reads every active weight once, so its speed is the rate at
 which a few dozen matrix-vector products read memory. For a one-row ``x @ W`` torch calls
@@ -9,6 +9,13 @@ measured by ``benchmarks/generate.py``. Whole steps run in one call each, where 
 a dozen ops: a SwiGLU expert (:func:`swiglu_add`), a Mixtral-style MoE feed-forward with
 its norm and router (:class:`MoETokenStep`) and a layer's attention with its norm, RoPE and
 KV-cache write (:class:`AttentionStep`); :func:`rows` is the plain product (the LM head).
+
+``cpu_rows.c`` serves the MoE layer's fast path at any batch size, in training too: the
+gather of tokens into expert order, the weighted combine back into token order, and their
+backward passes (:func:`gather_rows`, :func:`combine_backward`), each one pass over the
+rows, parallel over the rows written. In torch ops the combine is a zero-fill and an
+``index_add_`` and its backward three more ops: 3.4 -> 1.0 ms forward+backward for 4096
+tokens, top-2, d_model 128 (10.7 -> 3.2 ms at d_model 512).
 
 The C file is compiled with the system's C compiler (``$CC``, else ``cc`` or ``gcc``;
 ``-O3 -march=native -fopenmp``) into a cache folder (``$MOEKIT_CACHE_DIR``, else
@@ -34,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemv.c", "cpu_rows.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -64,7 +71,7 @@ def _build(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
@@ -84,6 +91,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moekit_moe_token.restype = I
     lib.moekit_attention_token.argtypes = [P, L, P, F, P, P, L, L, L, P, P, P, P, L, L, L, P, L, P, I]
     lib.moekit_attention_token.restype = I
+    lib.moekit_gather_rows.argtypes = [P, L, P, P, L, L, P, I]
+    lib.moekit_gather_rows.restype = I
+    lib.moekit_combine_backward.argtypes = [P, P, L, P, P, L, P, P, I]
+    lib.moekit_combine_backward.restype = I
     return lib
 
 
@@ -101,9 +112,9 @@ def load() -> ctypes.CDLL | None:
         elif compiler is None:
             reason = "no C compiler found (set CC, or install gcc)"
         else:
-            key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_id(),
+            key = hashlib.sha256("\n".join([*(src.read_text() for src in SOURCES), compiler, *FLAGS, _cpu_id(),
                                             torch.__version__]).encode()).hexdigest()[:16]
-            target = cache_dir() / f"cpu_gemv-{key}.so"
+            target = cache_dir() / f"moekit-cpu-{key}.so"
             try:
                 if not target.exists():
                     _build(compiler, target)
@@ -262,3 +273,39 @@ def attention_ok(w_qkv: torch.Tensor, w_o: torch.Tensor, heads: tuple[int, int, 
         and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and k_cache.stride(-2) == hd
         and hd % 2 == 0 and H % Hkv == 0
     )
+
+
+def rows_kernels_ok(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`gather_rows` and :func:`combine_backward` take these tensors: float32
+    on the CPU, outside ``torch.compile`` (which cannot trace a foreign call)."""
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and not torch.compiler.is_compiling())
+
+
+def gather_rows(lib: ctypes.CDLL, src: torch.Tensor, idx: torch.Tensor, k: int,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[i] = sum over j < k of weight[i k + j] * src[idx[i k + j]]``, skipping ``idx < 0``
+    (``weight`` None: 1; a row with no source is 0). ``src [S, d]``, ``idx`` int64 ``[n k]``,
+    ``weight`` float32 ``[n k]``. Returns ``[n, d]``."""
+    src, idx = src.contiguous(), idx.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    n, d = idx.numel() // k, src.shape[1]
+    out = src.new_empty(n, d)
+    lib.moekit_gather_rows(src.data_ptr(), d, idx.data_ptr(), _ptr(weight), k, n, out.data_ptr(),
+                           torch.get_num_threads())
+    return out
+
+
+def combine_backward(lib: ctypes.CDLL, dout: torch.Tensor, y: torch.Tensor, token_idx: torch.Tensor,
+                     weight: torch.Tensor, need_dy: bool, need_dw: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``out[token_idx[i]] += weight[i] * y[i]``: ``dy [n, d]`` and ``dw [n]``
+    (each ``None`` unless needed). ``dout [T, d]``, ``y [n, d]``, ``token_idx`` int64 ``[n]``,
+    ``weight`` float32 ``[n]``."""
+    dout, y, token_idx, weight = dout.contiguous(), y.contiguous(), token_idx.contiguous(), weight.contiguous()
+    n, d = y.shape
+    dy = y.new_empty(n, d) if need_dy else None
+    dw = y.new_empty(n) if need_dw else None
+    lib.moekit_combine_backward(dout.data_ptr(), y.data_ptr(), d, token_idx.data_ptr(), weight.data_ptr(), n,
+                                _ptr(dy), _ptr(dw), torch.get_num_threads())
+    return dy, dw

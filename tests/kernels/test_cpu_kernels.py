@@ -119,7 +119,7 @@ def test_the_build_is_cached_by_source_and_cpu(tmp_path):
     code = "from moekit import kernels; kernels.load(); print(kernels.status())"
     env = dict(os.environ, MOEKIT_CACHE_DIR=str(tmp_path))
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    built = list((tmp_path / "kernels").glob("cpu_gemv-*.so"))
+    built = list((tmp_path / "kernels").glob("moekit-cpu-*.so"))
     assert len(built) == 1 and str(built[0]) in first
     mtime = built[0].stat().st_mtime_ns
     subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -147,11 +147,82 @@ def test_the_few_token_moe_path_runs_one_row_experts_in_the_kernel(prepared, mon
 
 
 @needs_lib
+@pytest.mark.parametrize("n, k, d", [(1, 1, 1), (5, 2, 7), (64, 3, 130), (300, 2, 128), (40, 8, 33)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gather_rows_sums_the_gathered_rows(n, k, d, weighted):
+    torch.manual_seed(n * k + d)
+    src = torch.randn(50, d)
+    idx = torch.randint(-1, 50, (n * k,))  # -1: no source (a dropped slot)
+    idx[:k] = -1  # row 0 has none: it must come out zero
+    w = torch.rand(n * k) if weighted else None
+    want = torch.zeros(n, d)
+    for i in range(n):
+        for j in range(k):
+            s = int(idx[i * k + j])
+            if s >= 0:
+                want[i] += (1.0 if w is None else float(w[i * k + j])) * src[s]
+    got = kernels.gather_rows(lib, src, idx, k, w)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not got[0].any()
+
+
+@needs_lib
+@pytest.mark.parametrize("n, d", [(1, 1), (9, 7), (500, 128), (64, 257)])
+def test_combine_backward_gives_the_gradients_of_the_weighted_scatter(n, d):
+    torch.manual_seed(n + d)
+    T = max(n // 2, 1)
+    tok = torch.randint(0, T, (n,))
+    y, w = torch.randn(n, d, requires_grad=True), torch.rand(n, requires_grad=True)
+    dout = torch.randn(T, d)
+    torch.zeros(T, d).index_add(0, tok, y * w[:, None]).backward(dout)
+    dy, dw = kernels.combine_backward(lib, dout, y.detach(), tok, w.detach(), True, True)
+    torch.testing.assert_close(dy, y.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw, w.grad, atol=1e-5, rtol=1e-5)
+    assert kernels.combine_backward(lib, dout, y.detach(), tok, w.detach(), False, False) == (None, None)
+
+
+@needs_lib
+@pytest.mark.parametrize("fields", [
+    dict(),  # dropless top-2
+    dict(top_k=3, capacity_factor=0.6),  # capacity drops slots: their rows are zero
+    dict(router="expert_choice", capacity_factor=1.0),  # a token may get no expert at all
+    dict(router="sigmoid_bias", top_k=2, num_shared_experts=1),
+])
+def test_dispatch_moves_rows_in_the_kernels_as_torch_ops_do(fields, monkeypatch):
+    """The training path: output and every gradient equal with the row kernels and without."""
+    torch.manual_seed(1)
+    moe = MoE(MoEConfig(d_model=24, d_ff=40, num_experts=6, **{"top_k": 2, **fields}))
+    x, g = torch.randn(2, 150, 24), torch.randn(2, 150, 24)
+    calls = []
+    for name in ("gather_rows", "combine_backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+
+    def run(use_kernels):
+        monkeypatch.setattr(kernels, "rows_kernels_ok", lambda *t: use_kernels)
+        xi = x.clone().requires_grad_(True)
+        out = moe(xi)
+        (out.output * g).sum().add(out.aux_loss).backward()
+        grads = [xi.grad] + [p.grad.clone() for p in moe.parameters()]
+        moe.zero_grad(set_to_none=True)
+        return out.output.detach(), grads
+
+    want, want_grads = run(False)
+    assert not calls
+    got, got_grads = run(True)
+    # the gather, the combine and the gather's backward; the combine's backward
+    assert sorted(calls) == ["combine_backward"] + ["gather_rows"] * 3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_lib
 def test_a_damaged_cached_build_is_rebuilt(tmp_path):
     code = "from moekit import kernels; print(kernels.load() is not None)"
     env = dict(os.environ, MOEKIT_CACHE_DIR=str(tmp_path))
     subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    (built,) = (tmp_path / "kernels").glob("cpu_gemv-*.so")
+    (built,) = (tmp_path / "kernels").glob("moekit-cpu-*.so")
     built.write_bytes(b"not a shared library")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True" and built.read_bytes()[:4] == b"\x7fELF"
@@ -175,6 +246,8 @@ with torch.inference_mode():
     got = x.clone()
     kernels.MoETokenStep(lib, norm, moe.router.gate, 2, True, 1.0, moe.experts)(got)
     torch.testing.assert_close(got, x + moe(norm(x)[None]).output[0], atol=2e-5, rtol=1e-5)
+src, idx = torch.randn(9, 20), torch.tensor([3, -1, 0, 8])
+torch.testing.assert_close(kernels.gather_rows(lib, src, idx, 2), torch.stack([src[3], src[0] + src[8]]))
 print("ok")
 """
 
@@ -182,7 +255,8 @@ print("ok")
 @needs_lib
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="-mno-avx512f is an x86 flag")
 def test_the_build_without_avx512_gives_the_same_numbers(tmp_path):
-    """The portable loops (the #else branches of cpu_gemv.c), built with AVX-512 turned off."""
+    """The portable loops (the #else branches of cpu_gemv.c; cpu_rows.c has no others), built
+    with AVX-512 turned off."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")  # the one that built lib
     cc = tmp_path / "cc-no-avx512"
     cc.write_text(f'#!/bin/sh\nexec "{compiler}" "$@" -mno-avx512f\n')
