@@ -87,10 +87,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moekit_rows.restype = I
     lib.moekit_swiglu_add.argtypes = [P, L, P, P, L, L, P, L, L, P, F, I]
     lib.moekit_swiglu_add.restype = I
-    lib.moekit_moe_token.argtypes = [P, L, P, F, P, P, L, I, I, F, P, P, L, L, L, P, L, L, P, P, I]
+    lib.moekit_moe_token.argtypes = [P, P, L, P, F, P, P, L, I, I, F, P, P, L, L, L, P, L, L, P, P, P, P, I]
     lib.moekit_moe_token.restype = I
     lib.moekit_attention_token.argtypes = [P, L, P, F, P, P, L, L, L, P, P, P, P, L, L, L, P, L, P, I]
     lib.moekit_attention_token.restype = I
+    lib.moekit_swiglu_segments.argtypes = [P, L, P, L, P, P, L, L, L, P, L, L, L, P, I]
+    lib.moekit_swiglu_segments.restype = I
     lib.moekit_gather_rows.argtypes = [P, L, P, P, L, L, P, I]
     lib.moekit_gather_rows.restype = I
     lib.moekit_combine_backward.argtypes = [P, P, L, P, P, L, P, P, I]
@@ -172,6 +174,22 @@ def swiglu_add(lib: ctypes.CDLL, x: torch.Tensor, w1: torch.Tensor, w3: torch.Te
         raise MemoryError("moekit_swiglu_add could not allocate its buffer")
 
 
+def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.Tensor, experts) -> torch.Tensor:
+    """Every expert of ``experts`` (:func:`swiglu_ok`, outputs ``d_model``) over its rows of
+    ``x [N, d]`` (sorted by expert, ``tokens_per_expert`` int64 ``[E]`` rows each), each
+    weight read once per four rows: the inference path where experts get a few rows each.
+    Returns ``[N, d]``."""
+    x, counts = x.contiguous(), tokens_per_expert.contiguous()
+    w1, w3, w2 = experts.w1, experts.w3, experts.w2
+    out = x.new_empty(x.shape[0], w2.shape[2])
+    if lib.moekit_swiglu_segments(x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(),
+                                  w3.data_ptr(), w1.stride(0), w1.stride(1), w1.shape[2], w2.data_ptr(),
+                                  w2.stride(0), w2.stride(1), w2.shape[2], out.data_ptr(),
+                                  torch.get_num_threads()) != 0:
+        raise MemoryError("moekit_swiglu_segments could not allocate its buffer")
+    return out
+
+
 class MoETokenStep:
     """One token through a Mixtral-style MoE feed-forward, in place, bound to its weights:
     ``step(x)`` does ``x [d] += sum over the chosen experts of w * expert(norm(x))`` with the
@@ -183,22 +201,42 @@ class MoETokenStep:
 
     def __init__(self, lib: ctypes.CDLL, norm, gate: torch.nn.Linear, top_k: int, renormalize: bool, scale: float,
                  experts):
-        w1, w3, w2 = experts.w1, experts.w3, experts.w2
-        self._keep = (norm.weight, gate.weight, gate.bias, w1, w3, w2)
+        self._keep = (norm.weight, gate.weight, gate.bias, experts.w1, experts.w3, experts.w2)
         self._fn = lib.moekit_moe_token
-        self._router = (norm.weight.data_ptr(), norm.eps, gate.weight.data_ptr(), _ptr(gate.bias),
-                        gate.weight.shape[0], top_k, int(renormalize), scale)
-        self._experts = (w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.stride(1), w1.shape[2],
-                         w2.data_ptr(), w2.stride(0), w2.stride(1))
+        self._args = _moe_token_args(norm, gate, top_k, renormalize, scale, experts)
         self._chosen, self._weights = (ctypes.c_long * top_k)(), (ctypes.c_float * top_k)()
 
     def __call__(self, x: torch.Tensor) -> tuple[list[int], list[float]]:
         """``x``: ``[d]`` contiguous float32, updated in place."""
-        rc = self._fn(x.data_ptr(), x.shape[0], *self._router, *self._experts, self._chosen, self._weights,
+        rc = self._fn(x.data_ptr(), x.data_ptr(), x.shape[0], *self._args, self._chosen, self._weights, None, None,
                       torch.get_num_threads())
         if rc != 0:
             raise MemoryError("moekit_moe_token could not allocate its buffers")
         return list(self._chosen), list(self._weights)
+
+
+def _moe_token_args(norm, gate: torch.nn.Linear, top_k: int, renormalize: bool, scale: float, experts) -> tuple:
+    """The router's and the experts' arguments of ``moekit_moe_token``."""
+    w1, w3, w2 = experts.w1, experts.w3, experts.w2
+    g, eps = (None, 0.0) if norm is None else (norm.weight.data_ptr(), norm.eps)
+    return (g, eps, gate.weight.data_ptr(), _ptr(gate.bias), gate.weight.shape[0], top_k, int(renormalize), scale,
+            w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.stride(1), w1.shape[2],
+            w2.data_ptr(), w2.stride(0), w2.stride(1))
+
+
+def moe_token(lib: ctypes.CDLL, x: torch.Tensor, out: torch.Tensor, gate: torch.nn.Linear, top_k: int,
+              renormalize: bool, scale: float, experts, chosen: torch.Tensor, weights: torch.Tensor,
+              logits: torch.Tensor, probs: torch.Tensor) -> None:
+    """The MoE layer's forward for one token, no norm (:func:`moe_token_ok` with ``norm=None``):
+    ``out [d] += sum over the chosen experts of w * expert(x)``, the router as
+    :class:`MoETokenStep`'s; writes ``chosen`` (int64 ``[k]``), ``weights [k]``, ``logits [E]``
+    and ``probs [E]`` (the softmax over all experts). All contiguous, float32 but ``chosen``."""
+    rc = lib.moekit_moe_token(x.data_ptr(), out.data_ptr(), x.shape[0],
+                              *_moe_token_args(None, gate, top_k, renormalize, scale, experts),
+                              chosen.data_ptr(), weights.data_ptr(), logits.data_ptr(), probs.data_ptr(),
+                              torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("moekit_moe_token could not allocate its buffers")
 
 
 def norm_ok(norm) -> bool:
@@ -221,11 +259,12 @@ def swiglu_ok(experts) -> bool:
 
 
 def moe_token_ok(norm, gate: torch.nn.Linear, experts) -> bool:
-    """Whether :class:`MoETokenStep` takes these modules: an RMSNorm (:func:`norm_ok`), a
-    contiguous float32 gate on the CPU, SwiGLU experts (:func:`swiglu_ok`) that output d_model."""
+    """Whether :class:`MoETokenStep` (or, with ``norm=None``, :func:`moe_token`) takes these
+    modules: an RMSNorm (:func:`norm_ok`), a contiguous float32 gate on the CPU, SwiGLU experts
+    (:func:`swiglu_ok`) that output d_model."""
     from moekit.layers.experts import SwiGLUExperts
 
-    if not (type(experts) is SwiGLUExperts and norm_ok(norm) and swiglu_ok(experts)):
+    if not (type(experts) is SwiGLUExperts and (norm is None or norm_ok(norm)) and swiglu_ok(experts)):
         return False
     gate_tensors = [gate.weight] if gate.bias is None else [gate.weight, gate.bias]
     return (

@@ -5,7 +5,8 @@
  * which reads them faster on a 2-core AVX-512 machine than the BLAS call torch makes for
  * a one-row matmul (measured by benchmarks/generate.py). Threads split the output, so no
  * reduction across threads is needed. Exported: moekit_rows (W @ v, optional RMSNorm, bias,
- * residual), moekit_swiglu_add (one SwiGLU expert into the output), moekit_moe_token (norm,
+ * residual), moekit_swiglu_add (one SwiGLU expert into the output), moekit_swiglu_segments (every
+ * expert over its few rows, each weight read once per four rows), moekit_moe_token (norm,
  * top-k router and the chosen experts of a Mixtral-style layer) and moekit_attention_token
  * (norm, q/k/v, RoPE, KV-cache write, attention, output projection). Built and loaded by
  * moekit/kernels/__init__.py; unit stride within a row, any row stride. Without AVX-512 the
@@ -127,6 +128,49 @@ static void axpy_rows(const float *W, long K, long ldw, long n, const float *x, 
     }
 }
 
+/* acc[r * lda + j] = sum_k x[r * ldx + k] * W[k, j] for r < R (1 to 4) and j < n: axpy_rows
+ * for up to four rows at once, each weight read once for all of them (tiles of 64 columns x
+ * 4 rows of accumulators). */
+static void axpy_rows4(const float *W, long K, long ldw, long n, const float *x, long ldx, int R, float *acc,
+                       long lda)
+{
+#if defined(__AVX512F__)
+    long ahead = AHEAD * ldw;
+    const float *x0 = x, *x1 = R > 1 ? x + ldx : x, *x2 = R > 2 ? x + 2 * ldx : x, *x3 = R > 3 ? x + 3 * ldx : x;
+    for (long j = 0; j < n; j += 64) {
+        __mmask16 mk[4];
+        for (int v = 0; v < 4; v++) {
+            long c = n - j - 16 * v;
+            mk[v] = c >= 16 ? (__mmask16)0xFFFF : c > 0 ? (__mmask16)((1u << c) - 1) : (__mmask16)0;
+        }
+        __m512 a0[4], a1[4], a2[4], a3[4];
+        for (int v = 0; v < 4; v++) a0[v] = a1[v] = a2[v] = a3[v] = _mm512_setzero_ps();
+        const float *w = W + j;
+        for (long k = 0; k < K; k++, w += ldw) {
+            prefetch(w, ahead);
+            __m512 s0 = _mm512_set1_ps(x0[k]), s1 = _mm512_set1_ps(x1[k]);
+            __m512 s2 = _mm512_set1_ps(x2[k]), s3 = _mm512_set1_ps(x3[k]);
+            for (int v = 0; v < 4; v++) {
+                __m512 wv = _mm512_maskz_loadu_ps(mk[v], w + 16 * v);
+                a0[v] = _mm512_fmadd_ps(s0, wv, a0[v]);
+                a1[v] = _mm512_fmadd_ps(s1, wv, a1[v]);
+                a2[v] = _mm512_fmadd_ps(s2, wv, a2[v]);
+                a3[v] = _mm512_fmadd_ps(s3, wv, a3[v]);
+            }
+        }
+        for (int v = 0; v < 4; v++) {
+            float *o = acc + j + 16 * v;
+            _mm512_mask_storeu_ps(o, mk[v], a0[v]);
+            if (R > 1) _mm512_mask_storeu_ps(o + lda, mk[v], a1[v]);
+            if (R > 2) _mm512_mask_storeu_ps(o + 2 * lda, mk[v], a2[v]);
+            if (R > 3) _mm512_mask_storeu_ps(o + 3 * lda, mk[v], a3[v]);
+        }
+    }
+#else
+    for (int r = 0; r < R; r++) axpy_rows(W, K, ldw, n, x + r * ldx, acc + r * lda);
+#endif
+}
+
 /* out[i] = x[i] / sqrt(mean(x^2) + eps) * g[i], as torch's rms_norm */
 static void rmsnorm(const float *x, const float *g, long n, float eps, float *out)
 {
@@ -211,20 +255,70 @@ int moekit_swiglu_add(const float *x, long K, const float *w1, const float *w3, 
     return 0;
 }
 
+/* Every SwiGLU expert over its rows of x (sorted by expert, counts[e] rows for expert e):
+ * out[i] = (silu(x[i] @ w1_e) * (x[i] @ w3_e)) @ w2_e, four rows at a time, so each weight is
+ * read once per four rows (the few-rows-per-expert case of inference). x: [rows, K] and out:
+ * [rows, N], contiguous; expert e's weights as moekit_moe_token's. Threads split the F hidden
+ * columns, then the N outputs. Returns 0, or -1 when out of memory. */
+int moekit_swiglu_segments(const float *x, long K, const long *counts, long E, const float *w1, const float *w3,
+                           long e13, long ld13, long F, const float *w2, long e2, long ld2, long N, float *out,
+                           int nthreads)
+{
+    float *buf = malloc(12 * F * sizeof(float));
+    if (!buf) return -1;
+    float *gate = buf, *up = buf + 4 * F, *hidden = buf + 8 * F;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        long row = 0;
+        for (long e = 0; e < E; e++) {
+            const float *W1 = w1 + e * e13, *W3 = w3 + e * e13, *W2 = w2 + e * e2;
+            long end = row + counts[e];
+            for (long r0 = row; r0 < end; r0 += 4) {
+                int R = end - r0 < 4 ? (int)(end - r0) : 4;
+                const float *xr = x + r0 * K;
+                long a, b;
+                share(F, 16, &a, &b);
+                if (b > a) {
+                    axpy_rows4(W1 + a, K, ld13, b - a, xr, K, R, gate + a, F);
+                    axpy_rows4(W3 + a, K, ld13, b - a, xr, K, R, up + a, F);
+                    for (int r = 0; r < R; r++)
+                        for (long j = a; j < b; j++) {
+                            float g = gate[r * F + j];
+                            hidden[r * F + j] = g / (1.0f + expf(-g)) * up[r * F + j];
+                        }
+                }
+                #pragma omp barrier
+                share(N, 16, &a, &b);
+                if (b > a) axpy_rows4(W2 + a, F, ld2, b - a, hidden, F, R, out + r0 * N + a, N);
+                #pragma omp barrier /* hidden is rewritten next */
+            }
+            row = end;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
 /* One token through an MoE feed-forward with a softmax top-k router (Mixtral):
- * h = rmsnorm(x) * g; logits = wr @ h + br; the k largest logits (ties: lower index);
- * weights = softmax over those k (renormalise) or their softmax probabilities over all E,
- * times scale; x += sum of weight * expert(h). Expert e's weights: w1 + e * e13 (and w3),
- * [K, F] with row stride ld13; w2 + e * e2, [F, K] with row stride ld2. The choice is
- * written to chosen[k] and chosen_w[k]. Returns 0, or -1 when out of memory. */
-int moekit_moe_token(float *x, long K, const float *g, float eps, const float *wr, const float *br, long E,
-                     int k, int renormalize, float scale, const float *w1, const float *w3, long e13, long ld13,
-                     long F, const float *w2, long e2, long ld2, long *chosen, float *chosen_w, int nthreads)
+ * h = rmsnorm(x) * g (g NULL: h = x); logits = wr @ h + br; the k largest logits (ties: lower
+ * index); weights = softmax over those k (renormalise) or their softmax probabilities over
+ * all E, times scale; out += sum of weight * expert(h) (out may be x: the residual, in place).
+ * Expert e's weights: w1 + e * e13 (and w3), [K, F] with row stride ld13; w2 + e * e2, [F, K]
+ * with row stride ld2. The choice is written to chosen[k] and chosen_w[k]; where given, the
+ * logits and the softmax over all E to logits_out[E] and probs_out[E]. Returns 0, or -1 when
+ * out of memory. */
+int moekit_moe_token(const float *x, float *out, long K, const float *g, float eps, const float *wr,
+                     const float *br, long E, int k, int renormalize, float scale, const float *w1,
+                     const float *w3, long e13, long ld13, long F, const float *w2, long e2, long ld2, long *chosen,
+                     float *chosen_w, float *logits_out, float *probs_out, int nthreads)
 {
     float *h = malloc((K + E + 3 * F) * sizeof(float));
     if (!h) return -1;
     float *logits = h + K, *buf = h + K + E;
-    rmsnorm(x, g, K, eps, h);
+    if (g)
+        rmsnorm(x, g, K, eps, h);
+    else
+        for (long i = 0; i < K; i++) h[i] = x[i];
     for (long e = 0; e < E; e++) {
         const float *w = wr + e * K;
         float s = 0.0f;
@@ -236,6 +330,10 @@ int moekit_moe_token(float *x, long K, const float *g, float eps, const float *w
     for (long e = 0; e < E; e++) top = logits[e] > top ? logits[e] : top;
     float total = 0.0f; /* softmax denominator over all E, for renormalize = 0 */
     for (long e = 0; e < E; e++) total += expf(logits[e] - top);
+    if (logits_out)
+        for (long e = 0; e < E; e++) logits_out[e] = logits[e];
+    if (probs_out)
+        for (long e = 0; e < E; e++) probs_out[e] = expf(logits[e] - top) / total;
     float chosen_total = 0.0f;
     for (int i = 0; i < k; i++) {
         long best = -1;
@@ -250,7 +348,7 @@ int moekit_moe_token(float *x, long K, const float *g, float eps, const float *w
     }
     for (int i = 0; i < k; i++) chosen_w[i] = chosen_w[i] / (renormalize ? chosen_total : total) * scale;
     for (int i = 0; i < k; i++)
-        swiglu_add(h, K, w1 + chosen[i] * e13, w3 + chosen[i] * e13, ld13, F, w2 + chosen[i] * e2, ld2, K, x,
+        swiglu_add(h, K, w1 + chosen[i] * e13, w3 + chosen[i] * e13, ld13, F, w2 + chosen[i] * e2, ld2, K, out,
                    chosen_w[i], buf, nthreads);
     free(h);
     return 0;

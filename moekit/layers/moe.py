@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moekit import kernels
 from moekit.config import MoEConfig
 from moekit.layers.dispatch import (
     DispatchPlan,
@@ -22,7 +23,7 @@ from moekit.layers.dispatch import (
 )
 from moekit.layers.experts import ModuleExperts, SharedExperts, build_experts
 from moekit.layers.losses import load_balancing_loss, sequence_balance_loss, z_loss
-from moekit.layers.router import Router, RouterOutput, build_router
+from moekit.layers.router import Router, RouterOutput, TopKRouter, build_router
 
 
 @dataclass
@@ -157,6 +158,10 @@ class MoE(nn.Module):
         flat = x.reshape(-1, cfg.d_model)  # [..., d] -> [T, d]
         if cfg.check_inputs:
             self._check(flat, token_ids, padding_mask, lead)
+        if flat.shape[0] == 1 and not (return_expert_outputs or compute_aux):
+            lib = self._one_token_kernels(flat)
+            if lib is not None:
+                return self._one_token(lib, flat, lead)
         flat_ids = None if token_ids is None else token_ids.reshape(-1)
         positions = None
         if flat_ids is None and not self.router.learned:
@@ -186,6 +191,37 @@ class MoE(nn.Module):
             expert_outputs=expert_outputs,
             expert_mask=expert_mask,
         )
+
+    def _one_token_kernels(self, flat: torch.Tensor):
+        """The built kernels where :func:`moekit.kernels.moe_token` can run this layer on
+        ``flat`` (one token), else ``None``: inference (no autograd, no autocast), the
+        ``topk`` router without jitter noise, SwiGLU experts it takes, no shared experts, no
+        capacity, the fast path, float32 on the CPU."""
+        cfg = self.config
+        if (torch.is_grad_enabled() or type(self.router) is not TopKRouter or flat.dtype != torch.float32
+                or flat.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+                or (self.router.training and self.router.jitter > 0) or self.shared_experts is not None
+                or self.dispatcher is not None or cfg.capacity_factor is not None or cfg.implementation != "fast"
+                or not kernels.moe_token_ok(None, self.router.gate, self.experts)):
+            return None
+        return kernels.load()
+
+    def _one_token(self, lib, flat: torch.Tensor, lead: torch.Size) -> MoEOutput:
+        """One token through :func:`moekit.kernels.moe_token`: the router and the chosen experts
+        in one call, where torch ops cost more than the experts' weight reads at this size.
+        The same outputs as the general path (tested)."""
+        E, k = self.config.num_experts, self.config.top_k
+        out = torch.zeros_like(flat)  # [1, d]
+        floats = flat.new_empty(2 * E + k)  # [logits (E) | probs (E) | weights (k)]
+        longs = torch.zeros(k + E + 1, dtype=torch.long)  # [chosen (k) | tokens per expert (E) | dropped]
+        chosen, counts = longs[:k], longs[k : k + E]
+        kernels.moe_token(lib, flat[0].contiguous(), out[0], self.router.gate, k, self.router.renormalize,
+                          self.router.scale, self.experts, chosen, floats[2 * E :], floats[:E], floats[E : 2 * E])
+        counts.index_fill_(0, chosen, 1)  # k distinct experts, one slot each
+        logits = floats[:E].view(1, E)
+        routing = RouterOutput(floats[2 * E :].view(1, k), chosen.view(1, k), logits, floats[E : 2 * E].view(1, E))
+        return MoEOutput(output=out.reshape(*lead, out.shape[-1]), aux_loss=flat.new_zeros(()), router_logits=logits,
+                         stats=MoEStats(counts, longs[-1]), routing=routing)
 
     def _aux_loss(
         self, routing: RouterOutput, lead: torch.Size, padding_mask: torch.Tensor | None, compute: bool | None

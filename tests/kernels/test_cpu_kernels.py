@@ -138,12 +138,61 @@ def test_the_few_token_moe_path_runs_one_row_experts_in_the_kernel(prepared, mon
     if prepared:
         fast.experts.fuse_gate_up()
     calls = []
-    real = kernels.swiglu_add
-    monkeypatch.setattr(kernels, "swiglu_add", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x = torch.randn(1, 40)
+    for name in ("swiglu_add", "moe_token"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    x = torch.randn(2, 40)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x).output, ref(x).output, atol=2e-5, rtol=1e-5)
-    assert len(calls) == 2  # one call per chosen expert
+        assert calls == ["swiglu_add"] * 4  # two tokens: one call per chosen expert
+        calls.clear()
+        torch.testing.assert_close(fast(x[:1]).output, ref(x[:1]).output, atol=2e-5, rtol=1e-5)
+        assert calls == ["moe_token"]  # one token: the router and both experts in one call
+
+
+@needs_lib
+@pytest.mark.parametrize("fields", [
+    dict(),
+    dict(top_k=1, renormalize=False, router_bias=True),
+    dict(top_k=3, routed_scaling_factor=2.5, renormalize=False),
+    dict(num_experts=64, top_k=8, d_ff=24),
+])
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "fused gate/up"])
+def test_one_token_through_the_layer_kernel_equals_the_general_path(fields, prepared, monkeypatch):
+    torch.manual_seed(3)
+    moe = MoE(MoEConfig(**{"d_model": 48, "d_ff": 40, "num_experts": 6, "top_k": 2, **fields})).eval()
+    with torch.no_grad():
+        moe.router.gate.weight.normal_(0, 1.0)  # well-separated logits: no near-ties to flip
+        if moe.router.gate.bias is not None:
+            moe.router.gate.bias.normal_(0, 1.0)
+    if prepared:
+        moe.experts.fuse_gate_up()
+    x = torch.randn(1, 1, 48)
+    with torch.inference_mode():
+        got = moe(x)
+        assert moe._one_token_kernels(x.reshape(1, 48)) is not None
+        monkeypatch.setattr(MoE, "_one_token_kernels", lambda self, flat: None)
+        want = moe(x)
+    torch.testing.assert_close(got.output, want.output, atol=2e-5, rtol=1e-5)
+    assert got.output.shape == x.shape
+    assert torch.equal(got.routing.indices, want.routing.indices)
+    for name in ("weights", "logits", "probs"):
+        torch.testing.assert_close(getattr(got.routing, name), getattr(want.routing, name), atol=1e-6, rtol=1e-5)
+    assert torch.equal(got.stats.tokens_per_expert, want.stats.tokens_per_expert)
+    assert int(got.stats.dropped_tokens) == 0 and float(got.aux_loss) == 0.0
+
+
+@needs_lib
+def test_the_one_token_layer_kernel_is_left_where_it_does_not_apply():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, router_jitter=0.1))
+    flat = torch.randn(1, 16)
+    with torch.no_grad():
+        assert moe._one_token_kernels(flat) is None  # training mode with jitter noise
+        assert moe.eval()._one_token_kernels(flat.double()) is None
+        assert MoE(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, router="sampling")).eval()._one_token_kernels(flat) is None
+        assert MoE(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, num_shared_experts=1)).eval()._one_token_kernels(flat) is None
+    assert moe._one_token_kernels(flat) is None  # autograd on
 
 
 @needs_lib
