@@ -177,7 +177,7 @@ def swiglu_add(lib: ctypes.CDLL, x: torch.Tensor, w1: torch.Tensor, w3: torch.Te
 def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.Tensor, experts) -> torch.Tensor:
     """Every expert of ``experts`` (:func:`swiglu_ok`, outputs ``d_model``) over its rows of
     ``x [N, d]`` (sorted by expert, ``tokens_per_expert`` int64 ``[E]`` rows each), each
-    weight read once per four rows: the inference path where experts get a few rows each.
+    weight read from memory once: the inference path where experts get a few rows each.
     Returns ``[N, d]``."""
     x, counts = x.contiguous(), tokens_per_expert.contiguous()
     w1, w3, w2 = experts.w1, experts.w3, experts.w2

@@ -34,13 +34,18 @@ CPU_LOOP_MIN_ROWS_PER_EXPERT = 32
 # hand-written backward beats grouped_mm (measured: about 5-10% at 512-1024 rows, 10-25%
 # slower at 64-128 rows).
 CPU_SEGMENT_BACKWARD_MIN_ROWS = 256
+# CPU inference, float32: up to this many rows per expert on average, moekit.kernels'
+# swiglu_segments (each weight read once for all of an expert's rows) beats grouped_mm
+# (measured, 8 experts d_ff 1792 and 64 experts d_ff 224, d_model 512: 1.1-1.35x at 1-2 rows,
+# a tie at 4, slower from 8).
+CPU_KERNEL_MAX_ROWS_PER_EXPERT = 2
 
 
 def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> bool:
     """Whether ``F.grouped_mm`` can take ``x [N, K] @ w [E, K, M]`` here and is worth it.
 
-    On CUDA its kernels take bfloat16 on sm80+ with 16-byte aligned rows. On CPU it takes
-    float32 and bfloat16. With gradients it is always used there: its backward writes each
+    It needs 16-byte aligned rows (widths a multiple of 4 float32 or 8 bfloat16 values). On
+    CUDA its kernels take bfloat16 on sm80+; on CPU float32 and bfloat16. With gradients it is always used there: its backward writes each
     weight gradient once, where a loop's per-expert views of a 3-D weight cost a full-size
     gradient each. Without gradients, a per-segment loop is faster once segments are long
     (one segment's activation stays in cache and buffers are reused), grouped_mm when
@@ -48,8 +53,11 @@ def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> 
     """
     if not _HAS_GROUPED_MM or x.dtype != w.dtype:
         return False
+    align = 16 // x.element_size()  # rows must start on 16-byte boundaries, on CPU and CUDA alike
+    if x.shape[-1] % align or w.shape[-1] % align:
+        return False
     if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
+        return x.dtype == torch.bfloat16
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     if x.dtype == torch.float32 and torch.compiler.is_compiling():
@@ -243,9 +251,21 @@ class SwiGLUExperts(GroupedExperts):
             if self.needs_grad(x):
                 if x.shape[0] >= CPU_SEGMENT_BACKWARD_MIN_ROWS * self.num_experts:
                     return _SwiGLUSegments.apply(x, *weights, segments(tokens_per_expert))
-            elif self._fused_is_live(weights[0]):
-                return self._fused_run(x, tokens_per_expert)
+            else:
+                lib = self._segment_kernels_for(x)
+                if lib is not None:
+                    return kernels.swiglu_segments(lib, x, tokens_per_expert, self)
+                if self._fused_is_live(weights[0]):
+                    return self._fused_run(x, tokens_per_expert)
         return super().run(x, tokens_per_expert, weights)
+
+    def _segment_kernels_for(self, x: torch.Tensor):
+        """The built kernels where :func:`moekit.kernels.swiglu_segments` should run these rows
+        (no autograd, a few float32 rows per expert, weights it can read), else ``None``."""
+        if (x.dtype == torch.float32 and x.shape[0] <= CPU_KERNEL_MAX_ROWS_PER_EXPERT * self.num_experts
+                and not torch.compiler.is_compiling() and self.d_out == self.d_model and kernels.swiglu_ok(self)):
+            return kernels.load()
+        return None
 
     def _fused_is_live(self, w1: torch.Tensor) -> bool:
         """Whether :meth:`fuse_gate_up` ran and ``w1`` (as this call sees it) still views it."""

@@ -75,6 +75,7 @@ def test_moe_token_equals_the_moe_layer(fields, prepared):
     if prepared:
         moe.experts.fuse_gate_up()
     assert kernels.moe_token_ok(norm, moe.router.gate, moe.experts)
+    moe._one_token_kernels = lambda flat: None  # the reference: the layer in torch ops
     with torch.inference_mode():
         for _ in range(5):
             x = torch.randn(48)
@@ -196,6 +197,32 @@ def test_the_one_token_layer_kernel_is_left_where_it_does_not_apply():
 
 
 @needs_lib
+@pytest.mark.parametrize("d, f, counts", [(40, 56, [2, 0, 1, 5]), (33, 200, [1, 1, 3, 0, 5]), (512, 224, [2] * 6),
+                                          (16, 16, [0, 0, 1])])
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "fused gate/up"])
+def test_swiglu_segments_equal_each_expert_on_its_rows(d, f, counts, prepared, monkeypatch):
+    torch.manual_seed(d + f)
+    experts = MoE(MoEConfig(d_model=d, d_ff=f, num_experts=len(counts), top_k=1)).experts.eval()
+    if prepared:
+        experts.fuse_gate_up()
+    tpe = torch.tensor(counts)
+    x = torch.randn(sum(counts), d)
+    with torch.inference_mode():
+        got = kernels.swiglu_segments(lib, x, tpe, experts)
+        want = torch.cat([experts.expert_forward(e, x[a - n : a]) for e, (n, a) in
+                          enumerate(zip(counts, torch.tensor(counts).cumsum(0).tolist()))])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        calls = []
+        real = kernels.swiglu_segments
+        monkeypatch.setattr(kernels, "swiglu_segments", lambda *a: calls.append(1) or real(*a))
+        torch.testing.assert_close(experts(x, tpe), want, atol=2e-5, rtol=1e-5)  # the layer takes this path...
+        assert calls == [1]
+        many = torch.randn(3 * len(counts), d)
+        experts(many, torch.full((len(counts),), 3))  # ...up to two rows per expert on average
+        assert calls == [1]
+
+
+@needs_lib
 @pytest.mark.parametrize("n, k, d", [(1, 1, 1), (5, 2, 7), (64, 3, 130), (300, 2, 128), (40, 8, 33)])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_gather_rows_sums_the_gathered_rows(n, k, d, weighted):
@@ -294,7 +321,12 @@ with torch.inference_mode():
     moe.router.gate.weight.normal_(0, 1.0)
     got = x.clone()
     kernels.MoETokenStep(lib, norm, moe.router.gate, 2, True, 1.0, moe.experts)(got)
+    moe._one_token_kernels = lambda flat: None  # the reference: the layer in torch ops
     torch.testing.assert_close(got, x + moe(norm(x)[None]).output[0], atol=2e-5, rtol=1e-5)
+ex, xs, tpe = moe.experts, torch.randn(4, 50), torch.tensor([3, 0, 1, 0])
+with torch.inference_mode():
+    torch.testing.assert_close(kernels.swiglu_segments(lib, xs, tpe, ex),
+                               torch.cat([ex.expert_forward(0, xs[:3]), ex.expert_forward(2, xs[3:])]), atol=2e-5, rtol=1e-5)
 src, idx = torch.randn(9, 20), torch.tensor([3, -1, 0, 8])
 torch.testing.assert_close(kernels.gather_rows(lib, src, idx, 2), torch.stack([src[3], src[0] + src[8]]))
 print("ok")

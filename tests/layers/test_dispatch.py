@@ -90,6 +90,16 @@ def test_experts_with_no_tokens():
     assert out.stats.tokens_per_expert.tolist() == [0, 0, 10, 0, 0, 0]
 
 
+@pytest.mark.parametrize("d_model, d_ff", [(33, 20), (12, 30), (7, 5)])
+@pytest.mark.parametrize("expert", ["swiglu", "gelu"])
+def test_widths_grouped_mm_cannot_take(d_model, d_ff, expert):
+    """grouped_mm needs 16-byte aligned rows; other widths run the segment loop instead."""
+    fast, ref = pair(d_model=d_model, d_ff=d_ff, num_experts=4, top_k=2, expert=expert)
+    x = torch.randn(2, 5, d_model)
+    assert_same(fast, ref, x)
+    assert_same(fast, ref, x, train=False)
+
+
 def test_many_fine_grained_experts():
     fast, ref = pair(d_model=16, d_ff=8, num_experts=64, top_k=8, num_shared_experts=1)
     assert_same(fast, ref, torch.randn(2, 13, 16))
