@@ -1,4 +1,4 @@
-/* moekit CPU kernels: moving rows between token order and expert order (float32).
+/* moekit CPU kernels: routing, and moving rows between token order and expert order (float32).
  *
  * The MoE layer's fast path gathers each token's row once per chosen expert into expert
  * order, runs the experts, and adds the weighted outputs back to their tokens. In torch ops
@@ -6,10 +6,13 @@
  * index_select, a multiply and a row sum; here every one of those is one pass that reads
  * each row once, parallel over the rows written (no two threads write a row, so no atomics
  * and no zero-fill). Exported: moekit_gather_rows (a weighted sum of gathered rows: the
- * combine, the backward of the gather, the gather itself) and moekit_combine_backward (the
- * gradients of the combine for the expert outputs and the router weights). Rows are
- * contiguous, d floats each. Built with cpu_gemv.c by moekit/kernels/__init__.py.
+ * combine, the backward of the gather, the gather itself), moekit_combine_backward (the
+ * gradients of the combine for the expert outputs and the router weights), and the softmax
+ * top-k router with its backward (moekit_topk_softmax, moekit_topk_softmax_backward: over a
+ * handful of experts torch's row-wise softmax and topk cost far more than their arithmetic).
+ * Rows are contiguous. Built with cpu_gemv.c by moekit/kernels/__init__.py.
  */
+#include <math.h>
 #include <string.h>
 #include <omp.h>
 
@@ -74,6 +77,65 @@ int moekit_combine_backward(const float *dout, const float *y, long d, const lon
                 s += g[c] * r[c];
             dw[i] = s;
         }
+    }
+    return 0;
+}
+
+/* The softmax top-k router over rows of logits [T, E]: probs = softmax of each row; idx[k] the
+ * k largest (ties: lower index); w = their probabilities times scale, divided by their sum
+ * where renormalize. One pass per row, parallel over rows. */
+int moekit_topk_softmax(const float *logits, long T, long E, int k, int renormalize, float scale, float *probs,
+                        long *idx, float *w, int threads)
+{
+#pragma omp parallel for schedule(static) num_threads(threads) if (T * E >= PARALLEL_MIN)
+    for (long t = 0; t < T; t++) {
+        const float *l = logits + t * E;
+        float *p = probs + t * E, top = -INFINITY, total = 0.0f, chosen = 0.0f;
+        long *ix = idx + t * k;
+        float *wt = w + t * k;
+        for (long e = 0; e < E; e++) top = l[e] > top ? l[e] : top;
+        for (long e = 0; e < E; e++) total += (p[e] = expf(l[e] - top));
+        for (long e = 0; e < E; e++) p[e] /= total;
+        for (int i = 0; i < k; i++) {
+            long best = -1;
+            for (long e = 0; e < E; e++) {
+                int taken = 0;
+                for (int j = 0; j < i; j++) taken |= ix[j] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            ix[i] = best;
+            chosen += p[best];
+        }
+        for (int i = 0; i < k; i++) wt[i] = (renormalize ? p[ix[i]] / chosen : p[ix[i]]) * scale;
+    }
+    return 0;
+}
+
+/* Its backward: dlogits = softmax backward of g, g = dprobs (NULL: 0) plus the weights'
+ * gradient dw (NULL: 0) taken back through the renormalisation onto the chosen entries. */
+int moekit_topk_softmax_backward(const float *probs, const long *idx, const float *w, const float *dprobs,
+                                 const float *dw, long T, long E, int k, int renormalize, float scale, float *dlogits,
+                                 int threads)
+{
+#pragma omp parallel for schedule(static) num_threads(threads) if (T * E >= PARALLEL_MIN)
+    for (long t = 0; t < T; t++) {
+        const float *p = probs + t * E;
+        float *g = dlogits + t * E; /* g first, then overwritten by dlogits */
+        for (long e = 0; e < E; e++) g[e] = dprobs ? dprobs[t * E + e] : 0.0f;
+        if (dw) {
+            const long *ix = idx + t * k;
+            const float *dwt = dw + t * k, *wt = w + t * k;
+            if (renormalize) {
+                float chosen = 0.0f, dot = 0.0f;
+                for (int i = 0; i < k; i++) chosen += p[ix[i]], dot += dwt[i] * wt[i];
+                for (int i = 0; i < k; i++) g[ix[i]] += (scale * dwt[i] - dot) / chosen;
+            } else {
+                for (int i = 0; i < k; i++) g[ix[i]] += scale * dwt[i];
+            }
+        }
+        float dot = 0.0f;
+        for (long e = 0; e < E; e++) dot += g[e] * p[e];
+        for (long e = 0; e < E; e++) g[e] = p[e] * (g[e] - dot);
     }
     return 0;
 }

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit import kernels
 from moekit.config import MoEConfig
 from moekit.registry import register_router
 
@@ -118,10 +119,46 @@ class TopKRouter(Router):
 
     With ``top_k=1`` and renormalisation the weight is always 1, as in transformers, and
     the router learns only from the auxiliary losses: use ``renormalize=False`` or the
-    ``switch`` router to let the task loss reach it."""
+    ``switch`` router to let the task loss reach it.
+
+    On the CPU (float32 logits, outside ``torch.compile``) the softmax, the top-k and the
+    renormalisation, and their backward, run in one kernel pass each
+    (:func:`moekit.kernels.topk_softmax`): over 8 experts torch's row-wise ops cost far more
+    than their arithmetic."""
 
     def route(self, logits: torch.Tensor) -> RouterOutput:
-        return self._topk_of(torch.softmax(logits, dim=-1), logits)
+        fused = _fused_topk(logits, self.top_k, self.renormalize, self.scale)
+        return fused if fused is not None else self._topk_of(torch.softmax(logits, dim=-1), logits)
+
+
+def _fused_topk(logits: torch.Tensor, k: int, renormalize: bool, scale: float) -> RouterOutput | None:
+    """The softmax top-k router in :func:`moekit.kernels.topk_softmax` where it runs (float32
+    on the CPU, outside ``torch.compile``), else ``None``."""
+    lib = kernels.load() if kernels.rows_kernels_ok(logits) else None
+    if lib is None:
+        return None
+    probs, weights, indices = _TopKSoftmax.apply(logits, k, renormalize, scale, lib)
+    return RouterOutput(weights, indices, logits, probs)
+
+
+class _TopKSoftmax(torch.autograd.Function):
+    """softmax, top-k, renormalise and scale with :func:`moekit.kernels.topk_softmax`; the
+    gradient reaches the logits from the probabilities (the losses) and the weights."""
+
+    @staticmethod
+    def forward(ctx, logits, k, renormalize, scale, lib):
+        probs, weights, indices = kernels.topk_softmax(lib, logits, k, renormalize, scale)
+        ctx.save_for_backward(probs, indices, weights)
+        ctx.args = (renormalize, scale, lib)
+        ctx.mark_non_differentiable(indices)
+        return probs, weights, indices
+
+    @staticmethod
+    def backward(ctx, dprobs, dweights, _):
+        probs, indices, weights = ctx.saved_tensors
+        renormalize, scale, lib = ctx.args
+        dlogits = kernels.topk_softmax_backward(lib, probs, indices, weights, dprobs, dweights, renormalize, scale)
+        return dlogits, None, None, None, None
 
 
 @register_router("switch")
@@ -132,6 +169,9 @@ class SwitchRouter(Router):
     paper's full recipe."""
 
     def route(self, logits: torch.Tensor) -> RouterOutput:
+        fused = _fused_topk(logits, 1, False, self.scale)  # top-1 of the softmax, as below
+        if fused is not None:
+            return fused
         probs = torch.softmax(logits, dim=-1)
         weights, indices = probs.max(dim=-1, keepdim=True)  # [T, E] -> [T, 1]
         return RouterOutput(weights * self.scale, indices, logits, probs)

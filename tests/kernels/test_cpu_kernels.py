@@ -345,3 +345,37 @@ def test_the_build_without_avx512_gives_the_same_numbers(tmp_path):
     env = dict(os.environ, CC=str(cc), MOEKIT_CACHE_DIR=str(tmp_path / "cache"))
     done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@needs_lib
+@pytest.mark.parametrize("fields", [dict(), dict(renormalize=False, routed_scaling_factor=2.5), dict(top_k=1),
+                                    dict(num_experts=64, top_k=8, z_loss_coef=0.01, seq_aux_loss_coef=0.01),
+                                    dict(router="switch", top_k=1, routed_scaling_factor=1.5)])
+def test_the_topk_router_kernel_equals_torch_ops(fields, monkeypatch):
+    """Probabilities, choice, weights, and the gradients that reach the gate through the
+    combine weights and the balancing losses."""
+    import moekit.layers.router as router_mod
+
+    torch.manual_seed(5)
+    moe = MoE(MoEConfig(**{"d_model": 20, "d_ff": 12, "num_experts": 6, "top_k": 2, **fields}))
+    x, g = torch.randn(3, 40, 20), torch.randn(3, 40, 20)
+    calls = []
+    real = kernels.topk_softmax
+    monkeypatch.setattr(kernels, "topk_softmax", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        out = moe(x)
+        (out.output * g).sum().add(out.aux_loss).backward()
+        grad = moe.router.gate.weight.grad.clone()
+        moe.zero_grad(set_to_none=True)
+        return out.routing, out.aux_loss.detach(), grad
+
+    got, got_aux, got_grad = run()
+    assert calls == [1]
+    monkeypatch.setattr(router_mod, "_fused_topk", lambda *a: None)  # the routers' torch ops
+    want, want_aux, want_grad = run()
+    assert torch.equal(got.indices, want.indices)
+    torch.testing.assert_close(got.probs, want.probs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.weights, want.weights, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_aux, want_aux, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-4)
