@@ -89,7 +89,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moekit_rows.restype = I
     lib.moekit_swiglu_add.argtypes = [P, L, P, P, L, L, P, L, L, P, F, I]
     lib.moekit_swiglu_add.restype = I
-    lib.moekit_moe_token.argtypes = [P, P, L, P, F, P, P, L, I, I, F, P, P, L, L, L, P, L, L, P, P, P, P, I]
+    lib.moekit_moe_token.argtypes = [P, P, L, P, F, P, P, L, I, I, F, P, P, L, L, L, P, L, L, P, P, P, P, P, I]
     lib.moekit_moe_token.restype = I
     lib.moekit_attention_token.argtypes = [P, L, P, F, P, P, L, L, L, P, P, P, P, L, L, L, P, L, P, I]
     lib.moekit_attention_token.restype = I
@@ -215,7 +215,7 @@ class MoETokenStep:
     def __call__(self, x: torch.Tensor) -> tuple[list[int], list[float]]:
         """``x``: ``[d]`` contiguous float32, updated in place."""
         rc = self._fn(x.data_ptr(), x.data_ptr(), x.shape[0], *self._args, self._chosen, self._weights, None, None,
-                      torch.get_num_threads())
+                      None, torch.get_num_threads())
         if rc != 0:
             raise MemoryError("moekit_moe_token could not allocate its buffers")
         return list(self._chosen), list(self._weights)
@@ -232,15 +232,18 @@ def _moe_token_args(norm, gate: torch.nn.Linear, top_k: int, renormalize: bool, 
 
 def moe_token(lib: ctypes.CDLL, x: torch.Tensor, out: torch.Tensor, gate: torch.nn.Linear, top_k: int,
               renormalize: bool, scale: float, experts, chosen: torch.Tensor, weights: torch.Tensor,
-              logits: torch.Tensor, probs: torch.Tensor) -> None:
+              logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> None:
     """The MoE layer's forward for one token, no norm (:func:`moe_token_ok` with ``norm=None``):
     ``out [d] += sum over the chosen experts of w * expert(x)``, the router as
     :class:`MoETokenStep`'s; writes ``chosen`` (int64 ``[k]``), ``weights [k]``, ``logits [E]``
-    and ``probs [E]`` (the softmax over all experts). All contiguous, float32 but ``chosen``."""
-    rc = lib.moekit_moe_token(x.data_ptr(), out.data_ptr(), x.shape[0],
+    and ``probs [E]`` (the softmax over all experts), and adds 1 to ``counts`` (int64 ``[E]``)
+    for each chosen expert. ``x`` may be ``[1, d]``; the outputs are contiguous (any shape with
+    that many values), float32 but ``chosen`` and ``counts``."""
+    x = x.contiguous()
+    rc = lib.moekit_moe_token(x.data_ptr(), out.data_ptr(), x.shape[-1],
                               *_moe_token_args(None, gate, top_k, renormalize, scale, experts),
                               chosen.data_ptr(), weights.data_ptr(), logits.data_ptr(), probs.data_ptr(),
-                              torch.get_num_threads())
+                              counts.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError("moekit_moe_token could not allocate its buffers")
 

@@ -20,6 +20,8 @@
 #include <immintrin.h>
 #endif
 
+long moekit_best_untaken(const float *v, long E, const long *taken, int n); /* cpu_rows.c */
+
 /* Prefetch AHEAD rows ahead of the row being read; in column tiles, one prefetch per
  * PF_EVERY vectors (4 x 64 B; the hardware fetches the neighbouring lines). Tuned on the
  * 2-core AVX-512 machine: AHEAD 4-8 and PF_EVERY 4 read fastest. */
@@ -305,12 +307,12 @@ int moekit_swiglu_segments(const float *x, long K, const long *counts, long E, c
  * all E, times scale; out += sum of weight * expert(h) (out may be x: the residual, in place).
  * Expert e's weights: w1 + e * e13 (and w3), [K, F] with row stride ld13; w2 + e * e2, [F, K]
  * with row stride ld2. The choice is written to chosen[k] and chosen_w[k]; where given, the
- * logits and the softmax over all E to logits_out[E] and probs_out[E]. Returns 0, or -1 when
- * out of memory. */
+ * logits and the softmax over all E to logits_out[E] and probs_out[E], and counts_out[E] gets
+ * 1 added for each chosen expert. Returns 0, or -1 when out of memory. */
 int moekit_moe_token(const float *x, float *out, long K, const float *g, float eps, const float *wr,
                      const float *br, long E, int k, int renormalize, float scale, const float *w1,
                      const float *w3, long e13, long ld13, long F, const float *w2, long e2, long ld2, long *chosen,
-                     float *chosen_w, float *logits_out, float *probs_out, int nthreads)
+                     float *chosen_w, float *logits_out, float *probs_out, long *counts_out, int nthreads)
 {
     float *h = malloc((K + E + 3 * F) * sizeof(float));
     if (!h) return -1;
@@ -336,17 +338,14 @@ int moekit_moe_token(const float *x, float *out, long K, const float *g, float e
         for (long e = 0; e < E; e++) probs_out[e] = expf(logits[e] - top) / total;
     float chosen_total = 0.0f;
     for (int i = 0; i < k; i++) {
-        long best = -1;
-        for (long e = 0; e < E; e++) {
-            int taken = 0;
-            for (int j = 0; j < i; j++) taken |= chosen[j] == e;
-            if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
-        }
+        long best = moekit_best_untaken(logits, E, chosen, i);
         chosen[i] = best;
         chosen_w[i] = expf(logits[best] - top);
         chosen_total += chosen_w[i];
     }
     for (int i = 0; i < k; i++) chosen_w[i] = chosen_w[i] / (renormalize ? chosen_total : total) * scale;
+    if (counts_out)
+        for (int i = 0; i < k; i++) counts_out[chosen[i]] += 1;
     for (int i = 0; i < k; i++)
         swiglu_add(h, K, w1 + chosen[i] * e13, w3 + chosen[i] * e13, ld13, F, w2 + chosen[i] * e2, ld2, K, out,
                    chosen_w[i], buf, nthreads);

@@ -81,6 +81,19 @@ int moekit_combine_backward(const float *dout, const float *y, long d, const lon
     return 0;
 }
 
+/* The index of the largest v[e], e < E, that is not among taken[0..n) (ties: the lower index):
+ * the i-th choice of a top-k router. Shared with moekit_moe_token (cpu_gemv.c). */
+long moekit_best_untaken(const float *v, long E, const long *taken, int n)
+{
+    long best = -1;
+    for (long e = 0; e < E; e++) {
+        int is_taken = 0;
+        for (int j = 0; j < n; j++) is_taken |= taken[j] == e;
+        if (!is_taken && (best < 0 || v[e] > v[best])) best = e;
+    }
+    return best;
+}
+
 /* The softmax top-k router over rows of logits [T, E]: probs = softmax of each row; idx[k] the
  * k largest (ties: lower index); w = their probabilities times scale, divided by their sum
  * where renormalize. One pass per row, parallel over rows. */
@@ -97,14 +110,8 @@ int moekit_topk_softmax(const float *logits, long T, long E, int k, int renormal
         for (long e = 0; e < E; e++) total += (p[e] = expf(l[e] - top));
         for (long e = 0; e < E; e++) p[e] /= total;
         for (int i = 0; i < k; i++) {
-            long best = -1;
-            for (long e = 0; e < E; e++) {
-                int taken = 0;
-                for (int j = 0; j < i; j++) taken |= ix[j] == e;
-                if (!taken && (best < 0 || p[e] > p[best])) best = e;
-            }
-            ix[i] = best;
-            chosen += p[best];
+            ix[i] = moekit_best_untaken(p, E, ix, i);
+            chosen += p[ix[i]];
         }
         for (int i = 0; i < k; i++) wt[i] = (renormalize ? p[ix[i]] / chosen : p[ix[i]]) * scale;
     }

@@ -210,18 +210,17 @@ class MoE(nn.Module):
         """One token through :func:`moekit.kernels.moe_token`: the router and the chosen experts
         in one call, where torch ops cost more than the experts' weight reads at this size.
         The same outputs as the general path (tested)."""
-        E, k = self.config.num_experts, self.config.top_k
-        out = torch.zeros_like(flat)  # [1, d]
-        floats = flat.new_empty(2 * E + k)  # [logits (E) | probs (E) | weights (k)]
-        longs = torch.zeros(k + E + 1, dtype=torch.long)  # [chosen (k) | tokens per expert (E) | dropped]
-        chosen, counts = longs[:k], longs[k : k + E]
-        kernels.moe_token(lib, flat[0].contiguous(), out[0], self.router.gate, k, self.router.renormalize,
-                          self.router.scale, self.experts, chosen, floats[2 * E :], floats[:E], floats[E : 2 * E])
-        counts.index_fill_(0, chosen, 1)  # k distinct experts, one slot each
-        logits = floats[:E].view(1, E)
-        routing = RouterOutput(floats[2 * E :].view(1, k), chosen.view(1, k), logits, floats[E : 2 * E].view(1, E))
-        return MoEOutput(output=out.reshape(*lead, out.shape[-1]), aux_loss=flat.new_zeros(()), router_logits=logits,
-                         stats=MoEStats(counts, longs[-1]), routing=routing)
+        E, k, d = self.config.num_experts, self.config.top_k, flat.shape[1]
+        # two buffers, each split into views (torch ops cost more here than the arithmetic)
+        floats = torch.zeros(1, d + 2 * E + k + 1, dtype=flat.dtype)
+        out, logits, probs, weights, aux = floats.split([d, E, E, k, 1], dim=1)
+        chosen, counts, dropped = torch.zeros(1, k + E + 1, dtype=torch.long).split([k, E, 1], dim=1)
+        router = self.router
+        kernels.moe_token(lib, flat, out, router.gate, k, router.renormalize, router.scale, self.experts, chosen,
+                          weights, logits, probs, counts)
+        routing = RouterOutput(weights, chosen, logits, probs)
+        return MoEOutput(output=out.reshape(*lead, d), aux_loss=aux.reshape(()), router_logits=logits,
+                         stats=MoEStats(counts.reshape(E), dropped.reshape(())), routing=routing)
 
     def _aux_loss(
         self, routing: RouterOutput, lead: torch.Size, padding_mask: torch.Tensor | None, compute: bool | None
