@@ -45,9 +45,9 @@ def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> 
     """Whether ``F.grouped_mm`` can take ``x [N, K] @ w [E, K, M]`` here and is worth it.
 
     It needs 16-byte aligned rows (widths a multiple of 4 float32 or 8 bfloat16 values). On
-    CUDA its kernels take bfloat16 on sm80+; on CPU float32 and bfloat16. With gradients it is always used there: its backward writes each
-    weight gradient once, where a loop's per-expert views of a 3-D weight cost a full-size
-    gradient each. Without gradients, a per-segment loop is faster once segments are long
+    CUDA its kernels take bfloat16 on sm80+; on CPU float32 and bfloat16. With gradients it
+    is always used on CPU: its backward writes each weight gradient once, where a loop's
+    per-expert views of a 3-D weight cost a full-size gradient each. Without gradients, a per-segment loop is faster once segments are long
     (one segment's activation stays in cache and buffers are reused), grouped_mm when
     there are many short segments (fine-grained experts, few tokens).
     """
