@@ -323,9 +323,11 @@ def attention_ok(w_qkv: torch.Tensor, w_o: torch.Tensor, heads: tuple[int, int, 
     )
 
 
-def rows_kernels_ok(*tensors: torch.Tensor) -> bool:
-    """Whether :func:`gather_rows` and :func:`combine_backward` take these tensors: float32
-    on the CPU, outside ``torch.compile`` (which cannot trace a foreign call)."""
+def tensors_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels that take tensors of any shape (:func:`gather_rows`,
+    :func:`combine_backward`, :func:`topk_softmax`, :func:`moe_token`, :func:`swiglu_segments`)
+    take these: float32 on the CPU, outside ``torch.compile`` (which cannot trace a foreign
+    call)."""
     return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and not torch.compiler.is_compiling())
 

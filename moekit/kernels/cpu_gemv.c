@@ -1,4 +1,4 @@
-/* moekit CPU kernels: decoding one token (batch 1, float32).
+/* moekit CPU kernels: decoding one token, and experts over a few rows each (float32).
  *
  * At batch 1 a decode step is memory-bound: it reads every active weight once. These
  * loops stream the weights with software prefetch and several independent accumulators,

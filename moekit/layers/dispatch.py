@@ -136,7 +136,7 @@ def dispatch(
     ):
         return _dispatch_few(x, routing, experts, num_experts)
     plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, routing.mask)
-    lib = kernels.load() if kernels.rows_kernels_ok(x, routing.weights) else None
+    lib = kernels.load() if kernels.tensors_ok(x, routing.weights) else None
     if lib is None:  # torch ops
         x_sorted = x.index_select(0, plan.token_idx)  # [T, d] -> [N, d]
         y_sorted = experts(x_sorted, plan.tokens_per_expert)  # [N, d] -> [N, d_out]
@@ -147,7 +147,7 @@ def dispatch(
     pos[plan.slot_idx] = torch.arange(plan.slot_idx.numel(), device=x.device)
     x_sorted = _GatherRows.apply(x, plan.token_idx, pos, k, lib)  # [T, d] -> [N, d]
     y_sorted = experts(x_sorted, plan.tokens_per_expert)  # [N, d] -> [N, d_out]
-    if not kernels.rows_kernels_ok(y_sorted):  # autocast: the experts ran in bfloat16
+    if not kernels.tensors_ok(y_sorted):  # autocast: the experts ran in bfloat16
         return _combine_ops(y_sorted, routing.weights, plan, x.shape[0]), plan, y_sorted
     out = _Combine.apply(y_sorted, routing.weights, plan.token_idx, plan.slot_idx, pos, lib)  # [N, d_out] -> [T, d_out]
     return out, plan, y_sorted

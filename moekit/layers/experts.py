@@ -47,9 +47,10 @@ def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> 
     It needs 16-byte aligned rows (widths a multiple of 4 float32 or 8 bfloat16 values). On
     CUDA its kernels take bfloat16 on sm80+; on CPU float32 and bfloat16. With gradients it
     is always used on CPU: its backward writes each weight gradient once, where a loop's
-    per-expert views of a 3-D weight cost a full-size gradient each. Without gradients, a per-segment loop is faster once segments are long
-    (one segment's activation stays in cache and buffers are reused), grouped_mm when
-    there are many short segments (fine-grained experts, few tokens).
+    per-expert views of a 3-D weight cost a full-size gradient each. Without gradients, a
+    per-segment loop is faster once segments are long (one segment's activation stays in
+    cache and buffers are reused), grouped_mm when there are many short segments
+    (fine-grained experts, few tokens).
     """
     if not _HAS_GROUPED_MM or x.dtype != w.dtype:
         return False
@@ -262,8 +263,8 @@ class SwiGLUExperts(GroupedExperts):
     def _segment_kernels_for(self, x: torch.Tensor):
         """The built kernels where :func:`moekit.kernels.swiglu_segments` should run these rows
         (no autograd, a few float32 rows per expert, weights it can read), else ``None``."""
-        if (x.dtype == torch.float32 and x.shape[0] <= CPU_KERNEL_MAX_ROWS_PER_EXPERT * self.num_experts
-                and not torch.compiler.is_compiling() and self.d_out == self.d_model and kernels.swiglu_ok(self)):
+        if (x.shape[0] <= CPU_KERNEL_MAX_ROWS_PER_EXPERT * self.num_experts and kernels.tensors_ok(x)
+                and self.d_out == self.d_model and kernels.swiglu_ok(self)):
             return kernels.load()
         return None
 

@@ -198,8 +198,8 @@ class MoE(nn.Module):
         ``topk`` router without jitter noise, SwiGLU experts it takes, no shared experts, no
         capacity, the fast path, float32 on the CPU."""
         cfg = self.config
-        if (torch.is_grad_enabled() or type(self.router) is not TopKRouter or flat.dtype != torch.float32
-                or flat.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+        if (torch.is_grad_enabled() or type(self.router) is not TopKRouter or not kernels.tensors_ok(flat)
+                or torch.is_autocast_enabled("cpu")
                 or (self.router.training and self.router.jitter > 0) or self.shared_experts is not None
                 or self.dispatcher is not None or cfg.capacity_factor is not None or cfg.implementation != "fast"
                 or not kernels.moe_token_ok(None, self.router.gate, self.experts)):

@@ -134,7 +134,7 @@ class TopKRouter(Router):
 def _fused_topk(logits: torch.Tensor, k: int, renormalize: bool, scale: float) -> RouterOutput | None:
     """The softmax top-k router in :func:`moekit.kernels.topk_softmax` where it runs (float32
     on the CPU, outside ``torch.compile``), else ``None``."""
-    lib = kernels.load() if kernels.rows_kernels_ok(logits) else None
+    lib = kernels.load() if kernels.tensors_ok(logits) else None
     if lib is None:
         return None
     probs, weights, indices = _TopKSoftmax.apply(logits, k, renormalize, scale, lib)

@@ -275,7 +275,7 @@ def test_dispatch_moves_rows_in_the_kernels_as_torch_ops_do(fields, monkeypatch)
         monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
 
     def run(use_kernels):
-        monkeypatch.setattr(kernels, "rows_kernels_ok", lambda *t: use_kernels)
+        monkeypatch.setattr(kernels, "tensors_ok", lambda *t: use_kernels)
         xi = x.clone().requires_grad_(True)
         out = moe(xi)
         (out.output * g).sum().add(out.aux_loss).backward()
