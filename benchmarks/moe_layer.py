@@ -3,15 +3,24 @@ FLOPs, and transformers' MixtralSparseMoeBlock, all measured in the same run.
 
     python benchmarks/moe_layer.py                 # full table (a few minutes on 2 cores)
     python benchmarks/moe_layer.py --quick         # fewer repetitions
+    python benchmarks/moe_layer.py --system-malloc # glibc's defaults: freed memory goes back to the OS
 
 Prints tokens/s for forward (eval, no grad) and forward+backward (train) and each
 implementation's ratio to the dense FFN of width ``top_k * d_ff`` (same active FLOPs per
 token). Median of the repetitions after a warm-up, the contenders measured round-robin.
+
+Freed memory stays in the process (glibc's trim threshold raised, its mmap threshold fixed at
+32 MB, for every contender alike), as PyTorch's performance tuning guide recommends (jemalloc or tcmalloc, which reuse memory):
+with glibc's defaults a training step's weight gradients (29-59 MB each here) are handed back
+to the OS when ``zero_grad`` frees them and faulted in again, page by page, by the next
+backward: 14,000-21,000 page faults per step, 15-30 ms, which some steps pay and others do not
+and which swamp the forward+backward rows at small T.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import platform
 import statistics
 import time
@@ -29,6 +38,18 @@ CASES = [
 ]
 TOKENS = [1, 16, 256, 4096]
 D_MODEL = 512
+
+
+def keep_freed_memory() -> bool:
+    """glibc: keep freed memory for reuse (``M_TRIM_THRESHOLD``) and serve blocks up to 32 MB
+    from the heap (``M_MMAP_THRESHOLD``; larger ones are mapped fresh, as by default).
+    Returns whether it took."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def interleaved_medians(steps: dict[str, Callable[[], None]], budget_s: float, min_rounds: int = 5,
@@ -116,11 +137,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     parser.add_argument("--reference-max-tokens", type=int, default=256,
                         help="skip the slow reference path above this many tokens")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (freed memory returned to the OS)")
     args = parser.parse_args()
+    malloc = "system malloc" if args.system_malloc or not keep_freed_memory() else "freed memory kept"
     torch.manual_seed(0)
     budget = 0.6 if args.quick else 2.0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"float32, d_model {D_MODEL}")
+          f"float32, d_model {D_MODEL}, {malloc}")
     for title, case in CASES:
         modules = contenders(case)
         print(f"\n## {title}")

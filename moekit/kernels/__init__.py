@@ -93,8 +93,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moekit_moe_token.restype = I
     lib.moekit_attention_token.argtypes = [P, L, P, F, P, P, L, L, L, P, P, P, P, L, L, L, P, L, P, I]
     lib.moekit_attention_token.restype = I
-    lib.moekit_swiglu_segments.argtypes = [P, L, P, L, P, P, L, L, L, P, L, L, L, P, I]
+    lib.moekit_swiglu_segments.argtypes = [P, L, P, L, P, P, L, L, L, P, L, L, L, P, P, P, I]
     lib.moekit_swiglu_segments.restype = I
+    lib.moekit_swiglu_segments_backward.argtypes = [P, L, P, L, P, P, L, L, L, P, L, L, L, P, P, P, P, P, P, P, I]
+    lib.moekit_swiglu_segments_backward.restype = I
     lib.moekit_topk_softmax.argtypes = [P, L, L, I, I, F, P, P, P, I]
     lib.moekit_topk_softmax.restype = I
     lib.moekit_topk_softmax_backward.argtypes = [P, P, P, P, P, L, L, I, I, F, P, I]
@@ -180,20 +182,46 @@ def swiglu_add(lib: ctypes.CDLL, x: torch.Tensor, w1: torch.Tensor, w3: torch.Te
         raise MemoryError("moekit_swiglu_add could not allocate its buffer")
 
 
-def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.Tensor, experts) -> torch.Tensor:
-    """Every expert of ``experts`` (:func:`swiglu_ok`, outputs ``d_model``) over its rows of
+def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor,
+                    w3: torch.Tensor, w2: torch.Tensor, save: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+    """Every SwiGLU expert (weights ``w1``, ``w3`` ``[E, d, f]``, ``w2 [E, f, d]`` as
+    :class:`~moekit.layers.experts.SwiGLUExperts`', passing :func:`swiglu_ok`) over its rows of
     ``x [N, d]`` (sorted by expert, ``tokens_per_expert`` int64 ``[E]`` rows each), each
-    weight read from memory once: the inference path where experts get a few rows each.
-    Returns ``[N, d]``."""
+    weight read from memory once: the path where experts get a few rows each. ``save``:
+    two contiguous ``[N, d_ff]`` tensors that receive the gate and up pre-activations, for
+    :func:`swiglu_segments_backward`. Returns ``[N, d]``."""
     x, counts = x.contiguous(), tokens_per_expert.contiguous()
-    w1, w3, w2 = experts.w1, experts.w3, experts.w2
     out = x.new_empty(x.shape[0], w2.shape[2])
+    gate, up = (None, None) if save is None else (save[0].data_ptr(), save[1].data_ptr())
     if lib.moekit_swiglu_segments(x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(),
                                   w3.data_ptr(), w1.stride(0), w1.stride(1), w1.shape[2], w2.data_ptr(),
-                                  w2.stride(0), w2.stride(1), w2.shape[2], out.data_ptr(),
+                                  w2.stride(0), w2.stride(1), w2.shape[2], out.data_ptr(), gate, up,
                                   torch.get_num_threads()) != 0:
         raise MemoryError("moekit_swiglu_segments could not allocate its buffer")
     return out
+
+
+def swiglu_segments_backward(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor,
+                             w3: torch.Tensor, w2: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`swiglu_segments` (run with ``save=(gate, up)``) for the
+    output's gradient ``dy [N, d]``: ``dx`` and the three weight gradients (contiguous, zero
+    for experts without rows), each weight read once and each gradient written once. Rows
+    past ``tokens_per_expert.sum()`` get a zero ``dx``."""
+    x, counts, dy = x.contiguous(), tokens_per_expert.contiguous(), dy.contiguous()
+    dx = torch.empty_like(x)
+    dw1, dw3, dw2 = (torch.empty(w.shape, dtype=w.dtype) for w in (w1, w3, w2))
+    if lib.moekit_swiglu_segments_backward(
+            x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(), w3.data_ptr(), w1.stride(0),
+            w1.stride(1), w1.shape[2], w2.data_ptr(), w2.stride(0), w2.stride(1), w2.shape[2], gate.data_ptr(),
+            up.data_ptr(), dy.data_ptr(), dx.data_ptr(), dw1.data_ptr(), dw3.data_ptr(), dw2.data_ptr(),
+            torch.get_num_threads()) != 0:
+        raise MemoryError("moekit_swiglu_segments_backward could not allocate its buffers")
+    covered = int(counts.sum())
+    if covered < x.shape[0]:
+        dx[covered:] = 0
+    return dx, dw1, dw3, dw2
 
 
 class MoETokenStep:
@@ -258,7 +286,7 @@ def norm_ok(norm) -> bool:
 
 
 def swiglu_ok(experts) -> bool:
-    """Whether :func:`swiglu_add` can read the weights of ``experts`` (``w1``/``w3``
+    """Whether :func:`swiglu_add` and :func:`swiglu_segments` can read the weights of ``experts`` (``w1``/``w3``
     ``[E, d, f]``, ``w2`` ``[E, f, d]``, as :class:`~moekit.layers.experts.SwiGLUExperts`):
     float32 on the CPU, ``w1`` and ``w3`` laid out alike (separate or the halves of a fused
     tensor), unit stride in a row."""

@@ -39,6 +39,12 @@ CPU_SEGMENT_BACKWARD_MIN_ROWS = 256
 # (measured, 8 experts d_ff 1792 and 64 experts d_ff 224, d_model 512: 1.1-1.35x at 1-2 rows,
 # a tie at 4, slower from 8).
 CPU_KERNEL_MAX_ROWS_PER_EXPERT = 2
+# CPU training, float32: up to this many rows per expert on average, the same kernel forward
+# and its backward (each weight read once, each weight gradient written once with streaming
+# stores, idle experts' zeros included) beat grouped_mm's autograd (measured with the
+# interleaved timing of benchmarks/moe_layer.py: 1.5-2x at 1-2 rows, 1.05-1.4x at 4; at 8
+# rows 1.15x with 64 experts but 0.93x with 8; slower from 16).
+CPU_KERNEL_TRAIN_MAX_ROWS_PER_EXPERT = 4
 
 
 def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> bool:
@@ -91,6 +97,17 @@ def segments(tokens_per_expert: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
+def _idle_runs(num_experts: int, segs: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """``(first, end)`` of each run of consecutive experts without rows, given the non-empty
+    segments in expert order."""
+    runs, nxt = [], 0
+    for e, _, _ in segs + [(num_experts, 0, 0)]:
+        if e > nxt:
+            runs.append((nxt, e))
+        nxt = e + 1
+    return runs
+
+
 class _SwiGLUSegments(torch.autograd.Function):
     """All SwiGLU experts over expert-sorted rows, with a hand-written backward.
 
@@ -126,10 +143,10 @@ class _SwiGLUSegments(torch.autograd.Function):
         dw1 = torch.empty_like(w1) if need_w1 else None
         dw3 = torch.empty_like(w3) if need_w3 else None
         dw2 = torch.empty_like(w2) if need_w2 else None
-        idle = sorted(set(range(w1.shape[0])) - {e for e, _, _ in ctx.segs})
-        for dw in (dw1, dw3, dw2):
-            if dw is not None and idle:
-                dw[idle] = 0
+        for a, b in _idle_runs(w1.shape[0], ctx.segs):  # slices: a memset each, no index_put
+            for dw in (dw1, dw3, dw2):
+                if dw is not None:
+                    dw[a:b].zero_()
         covered = ctx.segs[-1][2] if ctx.segs else 0
         if dx is not None and covered < x.shape[0]:
             dx[covered:] = 0
@@ -149,6 +166,27 @@ class _SwiGLUSegments(torch.autograd.Function):
                 torch.mm(dg, w1[e].t(), out=dx[a:b])
                 dx[a:b].addmm_(du, w3[e].t())
         return dx, dw1, dw3, dw2, None
+
+
+class _SwiGLUKernel(torch.autograd.Function):
+    """Training with a few rows per expert: :func:`moekit.kernels.swiglu_segments` forward
+    (keeping the gate and up pre-activations) and :func:`~moekit.kernels.swiglu_segments_backward`,
+    each weight read once per pass and each weight gradient written once, idle experts' as
+    zeros."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, tokens_per_expert, lib):
+        x = x.contiguous()
+        gate, up = x.new_empty(x.shape[0], w1.shape[-1]), x.new_empty(x.shape[0], w1.shape[-1])
+        out = kernels.swiglu_segments(lib, x, tokens_per_expert, w1, w3, w2, save=(gate, up))
+        ctx.save_for_backward(x, tokens_per_expert, w1, w3, w2, gate, up)
+        ctx.lib = lib
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = kernels.swiglu_segments_backward(ctx.lib, *ctx.saved_tensors, dy)
+        return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None
 
 
 def _init_uniform(t: torch.Tensor, fan_in: int) -> None:
@@ -252,18 +290,22 @@ class SwiGLUExperts(GroupedExperts):
             if self.needs_grad(x):
                 if x.shape[0] >= CPU_SEGMENT_BACKWARD_MIN_ROWS * self.num_experts:
                     return _SwiGLUSegments.apply(x, *weights, segments(tokens_per_expert))
-            else:
-                lib = self._segment_kernels_for(x)
+                lib = self._segment_kernels_for(x, CPU_KERNEL_TRAIN_MAX_ROWS_PER_EXPERT)
                 if lib is not None:
-                    return kernels.swiglu_segments(lib, x, tokens_per_expert, self)
+                    return _SwiGLUKernel.apply(x, *weights, tokens_per_expert, lib)
+            else:
+                lib = self._segment_kernels_for(x, CPU_KERNEL_MAX_ROWS_PER_EXPERT)
+                if lib is not None:
+                    return kernels.swiglu_segments(lib, x, tokens_per_expert, self.w1, self.w3, self.w2)
                 if self._fused_is_live(weights[0]):
                     return self._fused_run(x, tokens_per_expert)
         return super().run(x, tokens_per_expert, weights)
 
-    def _segment_kernels_for(self, x: torch.Tensor):
-        """The built kernels where :func:`moekit.kernels.swiglu_segments` should run these rows
-        (no autograd, a few float32 rows per expert, weights it can read), else ``None``."""
-        if (x.shape[0] <= CPU_KERNEL_MAX_ROWS_PER_EXPERT * self.num_experts and kernels.tensors_ok(x)
+    def _segment_kernels_for(self, x: torch.Tensor, max_rows_per_expert: int):
+        """The built kernels where :func:`moekit.kernels.swiglu_segments` (and in training its
+        backward) should run these rows (up to ``max_rows_per_expert`` float32 rows per expert
+        on average, weights it can read), else ``None``."""
+        if (x.shape[0] <= max_rows_per_expert * self.num_experts and kernels.tensors_ok(x)
                 and self.d_out == self.d_model and kernels.swiglu_ok(self)):
             return kernels.load()
         return None

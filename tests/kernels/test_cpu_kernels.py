@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit import MoE, MoEConfig, kernels
+from moekit.layers.experts import _SwiGLUKernel
 from moekit.layers.norm import RMSNorm
 
 lib = kernels.load()
@@ -208,7 +209,7 @@ def test_swiglu_segments_equal_each_expert_on_its_rows(d, f, counts, prepared, m
     tpe = torch.tensor(counts)
     x = torch.randn(sum(counts), d)
     with torch.inference_mode():
-        got = kernels.swiglu_segments(lib, x, tpe, experts)
+        got = kernels.swiglu_segments(lib, x, tpe, experts.w1, experts.w3, experts.w2)
         want = torch.cat([experts.expert_forward(e, x[a - n : a]) for e, (n, a) in
                           enumerate(zip(counts, torch.tensor(counts).cumsum(0).tolist()))])
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
@@ -220,6 +221,71 @@ def test_swiglu_segments_equal_each_expert_on_its_rows(d, f, counts, prepared, m
         many = torch.randn(3 * len(counts), d)
         experts(many, torch.full((len(counts),), 3))  # ...up to two rows per expert on average
         assert calls == [1]
+
+
+def _segment_reference(experts, x, counts):
+    """Each expert on its rows, in torch ops: the output and, through autograd, every gradient."""
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return torch.cat([experts.expert_forward(e, x[a - n : a]) for e, (n, a) in enumerate(zip(counts, ends))])
+
+
+@needs_lib
+@pytest.mark.parametrize("d, f, counts", [(40, 56, [2, 0, 1, 5]), (33, 200, [1, 1, 3, 0, 5]), (512, 224, [2] * 6),
+                                          (16, 16, [0, 0, 1]), (20, 50, [17, 0, 9]), (24, 40, [0, 0])])
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "fused gate/up"])
+def test_swiglu_segments_backward_equals_autograd_of_each_expert(d, f, counts, prepared):
+    """The training kernels (forward keeping gate/up, backward in one pass per weight) against
+    autograd through each expert: output, input gradient and all three weight gradients,
+    idle experts' zeros, an expert with more rows than the kernel's 8-row block, no rows."""
+    torch.manual_seed(d * f)
+    experts = MoE(MoEConfig(d_model=d, d_ff=f, num_experts=len(counts), top_k=1)).experts
+    if prepared:  # w1/w3 as strided halves of one tensor
+        experts.fuse_gate_up()
+    x, tpe = torch.randn(sum(counts), d, requires_grad=True), torch.tensor(counts)
+    dy = torch.randn(sum(counts), d)
+    got = _SwiGLUKernel.apply(x, experts.w1, experts.w3, experts.w2, tpe, lib)
+    got.backward(dy)
+    params = [x, experts.w1, experts.w3, experts.w2]
+    got_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    want = _segment_reference(experts, x, counts)
+    want.backward(dy)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    for g, p in zip(got_grads, params):
+        torch.testing.assert_close(g, p.grad if p.grad is not None else torch.zeros_like(p), atol=5e-5, rtol=1e-5)
+    for e, n in enumerate(counts):
+        if n == 0:
+            assert got_grads[1][e].abs().sum() == 0 and got_grads[3][e].abs().sum() == 0
+
+
+@needs_lib
+def test_training_takes_the_segment_kernels_up_to_four_rows_per_expert(monkeypatch):
+    """The layer trains through the kernels at few rows per expert (same output and gradients
+    as grouped_mm's autograd) and through grouped_mm above the threshold."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=64, d_ff=96, num_experts=8, top_k=2))
+    calls = []
+    real = _SwiGLUKernel.apply
+    monkeypatch.setattr(_SwiGLUKernel, "apply", lambda *a: calls.append(1) or real(*a))
+
+    def grads(T, use_grouped_mm):
+        moe.experts.use_grouped_mm = use_grouped_mm
+        x = torch.randn(T, 64, generator=torch.Generator().manual_seed(T), requires_grad=True)
+        out = moe(x).output
+        out.backward(torch.ones_like(out))
+        got = [out.detach(), x.grad] + [p.grad.clone() for p in moe.experts.parameters()]
+        moe.zero_grad()
+        return got
+
+    for T in (1, 16):  # 2 and 4 slots per expert on average
+        fast = grads(T, None)
+        assert len(calls) == 1
+        calls.clear()
+        for a, b in zip(fast, grads(T, True)):
+            torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
+    grads(32, None)  # 8 slots per expert: grouped_mm
+    assert calls == []
 
 
 @needs_lib
@@ -325,8 +391,19 @@ with torch.inference_mode():
     torch.testing.assert_close(got, x + moe(norm(x)[None]).output[0], atol=2e-5, rtol=1e-5)
 ex, xs, tpe = moe.experts, torch.randn(4, 50), torch.tensor([3, 0, 1, 0])
 with torch.inference_mode():
-    torch.testing.assert_close(kernels.swiglu_segments(lib, xs, tpe, ex),
+    torch.testing.assert_close(kernels.swiglu_segments(lib, xs, tpe, ex.w1, ex.w3, ex.w2),
                                torch.cat([ex.expert_forward(0, xs[:3]), ex.expert_forward(2, xs[3:])]), atol=2e-5, rtol=1e-5)
+from moekit.layers.experts import _SwiGLUKernel
+xs.requires_grad_(True)
+got = _SwiGLUKernel.apply(xs, ex.w1, ex.w3, ex.w2, tpe, lib)
+dy = torch.randn(4, 50)
+got.backward(dy)
+grads = [p.grad.clone() for p in (xs, ex.w1, ex.w3, ex.w2)]
+xs.grad = None
+ex.zero_grad()
+torch.cat([ex.expert_forward(0, xs[:3]), ex.expert_forward(2, xs[3:])]).backward(dy)
+for g, p in zip(grads, (xs, ex.w1, ex.w3, ex.w2)):
+    torch.testing.assert_close(g, p.grad, atol=5e-5, rtol=1e-5)
 src, idx = torch.randn(9, 20), torch.tensor([3, -1, 0, 8])
 torch.testing.assert_close(kernels.gather_rows(lib, src, idx, 2), torch.stack([src[3], src[0] + src[8]]))
 print("ok")
