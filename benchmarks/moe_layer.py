@@ -10,11 +10,11 @@ implementation's ratio to the dense FFN of width ``top_k * d_ff`` (same active F
 token). Median of the repetitions after a warm-up, the contenders measured round-robin.
 
 Freed memory stays in the process (glibc's trim threshold raised, its mmap threshold fixed at
-32 MB, for every contender alike), as PyTorch's performance tuning guide recommends (jemalloc or tcmalloc, which reuse memory):
-with glibc's defaults a training step's weight gradients (29-59 MB each here) are handed back
-to the OS when ``zero_grad`` frees them and faulted in again, page by page, by the next
-backward: 14,000-21,000 page faults per step, 15-30 ms, which some steps pay and others do not
-and which swamp the forward+backward rows at small T.
+32 MB, for every contender alike), the reuse PyTorch's performance tuning guide gets from
+jemalloc or tcmalloc: with glibc's defaults a training step's weight gradients (29-59 MB
+each here) are handed back to the OS when ``zero_grad`` frees them and faulted in again,
+page by page, by the next backward: 14,000-21,000 page faults per step, 15-30 ms, which some
+steps pay and others do not and which swamp the forward+backward rows at small T.
 """
 
 from __future__ import annotations

@@ -131,11 +131,14 @@ static void axpy_rows(const float *W, long K, long ldw, long n, const float *x, 
 }
 
 /* acc[r * lda + j] = sum_k x[r * ldx + k] * W[k, j] for r < R and j < n: axpy_rows for many
- * rows at once. Per tile of 16 MR_V columns, MR_R rows at a time in registers; the tile's
- * weights come from memory for the first rows and from cache for the others. Tuned on the
- * 2-core AVX-512 machine: 128 columns x 2 rows beat 64 x 4 and 128 x 3 at 1-8 rows. */
+ * rows at once. Per tile of 128 columns and block of KB weight rows (24 KB at 128 columns, in
+ * L1), two x rows at a time keep the tile in registers: the block comes from memory for the
+ * first pair and from L1 for the others, so the weights are read once whatever R is. Tuned on
+ * the 2-core AVX-512 machine: 128 columns x 2 rows beat 64 x 4 and 128 x 3; blocking K made 4
+ * rows per expert 1.5x faster and 8 rows 1.7x (without it, each pair after the first read the
+ * tile again from L2 at 10-12 GB/s). */
 #define MR_V 8
-#define MR_R 2
+#define KB 48
 static void axpy_rows_many(const float *W, long K, long ldw, long n, const float *x, long ldx, long R, float *acc,
                            long lda)
 {
@@ -147,26 +150,33 @@ static void axpy_rows_many(const float *W, long K, long ldw, long n, const float
             long c = n - j - 16 * v;
             mk[v] = c >= 16 ? (__mmask16)0xFFFF : c > 0 ? (__mmask16)((1u << c) - 1) : (__mmask16)0;
         }
-        for (long r = 0; r < R; r += MR_R) {
-            long rows = R - r < MR_R ? R - r : MR_R;
-            const float *xs[MR_R];
-            for (int i = 0; i < MR_R; i++) xs[i] = x + (r + (i < rows ? i : 0)) * ldx;
-            __m512 a[MR_R][MR_V];
-            for (int i = 0; i < MR_R; i++)
-                for (int v = 0; v < MR_V; v++) a[i][v] = _mm512_setzero_ps();
-            const float *w = W + j;
-            for (long k = 0; k < K; k++, w += ldw) {
-                if (r == 0)
-                    for (int v = 0; v < MR_V; v += PF_EVERY) prefetch(w, ahead + 16 * v);
-                __m512 sv[MR_R];
-                for (int i = 0; i < MR_R; i++) sv[i] = _mm512_set1_ps(xs[i][k]);
+        for (long k0 = 0; k0 < K; k0 += KB) {
+            long k1 = k0 + KB < K ? k0 + KB : K;
+            for (long r = 0; r < R; r += 2) {
+                int two = r + 1 < R;
+                const float *x0 = x + r * ldx, *x1 = x + (r + two) * ldx;
+                float *c0 = acc + r * lda + j, *c1 = acc + (r + two) * lda + j;
+                __m512 a0[MR_V], a1[MR_V];
+                for (int v = 0; v < MR_V; v++) { /* the partial sums of the blocks before */
+                    a0[v] = k0 ? _mm512_maskz_loadu_ps(mk[v], c0 + 16 * v) : _mm512_setzero_ps();
+                    a1[v] = k0 ? _mm512_maskz_loadu_ps(mk[v], c1 + 16 * v) : _mm512_setzero_ps();
+                }
+                const float *w = W + k0 * ldw + j;
+                for (long k = k0; k < k1; k++, w += ldw) {
+                    if (r == 0)
+                        for (int v = 0; v < MR_V; v += PF_EVERY) prefetch(w, ahead + 16 * v);
+                    __m512 s0 = _mm512_set1_ps(x0[k]), s1 = _mm512_set1_ps(x1[k]);
+                    for (int v = 0; v < MR_V; v++) {
+                        __m512 wv = _mm512_maskz_loadu_ps(mk[v], w + 16 * v);
+                        a0[v] = _mm512_fmadd_ps(s0, wv, a0[v]);
+                        a1[v] = _mm512_fmadd_ps(s1, wv, a1[v]);
+                    }
+                }
                 for (int v = 0; v < MR_V; v++) {
-                    __m512 wv = _mm512_maskz_loadu_ps(mk[v], w + 16 * v);
-                    for (int i = 0; i < MR_R; i++) a[i][v] = _mm512_fmadd_ps(sv[i], wv, a[i][v]);
+                    if (two) _mm512_mask_storeu_ps(c1 + 16 * v, mk[v], a1[v]);
+                    _mm512_mask_storeu_ps(c0 + 16 * v, mk[v], a0[v]);
                 }
             }
-            for (int i = 0; i < rows; i++)
-                for (int v = 0; v < MR_V; v++) _mm512_mask_storeu_ps(acc + (r + i) * lda + j + 16 * v, mk[v], a[i][v]);
         }
     }
 #else

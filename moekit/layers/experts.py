@@ -34,17 +34,16 @@ CPU_LOOP_MIN_ROWS_PER_EXPERT = 32
 # hand-written backward beats grouped_mm (measured: about 5-10% at 512-1024 rows, 10-25%
 # slower at 64-128 rows).
 CPU_SEGMENT_BACKWARD_MIN_ROWS = 256
-# CPU inference, float32: up to this many rows per expert on average, moekit.kernels'
-# swiglu_segments (each weight read once for all of an expert's rows) beats grouped_mm
-# (measured, 8 experts d_ff 1792 and 64 experts d_ff 224, d_model 512: 1.1-1.35x at 1-2 rows,
-# a tie at 4, slower from 8).
-CPU_KERNEL_MAX_ROWS_PER_EXPERT = 2
-# CPU training, float32: up to this many rows per expert on average, the same kernel forward
-# and its backward (each weight read once, each weight gradient written once with streaming
-# stores, idle experts' zeros included) beat grouped_mm's autograd (measured with the
-# interleaved timing of benchmarks/moe_layer.py: 1.5-2x at 1-2 rows, 1.05-1.4x at 4; at 8
-# rows 1.15x with 64 experts but 0.93x with 8; slower from 16).
-CPU_KERNEL_TRAIN_MAX_ROWS_PER_EXPERT = 4
+# CPU, float32: up to this many rows per expert on average, moekit.kernels' swiglu_segments
+# (each weight read from memory once for all of an expert's rows) beats grouped_mm. Inference,
+# measured apart (d_model 512; 8 experts d_ff 1792 and 64 experts d_ff 224): 1.1-1.5x at 2-4
+# rows, 1.2-1.6x at 8, 1.15-1.45x at 12, from 0.9x at 16.
+CPU_KERNEL_MAX_ROWS_PER_EXPERT = 8
+# Training: the same forward (keeping the gate and up pre-activations) and its backward (each
+# weight read once, each weight gradient written once with streaming stores, idle experts'
+# zeros included) against grouped_mm's autograd, with the interleaved timing of
+# benchmarks/moe_layer.py: 1.4-2x at 1-2 rows, 1.1-1.4x at 4, 1.05-1.2x at 8, 0.9x at 16.
+CPU_KERNEL_TRAIN_MAX_ROWS_PER_EXPERT = 8
 
 
 def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> bool:

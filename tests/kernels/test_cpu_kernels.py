@@ -218,8 +218,8 @@ def test_swiglu_segments_equal_each_expert_on_its_rows(d, f, counts, prepared, m
         monkeypatch.setattr(kernels, "swiglu_segments", lambda *a: calls.append(1) or real(*a))
         torch.testing.assert_close(experts(x, tpe), want, atol=2e-5, rtol=1e-5)  # the layer takes this path...
         assert calls == [1]
-        many = torch.randn(3 * len(counts), d)
-        experts(many, torch.full((len(counts),), 3))  # ...up to two rows per expert on average
+        many = torch.randn(9 * len(counts), d)
+        experts(many, torch.full((len(counts),), 9))  # ...up to eight rows per expert on average
         assert calls == [1]
 
 
@@ -260,7 +260,7 @@ def test_swiglu_segments_backward_equals_autograd_of_each_expert(d, f, counts, p
 
 
 @needs_lib
-def test_training_takes_the_segment_kernels_up_to_four_rows_per_expert(monkeypatch):
+def test_training_takes_the_segment_kernels_up_to_eight_rows_per_expert(monkeypatch):
     """The layer trains through the kernels at few rows per expert (same output and gradients
     as grouped_mm's autograd) and through grouped_mm above the threshold."""
     torch.manual_seed(0)
@@ -278,13 +278,13 @@ def test_training_takes_the_segment_kernels_up_to_four_rows_per_expert(monkeypat
         moe.zero_grad()
         return got
 
-    for T in (1, 16):  # 2 and 4 slots per expert on average
+    for T in (1, 32):  # 2 and 8 slots per expert on average
         fast = grads(T, None)
         assert len(calls) == 1
         calls.clear()
         for a, b in zip(fast, grads(T, True)):
             torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
-    grads(32, None)  # 8 slots per expert: grouped_mm
+    grads(40, None)  # 10 slots per expert: grouped_mm
     assert calls == []
 
 
