@@ -286,8 +286,9 @@ def norm_ok(norm) -> bool:
 
 
 def swiglu_ok(experts) -> bool:
-    """Whether :func:`swiglu_add` and :func:`swiglu_segments` can read the weights of ``experts`` (``w1``/``w3``
-    ``[E, d, f]``, ``w2`` ``[E, f, d]``, as :class:`~moekit.layers.experts.SwiGLUExperts`):
+    """Whether :func:`swiglu_add` and :func:`swiglu_segments` can read the weights of
+    ``experts`` (``w1``/``w3`` ``[E, d, f]``, ``w2`` ``[E, f, d]``, as
+    :class:`~moekit.layers.experts.SwiGLUExperts`):
     float32 on the CPU, ``w1`` and ``w3`` laid out alike (separate or the halves of a fused
     tensor), unit stride in a row."""
     w1, w3, w2 = experts.w1, experts.w3, experts.w2

@@ -1,12 +1,14 @@
-/* moekit CPU kernels: decoding one token, and experts over a few rows each (float32).
+/* moekit CPU kernels: decoding one token, and experts over a few rows each, forward and
+ * backward (float32).
  *
  * At batch 1 a decode step is memory-bound: it reads every active weight once. These
  * loops stream the weights with software prefetch and several independent accumulators,
  * which reads them faster on a 2-core AVX-512 machine than the BLAS call torch makes for
  * a one-row matmul (measured by benchmarks/generate.py). Threads split the output, so no
  * reduction across threads is needed. Exported: moekit_rows (W @ v, optional RMSNorm, bias,
- * residual), moekit_swiglu_add (one SwiGLU expert into the output), moekit_swiglu_segments (every
- * expert over its few rows, each weight read from memory once), moekit_moe_token (norm,
+ * residual), moekit_swiglu_add (one SwiGLU expert into the output), moekit_swiglu_segments
+ * and moekit_swiglu_segments_backward (every expert over its few rows, each weight read from
+ * memory once per pass, each weight gradient written once), moekit_moe_token (norm,
  * top-k router and the chosen experts of a Mixtral-style layer) and moekit_attention_token
  * (norm, q/k/v, RoPE, KV-cache write, attention, output projection). Built and loaded by
  * moekit/kernels/__init__.py; unit stride within a row, any row stride. Without AVX-512 the

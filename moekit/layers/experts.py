@@ -290,7 +290,7 @@ class SwiGLUExperts(GroupedExperts):
                 if x.shape[0] >= CPU_SEGMENT_BACKWARD_MIN_ROWS * self.num_experts:
                     return _SwiGLUSegments.apply(x, *weights, segments(tokens_per_expert))
                 lib = self._segment_kernels_for(x, CPU_KERNEL_TRAIN_MAX_ROWS_PER_EXPERT)
-                if lib is not None:
+                if lib is not None and all(w.requires_grad for w in weights):  # it writes all three
                     return _SwiGLUKernel.apply(x, *weights, tokens_per_expert, lib)
             else:
                 lib = self._segment_kernels_for(x, CPU_KERNEL_MAX_ROWS_PER_EXPERT)

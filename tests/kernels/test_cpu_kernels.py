@@ -286,6 +286,10 @@ def test_training_takes_the_segment_kernels_up_to_eight_rows_per_expert(monkeypa
             torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
     grads(40, None)  # 10 slots per expert: grouped_mm
     assert calls == []
+    moe.experts.requires_grad_(False)  # frozen experts: the kernel would write their gradients
+    x = torch.randn(4, 64, requires_grad=True)
+    moe(x).output.sum().backward()
+    assert calls == [] and x.grad is not None
 
 
 @needs_lib
