@@ -97,6 +97,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moekit_swiglu_segments.restype = I
     lib.moekit_swiglu_segments_backward.argtypes = [P, L, P, L, P, P, L, L, L, P, L, L, L, P, P, P, P, P, P, P, I]
     lib.moekit_swiglu_segments_backward.restype = I
+    lib.moekit_silu_mul.argtypes = [P, P, P, L, I]
+    lib.moekit_silu_mul.restype = None
+    lib.moekit_silu_mul_backward.argtypes = [P, P, P, P, P, L, I]
+    lib.moekit_silu_mul_backward.restype = None
     lib.moekit_topk_softmax.argtypes = [P, L, L, I, I, F, P, P, P, I]
     lib.moekit_topk_softmax.restype = I
     lib.moekit_topk_softmax_backward.argtypes = [P, P, P, P, P, L, L, I, I, F, P, I]
@@ -222,6 +226,24 @@ def swiglu_segments_backward(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_exper
     if covered < x.shape[0]:
         dx[covered:] = 0
     return dx, dw1, dw3, dw2
+
+
+def silu_mul(lib: ctypes.CDLL, g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(g) * u`` (the SwiGLU's hidden activation) in one pass; contiguous float32 tensors
+    of one shape, ``out`` may be ``g``. Returns ``out`` (new where not given)."""
+    out = torch.empty_like(g) if out is None else out
+    lib.moekit_silu_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), torch.get_num_threads())
+    return out
+
+
+def silu_mul_backward(lib: ctypes.CDLL, dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`silu_mul` for ``dh`` (contiguous float32, the shape of ``g``
+    and ``u``): ``(dg, du)``, in one pass."""
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    lib.moekit_silu_mul_backward(dh.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(), g.numel(),
+                                 torch.get_num_threads())
+    return dg, du
 
 
 class MoETokenStep:
@@ -354,7 +376,8 @@ def attention_ok(w_qkv: torch.Tensor, w_o: torch.Tensor, heads: tuple[int, int, 
 
 def tensors_ok(*tensors: torch.Tensor) -> bool:
     """Whether the kernels that take tensors of any shape (:func:`gather_rows`,
-    :func:`combine_backward`, :func:`topk_softmax`, :func:`moe_token`, :func:`swiglu_segments`)
+    :func:`combine_backward`, :func:`topk_softmax`, :func:`moe_token`, :func:`swiglu_segments`,
+    :func:`silu_mul`)
     take these: float32 on the CPU, outside ``torch.compile`` (which cannot trace a foreign
     call)."""
     return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)

@@ -316,6 +316,79 @@ int moekit_swiglu_segments(const float *x, long K, const long *counts, long E, c
     return 0;
 }
 
+/* The SwiGLU activation and its gradient over whole buffers, one pass each where torch takes
+ * two to four (each a full read and write of the [rows, d_ff] activations). */
+#if defined(__AVX512F__)
+/* exp(x), Cephes' single-precision polynomial on the reduced argument (about 1 ulp) */
+static inline __m512 exp16(__m512 x)
+{
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 sigmoid16(__m512 g)
+{
+    __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+#endif
+
+/* out[i] = silu(g[i]) * u[i] for i < n (out may be g). */
+void moekit_silu_mul(const float *g, const float *u, float *out, long n, int nthreads)
+{
+    #pragma omp parallel num_threads(n < 65536 ? 1 : nthreads)
+    {
+        long a, b, i;
+        share(n, 16, &a, &b);
+        i = a;
+#if defined(__AVX512F__)
+        for (; i + 16 <= b; i += 16) {
+            __m512 gv = _mm512_loadu_ps(g + i);
+            _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), _mm512_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < b; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+/* The gradients of h = silu(g) * u for dh: du = dh * silu(g), dg = dh * u * s * (1 + g (1 - s))
+ * with s = sigmoid(g), for i < n (du may be dh). */
+void moekit_silu_mul_backward(const float *dh, const float *g, const float *u, float *dg, float *du, long n,
+                              int nthreads)
+{
+    #pragma omp parallel num_threads(n < 65536 ? 1 : nthreads)
+    {
+        long a, b, i;
+        share(n, 16, &a, &b);
+        i = a;
+#if defined(__AVX512F__)
+        __m512 one = _mm512_set1_ps(1.0f);
+        for (; i + 16 <= b; i += 16) {
+            __m512 gv = _mm512_loadu_ps(g + i), dv = _mm512_loadu_ps(dh + i), s = sigmoid16(gv);
+            __m512 d = _mm512_mul_ps(_mm512_mul_ps(dv, _mm512_loadu_ps(u + i)), s);
+            _mm512_storeu_ps(dg + i, _mm512_mul_ps(d, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one)));
+            _mm512_storeu_ps(du + i, _mm512_mul_ps(dv, _mm512_mul_ps(gv, s)));
+        }
+#endif
+        for (; i < b; i++) {
+            float s = 1.0f / (1.0f + expf(-g[i])), d = dh[i];
+            dg[i] = d * u[i] * s * (1.0f + g[i] * (1.0f - s));
+            du[i] = d * g[i] * s;
+        }
+    }
+}
+
 /* A weight gradient is written once and not read back soon: non-temporal stores skip the
  * read of each cache line a plain store makes first (writing 88 MB measured 3.0 ms against
  * 7.5 ms on the 2-core AVX-512 machine). */

@@ -96,6 +96,12 @@ def segments(tokens_per_expert: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
+def _activation_kernels(x: torch.Tensor):
+    """The built kernels where :func:`moekit.kernels.silu_mul` (and its backward) can take the
+    SwiGLU activation of rows like ``x`` (float32 on the CPU), else ``None``."""
+    return kernels.load() if kernels.tensors_ok(x) else None
+
+
 def _idle_runs(num_experts: int, segs: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
     """``(first, end)`` of each run of consecutive experts without rows, given the non-empty
     segments in expert order."""
@@ -123,10 +129,14 @@ class _SwiGLUSegments(torch.autograd.Function):
         n, f = x.shape[0], w1.shape[-1]
         gate, up, hidden = x.new_empty(n, f), x.new_empty(n, f), x.new_empty(n, f)
         out = x.new_empty(n, w2.shape[-1])
+        lib = _activation_kernels(x)
         for e, a, b in segs:
             torch.mm(x[a:b], w1[e], out=gate[a:b])
             torch.mm(x[a:b], w3[e], out=up[a:b])
-            torch.mul(F.silu(gate[a:b]), up[a:b], out=hidden[a:b])
+            if lib is not None:
+                kernels.silu_mul(lib, gate[a:b], up[a:b], out=hidden[a:b])
+            else:
+                torch.mul(F.silu(gate[a:b]), up[a:b], out=hidden[a:b])
             torch.mm(hidden[a:b], w2[e], out=out[a:b])
         ctx.save_for_backward(x, w1, w3, w2, gate, up, hidden)
         ctx.segs = segs
@@ -150,13 +160,17 @@ class _SwiGLUSegments(torch.autograd.Function):
         if dx is not None and covered < x.shape[0]:
             dx[covered:] = 0
         dy = dy.contiguous()
+        lib = _activation_kernels(x)
         for e, a, b in ctx.segs:
             g, u, dys, xs = gate[a:b], up[a:b], dy[a:b], x[a:b]
             if need_w2:
                 torch.mm(hidden[a:b].t(), dys, out=dw2[e])  # [f, n] @ [n, d]
             dh = dys @ w2[e].t()  # [n, d] -> [n, f]
-            du = dh.mul(F.silu(g))
-            dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
+            if lib is not None:
+                dg, du = kernels.silu_mul_backward(lib, dh, g, u)
+            else:
+                du = dh.mul(F.silu(g))
+                dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
             if need_w1:
                 torch.mm(xs.t(), dg, out=dw1[e])
             if need_w3:
@@ -337,7 +351,12 @@ class SwiGLUExperts(GroupedExperts):
         w1, w3, w2 = w
         if out is None:
             return (F.silu(x @ w1) * (x @ w3)) @ w2
-        hidden = F.silu(x @ w1, inplace=True).mul_(x @ w3)  # no grad: reuse buffers
+        lib = _activation_kernels(x)
+        if lib is not None:  # no grad: reuse buffers, one pass for the activation
+            gate = x @ w1
+            hidden = kernels.silu_mul(lib, gate, x @ w3, out=gate)
+        else:
+            hidden = F.silu(x @ w1, inplace=True).mul_(x @ w3)
         return torch.mm(hidden, w2, out=out)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:

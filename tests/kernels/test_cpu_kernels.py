@@ -223,6 +223,26 @@ def test_swiglu_segments_equal_each_expert_on_its_rows(d, f, counts, prepared, m
         assert calls == [1]
 
 
+@needs_lib
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 70_001])  # the vector loop, its tail, two threads
+def test_silu_mul_and_its_backward_equal_float64_torch(n):
+    """The one-pass SwiGLU activation (its own exp polynomial) and gradients, against autograd
+    in float64, over ordinary values and the extremes where exp over- or underflows."""
+    torch.manual_seed(n)
+    g, u, dh = torch.randn(n) * 4, torch.randn(n), torch.randn(n)
+    g[: min(n, 6)] = torch.tensor([-100.0, -88.0, -20.0, 0.0, 20.0, 100.0])[: min(n, 6)]
+    gg, uu = g.double().requires_grad_(), u.double().requires_grad_()
+    want = F.silu(gg) * uu
+    want.backward(dh.double())
+    got = kernels.silu_mul(lib, g, u)
+    torch.testing.assert_close(got.double(), want.detach(), atol=1e-5, rtol=1e-6)
+    dg, du = kernels.silu_mul_backward(lib, dh, g, u)
+    torch.testing.assert_close(dg.double(), gg.grad, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(du.double(), uu.grad, atol=1e-5, rtol=1e-6)
+    kernels.silu_mul(lib, g, u, out=g)  # in place
+    torch.testing.assert_close(g, got)
+
+
 def _segment_reference(experts, x, counts):
     """Each expert on its rows, in torch ops: the output and, through autograd, every gradient."""
     ends = torch.tensor(counts).cumsum(0).tolist()
@@ -408,6 +428,10 @@ ex.zero_grad()
 torch.cat([ex.expert_forward(0, xs[:3]), ex.expert_forward(2, xs[3:])]).backward(dy)
 for g, p in zip(grads, (xs, ex.w1, ex.w3, ex.w2)):
     torch.testing.assert_close(g, p.grad, atol=5e-5, rtol=1e-5)
+g, u = torch.randn(37) * 3, torch.randn(37)
+torch.testing.assert_close(kernels.silu_mul(lib, g, u), F.silu(g) * u, atol=1e-5, rtol=1e-6)
+dg, du = kernels.silu_mul_backward(lib, u, g, u)
+torch.testing.assert_close(du, u * F.silu(g), atol=1e-5, rtol=1e-6)
 src, idx = torch.randn(9, 20), torch.tensor([3, -1, 0, 8])
 torch.testing.assert_close(kernels.gather_rows(lib, src, idx, 2), torch.stack([src[3], src[0] + src[8]]))
 print("ok")
