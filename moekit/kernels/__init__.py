@@ -9,6 +9,12 @@ measured by ``benchmarks/generate.py``. Whole steps run in one call each, where 
 a dozen ops: a SwiGLU expert (:func:`swiglu_add`), a Mixtral-style MoE feed-forward with
 its norm and router (:class:`MoETokenStep`) and a layer's attention with its norm, RoPE and
 KV-cache write (:class:`AttentionStep`); :func:`rows` is the plain product (the LM head).
+The same streaming serves the experts when each gets a few rows (up to 8 on average: small
+batches, batched decoding, few-token training steps): :func:`swiglu_segments` reads each
+weight from memory once for all of an expert's rows, and in training
+:func:`swiglu_segments_backward` reads each once more and writes each weight gradient once
+with streaming stores. :func:`silu_mul` (and its backward) is the SwiGLU activation in one
+pass for the long segments.
 
 ``cpu_rows.c`` serves the MoE layer's fast path at any batch size, in training too: the
 gather of tokens into expert order, the weighted combine back into token order, and their
