@@ -383,9 +383,8 @@ def attention_ok(w_qkv: torch.Tensor, w_o: torch.Tensor, heads: tuple[int, int, 
 def tensors_ok(*tensors: torch.Tensor) -> bool:
     """Whether the kernels that take tensors of any shape (:func:`gather_rows`,
     :func:`combine_backward`, :func:`topk_softmax`, :func:`moe_token`, :func:`swiglu_segments`,
-    :func:`silu_mul`)
-    take these: float32 on the CPU, outside ``torch.compile`` (which cannot trace a foreign
-    call)."""
+    :func:`silu_mul`) take these: float32 on the CPU, outside ``torch.compile`` (which cannot
+    trace a foreign call)."""
     return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and not torch.compiler.is_compiling())
 

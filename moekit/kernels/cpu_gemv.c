@@ -229,6 +229,95 @@ int moekit_rows(const float *W, long N, long K, long ldw, const float *x, const 
     return 0;
 }
 
+/* The SwiGLU activation and its gradient, vectorised (exp by polynomial), for the kernels
+ * below and for whole buffers (moekit_silu_mul, moekit_silu_mul_backward), where torch takes
+ * two to four passes. */
+#if defined(__AVX512F__)
+/* exp(x), Cephes' single-precision polynomial on the reduced argument (about 1 ulp) */
+static inline __m512 exp16(__m512 x)
+{
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 sigmoid16(__m512 g)
+{
+    __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+#endif
+
+/* out[i] = silu(g[i]) * u[i] for i < n (out may be g). */
+static void silu_mul_n(const float *g, const float *u, float *out, long n)
+{
+    long i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i);
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), _mm512_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* The gradients of h = silu(g) * u for dh, i < n: du = dh * silu(g), dg = dh * u * s *
+ * (1 + g (1 - s)) with s = sigmoid(g) (dg or du may be dh). */
+static void silu_mul_grad_n(const float *dh, const float *g, const float *u, float *dg, float *du, long n)
+{
+    long i = 0;
+#if defined(__AVX512F__)
+    __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i), dv = _mm512_loadu_ps(dh + i), s = sigmoid16(gv);
+        __m512 d = _mm512_mul_ps(_mm512_mul_ps(dv, _mm512_loadu_ps(u + i)), s);
+        _mm512_storeu_ps(dg + i, _mm512_mul_ps(d, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one)));
+        _mm512_storeu_ps(du + i, _mm512_mul_ps(dv, _mm512_mul_ps(gv, s)));
+    }
+#endif
+    for (; i < n; i++) {
+        float s = 1.0f / (1.0f + expf(-g[i])), d = dh[i];
+        dg[i] = d * u[i] * s * (1.0f + g[i] * (1.0f - s));
+        du[i] = d * g[i] * s;
+    }
+}
+
+/* Below this many values, one thread: a parallel region costs a few microseconds. */
+#define ACT_PARALLEL_MIN 65536
+
+/* out[i] = silu(g[i]) * u[i] for i < n (out may be g). */
+void moekit_silu_mul(const float *g, const float *u, float *out, long n, int nthreads)
+{
+    #pragma omp parallel num_threads(n < ACT_PARALLEL_MIN ? 1 : nthreads)
+    {
+        long a, b;
+        share(n, 16, &a, &b);
+        silu_mul_n(g + a, u + a, out + a, b - a);
+    }
+}
+
+/* silu_mul_grad_n over whole buffers (du may be dh). */
+void moekit_silu_mul_backward(const float *dh, const float *g, const float *u, float *dg, float *du, long n,
+                              int nthreads)
+{
+    #pragma omp parallel num_threads(n < ACT_PARALLEL_MIN ? 1 : nthreads)
+    {
+        long a, b;
+        share(n, 16, &a, &b);
+        silu_mul_grad_n(dh + a, g + a, u + a, dg + a, du + a, b - a);
+    }
+}
+
 /* out[j] += weight * expert(x)[j] for j < N: one SwiGLU expert, (silu(x @ w1) * (x @ w3)) @ w2.
  * w1, w3: [K, F] with row stride ld13 (two tensors, or the halves of a fused one); w2: [F, N]
  * with row stride ld2; buf: 3F floats. Threads split the F hidden columns, then the N outputs. */
@@ -243,10 +332,7 @@ static void swiglu_add(const float *x, long K, const float *w1, const float *w3,
         if (b > a) {
             axpy_rows(w1 + a, K, ld13, b - a, x, gate + a);
             axpy_rows(w3 + a, K, ld13, b - a, x, up + a);
-            for (long j = a; j < b; j++) {
-                float g = gate[j];
-                hidden[j] = g / (1.0f + expf(-g)) * up[j];
-            }
+            silu_mul_n(gate + a, up + a, hidden + a, b - a);
         }
         #pragma omp barrier
         share(N, 16, &a, &b);
@@ -299,11 +385,7 @@ int moekit_swiglu_segments(const float *x, long K, const long *counts, long E, c
             if (b > a) {
                 axpy_rows_many(w1 + e * e13 + a, K, ld13, b - a, xr, K, R, gate + a, F);
                 axpy_rows_many(w3 + e * e13 + a, K, ld13, b - a, xr, K, R, up + a, F);
-                for (long r = 0; r < R; r++)
-                    for (long j = a; j < b; j++) {
-                        float g = gate[r * F + j];
-                        hidden[r * F + j] = g / (1.0f + expf(-g)) * up[r * F + j];
-                    }
+                for (long r = 0; r < R; r++) silu_mul_n(gate + r * F + a, up + r * F + a, hidden + r * F + a, b - a);
             }
             #pragma omp barrier
             share(N, 16, &a, &b);
@@ -314,79 +396,6 @@ int moekit_swiglu_segments(const float *x, long K, const long *counts, long E, c
     }
     free(buf);
     return 0;
-}
-
-/* The SwiGLU activation and its gradient over whole buffers, one pass each where torch takes
- * two to four (each a full read and write of the [rows, d_ff] activations). */
-#if defined(__AVX512F__)
-/* exp(x), Cephes' single-precision polynomial on the reduced argument (about 1 ulp) */
-static inline __m512 exp16(__m512 x)
-{
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 sigmoid16(__m512 g)
-{
-    __m512 one = _mm512_set1_ps(1.0f);
-    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-}
-#endif
-
-/* out[i] = silu(g[i]) * u[i] for i < n (out may be g). */
-void moekit_silu_mul(const float *g, const float *u, float *out, long n, int nthreads)
-{
-    #pragma omp parallel num_threads(n < 65536 ? 1 : nthreads)
-    {
-        long a, b, i;
-        share(n, 16, &a, &b);
-        i = a;
-#if defined(__AVX512F__)
-        for (; i + 16 <= b; i += 16) {
-            __m512 gv = _mm512_loadu_ps(g + i);
-            _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), _mm512_loadu_ps(u + i)));
-        }
-#endif
-        for (; i < b; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
-}
-
-/* The gradients of h = silu(g) * u for dh: du = dh * silu(g), dg = dh * u * s * (1 + g (1 - s))
- * with s = sigmoid(g), for i < n (du may be dh). */
-void moekit_silu_mul_backward(const float *dh, const float *g, const float *u, float *dg, float *du, long n,
-                              int nthreads)
-{
-    #pragma omp parallel num_threads(n < 65536 ? 1 : nthreads)
-    {
-        long a, b, i;
-        share(n, 16, &a, &b);
-        i = a;
-#if defined(__AVX512F__)
-        __m512 one = _mm512_set1_ps(1.0f);
-        for (; i + 16 <= b; i += 16) {
-            __m512 gv = _mm512_loadu_ps(g + i), dv = _mm512_loadu_ps(dh + i), s = sigmoid16(gv);
-            __m512 d = _mm512_mul_ps(_mm512_mul_ps(dv, _mm512_loadu_ps(u + i)), s);
-            _mm512_storeu_ps(dg + i, _mm512_mul_ps(d, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one)));
-            _mm512_storeu_ps(du + i, _mm512_mul_ps(dv, _mm512_mul_ps(gv, s)));
-        }
-#endif
-        for (; i < b; i++) {
-            float s = 1.0f / (1.0f + expf(-g[i])), d = dh[i];
-            dg[i] = d * u[i] * s * (1.0f + g[i] * (1.0f - s));
-            du[i] = d * g[i] * s;
-        }
-    }
 }
 
 /* A weight gradient is written once and not read back soon: non-temporal stores skip the
@@ -447,7 +456,8 @@ static void dot_outer(const float *w, long n, const float *A, long lda, const fl
         }
         if (j < n) {
             __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
-            __m512 wv = _mm512_maskz_loadu_ps(m, w + j), g = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, tmp + j);
+            __m512 wv = _mm512_maskz_loadu_ps(m, w + j);
+            __m512 g = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, tmp + j);
             for (int i = 0; i < DR; i++) {
                 __m512 av = _mm512_maskz_loadu_ps(m, a[i] + j);
                 d[i] = _mm512_fmadd_ps(av, wv, d[i]);
@@ -509,20 +519,14 @@ int moekit_swiglu_segments_backward(const float *x, long K, const long *counts, 
             const float *gate = gate_save + row * F, *up = up_save + row * F, *xr = x + row * K;
             long a, b;
             share(F, 16, &a, &b);
-            for (long r = 0; r < R; r++)
-                for (long j = a; j < b; j++) {
-                    float g = gate[r * F + j];
-                    hidden[r * F + j] = g / (1.0f + expf(-g)) * up[r * F + j];
-                }
+            for (long r = 0; r < R; r++) silu_mul_n(gate + r * F + a, up + r * F + a, hidden + r * F + a, b - a);
             for (long j = a; j < b; j++) /* dh lands in dg, then becomes the gate's gradient */
                 dot_outer(w2 + e * e2 + j * ld2, N, dy + row * N, N, hidden + j, F, R, dg + j, F, 0,
                           dw2 + e * F * N + j * N, tmp);
-            for (long r = 0; r < R; r++)
-                for (long j = a; j < b; j++) {
-                    float g = gate[r * F + j], s = 1.0f / (1.0f + expf(-g)), dh = dg[r * F + j];
-                    du[r * F + j] = dh * g * s;
-                    dg[r * F + j] = dh * up[r * F + j] * s * (1.0f + g * (1.0f - s));
-                }
+            for (long r = 0; r < R; r++) {
+                float *dh = dg + r * F + a; /* becomes the gate's gradient, in place */
+                silu_mul_grad_n(dh, gate + r * F + a, up + r * F + a, dh, du + r * F + a, b - a);
+            }
             #pragma omp barrier
             share(K, 16, &a, &b);
             for (long i = a; i < b; i++) {
