@@ -44,6 +44,9 @@ CPU_KERNEL_MAX_ROWS_PER_EXPERT = 8
 # zeros included) against grouped_mm's autograd, with the interleaved timing of
 # benchmarks/moe_layer.py: 1.4-2x at 1-2 rows, 1.1-1.4x at 4, 1.05-1.2x at 8, 0.9x at 16.
 CPU_KERNEL_TRAIN_MAX_ROWS_PER_EXPERT = 8
+# Between the two, float32 training runs grouped_mm's matmuls with the one-pass activation
+# and a hand-written backward (_SwiGLUGrouped): 1.00-1.05x autograd over grouped_mm at 32-128
+# rows per expert, where the weights' memory traffic dominates (measured apart, interleaved).
 
 
 def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> bool:
@@ -202,6 +205,38 @@ class _SwiGLUKernel(torch.autograd.Function):
         return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None
 
 
+class _SwiGLUGrouped(torch.autograd.Function):
+    """Training at tens to hundreds of rows per expert: ``F.grouped_mm``'s matmuls, as
+    autograd over :meth:`SwiGLUExperts.grouped` runs them, with the activation and its
+    gradient in one pass each (:func:`moekit.kernels.silu_mul`, where autograd takes silu,
+    mul and four more passes back) and no gradient computed that is not needed."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, tokens_per_expert, lib):
+        offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)  # [E] segment ends
+        gate, up = F.grouped_mm(x, w1, offs=offs), F.grouped_mm(x, w3, offs=offs)  # [N, d] -> [N, f]
+        hidden = kernels.silu_mul(lib, gate, up)
+        ctx.save_for_backward(x, w1, w3, w2, gate, up, hidden, offs)
+        ctx.lib = lib
+        return F.grouped_mm(hidden, w2, offs=offs)  # [N, f] -> [N, d]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w3, w2, gate, up, hidden, offs = ctx.saved_tensors
+        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
+        dy = dy.contiguous()
+        # weight gradients: [K, N] @ [N, M] per segment (grouped over the row dimension)
+        dw2 = F.grouped_mm(hidden.t(), dy, offs=offs) if need_w2 else None  # [E, f, d]
+        dg, du = kernels.silu_mul_backward(ctx.lib, F.grouped_mm(dy, w2.transpose(1, 2), offs=offs), gate, up)
+        dw1 = F.grouped_mm(x.t(), dg, offs=offs) if need_w1 else None  # [E, d, f]
+        dw3 = F.grouped_mm(x.t(), du, offs=offs) if need_w3 else None
+        dx = None
+        if need_x:
+            dx = F.grouped_mm(dg, w1.transpose(1, 2), offs=offs)  # [N, f] -> [N, d]
+            dx += F.grouped_mm(du, w3.transpose(1, 2), offs=offs)
+        return dx, dw1, dw3, dw2, None, None
+
+
 def _init_uniform(t: torch.Tensor, fan_in: int) -> None:
     bound = 1.0 / math.sqrt(fan_in)  # the default of nn.Linear
     nn.init.uniform_(t, -bound, bound)
@@ -306,6 +341,9 @@ class SwiGLUExperts(GroupedExperts):
                 lib = self._segment_kernels_for(x, CPU_KERNEL_TRAIN_MAX_ROWS_PER_EXPERT)
                 if lib is not None and all(w.requires_grad for w in weights):  # it writes all three
                     return _SwiGLUKernel.apply(x, *weights, tokens_per_expert, lib)
+                lib = _activation_kernels(x)
+                if lib is not None and x.shape[0] and grouped_mm_qualifies(x, weights[0], True):
+                    return _SwiGLUGrouped.apply(x, *weights, tokens_per_expert, lib)
             else:
                 lib = self._segment_kernels_for(x, CPU_KERNEL_MAX_ROWS_PER_EXPERT)
                 if lib is not None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit import MoE, MoEConfig, kernels
-from moekit.layers.experts import _SwiGLUKernel
+from moekit.layers.experts import _SwiGLUGrouped, _SwiGLUKernel
 from moekit.layers.norm import RMSNorm
 
 lib = kernels.load()
@@ -310,6 +310,69 @@ def test_training_takes_the_segment_kernels_up_to_eight_rows_per_expert(monkeypa
     x = torch.randn(4, 64, requires_grad=True)
     moe(x).output.sum().backward()
     assert calls == [] and x.grad is not None
+
+
+@needs_lib
+@pytest.mark.parametrize("counts", [[12, 0, 30, 5], [0, 0, 9], [40]])
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "fused gate/up"])
+@pytest.mark.parametrize("frozen", [(), ("x",), ("w2",), ("w1", "w3")])
+def test_swiglu_grouped_equals_autograd_of_each_expert(counts, prepared, frozen):
+    """grouped_mm's matmuls with the one-pass activation and a hand-written backward, against
+    autograd through each expert: output and every gradient that is asked for (idle experts'
+    zeros), none of those that are not."""
+    torch.manual_seed(len(counts) * 7 + len(frozen))
+    experts = MoE(MoEConfig(d_model=40, d_ff=56, num_experts=len(counts), top_k=1)).experts
+    if prepared:  # w1/w3 as strided halves of one tensor
+        experts.fuse_gate_up()
+    x, dy = torch.randn(sum(counts), 40), torch.randn(sum(counts), 40)
+    named = {"x": x, "w1": experts.w1, "w3": experts.w3, "w2": experts.w2}
+    for name, t in named.items():
+        t.requires_grad_(name not in frozen)
+    got = _SwiGLUGrouped.apply(x, experts.w1, experts.w3, experts.w2, torch.tensor(counts), lib)
+    got.backward(dy)
+    got_grads = {name: t.grad for name, t in named.items()}
+    for t in named.values():
+        t.grad = None
+    want = _segment_reference(experts, x, counts)
+    want.backward(dy)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    for name, t in named.items():
+        if name in frozen:
+            assert got_grads[name] is None
+        else:
+            torch.testing.assert_close(got_grads[name], t.grad if t.grad is not None else torch.zeros_like(t),
+                                       atol=5e-5, rtol=1e-5)
+
+
+@needs_lib
+def test_training_takes_the_grouped_activation_kernels_between_the_thresholds(monkeypatch):
+    """Above the few-rows kernels and below the segment backward, the layer trains through
+    grouped_mm with the one-pass activation: the same output and gradients as autograd over
+    grouped_mm, in float32; bfloat16 keeps autograd."""
+    torch.manual_seed(1)
+    moe = MoE(MoEConfig(d_model=64, d_ff=96, num_experts=8, top_k=2))
+    calls = []
+    real = _SwiGLUGrouped.apply
+    monkeypatch.setattr(_SwiGLUGrouped, "apply", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(100, 64, requires_grad=True)  # 25 slots per expert on average
+
+    def run(use_grouped_mm, dtype=torch.float32):
+        moe.experts.use_grouped_mm = use_grouped_mm
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = moe(x).output
+        out.backward(torch.ones_like(out))
+        got = [out.detach().float(), x.grad] + [p.grad.clone() for p in moe.parameters()]
+        moe.zero_grad()
+        x.grad = None
+        return got
+
+    fast = run(None)
+    assert calls == [1]
+    for a, b in zip(fast, run(True)):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
+    calls.clear()
+    run(None, torch.bfloat16)
+    assert calls == []
 
 
 @needs_lib
