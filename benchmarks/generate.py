@@ -111,7 +111,7 @@ def decode_paths(model, rounds: int = 200) -> None:
     import importlib
 
     import torch.nn.functional as F
-    from moe_layer import interleaved_medians
+    from moe_layer import interleaved_times
 
     d = importlib.import_module("moekit.layers.dispatch")  # the module (moekit.layers exports a function of that name)
 
@@ -138,11 +138,12 @@ def decode_paths(model, rounds: int = 200) -> None:
             try:
                 assert torch.allclose(d.dispatch(x, routing, ex)[0], ref, atol=1e-4)
                 assert torch.allclose(gather(x, routing), ref, atol=1e-4)
-                t = interleaved_medians({
+                times = interleaved_times({
                     "loop": lambda x=x, r=routing: d._dispatch_few(x, r, ex, moe.config.num_experts),
                     "sorted": lambda x=x, r=routing: d.dispatch(x, r, ex),
                     "gather": lambda x=x, r=routing: gather(x, r),
                 }, budget_s=2.0, max_rounds=rounds)
+                t = {name: statistics.median(ts) for name, ts in times.items()}
             finally:
                 d.SMALL_BATCH_SLOTS = saved
             print(f"{T:>7}{t['loop'] * 1e6:>12.0f}{t['sorted'] * 1e6:>12.0f}{t['gather'] * 1e6:>12.0f}")

@@ -6,8 +6,13 @@ FLOPs, and transformers' MixtralSparseMoeBlock, all measured in the same run.
     python benchmarks/moe_layer.py --system-malloc # glibc's defaults: freed memory goes back to the OS
 
 Prints tokens/s for forward (eval, no grad) and forward+backward (train) and each
-implementation's ratio to the dense FFN of width ``top_k * d_ff`` (same active FLOPs per
-token). Median of the repetitions after a warm-up, the contenders measured round-robin.
+implementation's speed relative to the dense FFN of width ``top_k * d_ff`` (same active FLOPs
+per token). The contenders run round-robin after a warm-up (at least 9 rounds); tokens/s is
+the median over rounds, the ratio the median of the per-round ratios to the dense FFN's call
+in the same round (paired, so that the machine's slow spells, which move its speed by 10-35%
+here, cancel out). The last column is moekit's fast path against the faster of transformers'
+two implementations in that row, paired the same way. The reference path, many times slower,
+is timed on its own after each row.
 
 Freed memory stays in the process (glibc's trim threshold raised, its mmap threshold fixed at
 32 MB, for every contender alike), the reuse PyTorch's performance tuning guide gets from
@@ -38,6 +43,7 @@ CASES = [
 ]
 TOKENS = [1, 16, 256, 4096]
 D_MODEL = 512
+DENSE, FAST, REFERENCE = "dense FFN (equal active FLOPs)", "moekit fast", "moekit reference"
 
 
 def keep_freed_memory() -> bool:
@@ -52,22 +58,30 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def interleaved_medians(steps: dict[str, Callable[[], None]], budget_s: float, min_rounds: int = 5,
-                        max_rounds: int = 400) -> dict[str, float]:
-    """Median seconds per call of each step, measured round-robin (one call of each per
-    round) so that drift in machine load hits every contender alike."""
+def interleaved_times(steps: dict[str, Callable[[], None]], budget_s: float, min_rounds: int = 9,
+                      max_rounds: int = 400) -> dict[str, list[float]]:
+    """Seconds per call of each step, measured round-robin: one call of each per round, the
+    order reversed every other round, so that drift in machine load hits every contender
+    alike and none always runs right after the same other."""
     for fn in steps.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in steps}
     start = time.perf_counter()
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
-        for name, fn in steps.items():
+        for name, fn in (reversed(steps.items()) if rounds % 2 else steps.items()):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def paired_ratio(baseline: list[float], times: list[float]) -> float:
+    """Speed relative to the baseline: the median over rounds of the ratio of the two calls'
+    times in the same round (a paired comparison: a slow spell that slows a whole round
+    cancels out, where it would move one median and not the other)."""
+    return statistics.median(b / t for b, t in zip(baseline, times))
 
 
 def hf_block(moe: MoE, impl: str) -> nn.Module | None:
@@ -93,8 +107,7 @@ def contenders(case: dict) -> dict[str, nn.Module]:
     fast = MoE(cfg)
     ref = MoE(MoEConfig(d_model=D_MODEL, implementation="reference", **case))
     ref.load_state_dict(fast.state_dict())
-    out = {"dense FFN (equal active FLOPs)": FeedForward(D_MODEL, cfg.top_k * cfg.d_ff), "moekit fast": fast,
-           "moekit reference": ref}
+    out = {DENSE: FeedForward(D_MODEL, cfg.top_k * cfg.d_ff), FAST: fast, REFERENCE: ref}
     for impl in ("eager", "grouped_mm"):
         block = hf_block(fast, impl)
         if block is not None:
@@ -147,26 +160,32 @@ def main() -> None:
           f"float32, d_model {D_MODEL}, {malloc}")
     for title, case in CASES:
         modules = contenders(case)
+        hf = [name for name in modules if name.startswith("transformers")]
         print(f"\n## {title}")
-        print(f"| T | pass | {' | '.join(modules)} |")
-        print("|---|---|" + "---|" * len(modules))
+        print(f"| T | pass | {' | '.join(modules)} |" + (" moekit vs transformers' best |" if hf else ""))
+        print("|---|---|" + "---|" * (len(modules) + bool(hf)))
         for T in args.tokens:
             for backward in (False, True):
-                steps = {name: make_step(m, T, backward) for name, m in modules.items()
-                         if not (name == "moekit reference" and T > args.reference_max_tokens)}
-                secs = interleaved_medians(steps, budget * len(steps))
-                dense = T / secs[next(iter(modules))]
+                steps = {name: make_step(m, T, backward) for name, m in modules.items() if name != REFERENCE}
+                times = interleaved_times(steps, budget * len(steps))
+                if T <= args.reference_max_tokens:  # far slower than the rest: timed on its own, unpaired
+                    times[REFERENCE] = interleaved_times({REFERENCE: make_step(modules[REFERENCE], T, backward)},
+                                                         budget, min_rounds=3)[REFERENCE]
+                dense = times[DENSE]
                 cells = []
                 for name in modules:
-                    if name not in secs:
+                    if name not in times:
                         cells.append("-")
-                    elif name == next(iter(modules)):
-                        cells.append(f"{dense:,.0f} tok/s")
+                    elif name == DENSE:
+                        cells.append(f"{T / statistics.median(dense):,.0f} tok/s")
                     else:
-                        tps = T / secs[name]
-                        cells.append(f"{tps:,.0f} ({tps / dense:.2f}x)")
+                        tps = T / statistics.median(times[name])
+                        ratio = paired_ratio(dense, times[name]) if name != REFERENCE else tps * statistics.median(dense) / T
+                        cells.append(f"{tps:,.0f} ({ratio:.2f}x)")
+                if hf:
+                    best = min(hf, key=lambda name: statistics.median(times[name]))
+                    cells.append(f"{paired_ratio(times[best], times[FAST]):.2f}x {best.split()[1]}")
                 print(f"| {T} | {'fwd+bwd' if backward else 'fwd'} | {' | '.join(cells)} |", flush=True)
-
 
 if __name__ == "__main__":
     main()
