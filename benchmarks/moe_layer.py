@@ -14,12 +14,15 @@ here, cancel out). The last column is moekit's fast path against the faster of t
 two implementations in that row, paired the same way. The reference path, many times slower,
 is timed on its own after each row.
 
-Freed memory stays in the process (glibc's trim threshold raised, its mmap threshold fixed at
-32 MB, for every contender alike), the reuse PyTorch's performance tuning guide gets from
-jemalloc or tcmalloc: with glibc's defaults a training step's weight gradients (29-59 MB
-each here) are handed back to the OS when ``zero_grad`` frees them and faulted in again,
-page by page, by the next backward: 14,000-21,000 page faults per step, 15-30 ms, which some
-steps pay and others do not and which swamp the forward+backward rows at small T.
+Freed memory stays in the process for every contender (glibc's trim threshold raised, its
+mmap threshold at 1 GiB), the reuse PyTorch's performance tuning guide gets from jemalloc or
+tcmalloc, so that no contender's figure includes page faults. With glibc's defaults
+(``--system-malloc``) blocks over 32 MB are mapped fresh and faulted in page by page on
+every call, and freed heap memory goes back to the OS: a training step's weight gradients
+(29-59 MB each here) cost 14,000-21,000 faults (15-30 ms) that some steps pay and others do
+not, which swamps the forward+backward rows at small T; and the dense FFN's 59 MB
+activations at T=4096 cost it about 57,000 faults (about 60 ms) a training step, which
+moekit's per-expert blocks do not.
 """
 
 from __future__ import annotations
@@ -47,15 +50,15 @@ DENSE, FAST, REFERENCE = "dense FFN (equal active FLOPs)", "moekit fast", "moeki
 
 
 def keep_freed_memory() -> bool:
-    """glibc: keep freed memory for reuse (``M_TRIM_THRESHOLD``) and serve blocks up to 32 MB
-    from the heap (``M_MMAP_THRESHOLD``; larger ones are mapped fresh, as by default).
-    Returns whether it took."""
+    """glibc: keep freed memory for reuse (``M_TRIM_THRESHOLD``) and serve blocks up to 1 GiB
+    from the heap (``M_MMAP_THRESHOLD``; by default those over 32 MB are mapped fresh on each
+    allocation). Returns whether it took."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def interleaved_times(steps: dict[str, Callable[[], None]], budget_s: float, min_rounds: int = 9,
