@@ -190,5 +190,6 @@ def main() -> None:
                     cells.append(f"{paired_ratio(times[best], times[FAST]):.2f}x {best.split()[1]}")
                 print(f"| {T} | {'fwd+bwd' if backward else 'fwd'} | {' | '.join(cells)} |", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -8,6 +8,13 @@ bfloat16), else in a loop over the non-empty segments (CPU, where the loop was m
 faster: see :func:`grouped_mm_qualifies`). On a GPU many small fine-grained experts then
 cost one kernel launch per matmul, not one per expert.
 
+On the CPU in float32 the SwiGLU experts pick their path by the rows per expert (the
+thresholds below, each measured): up to 8, moekit's kernels that read each weight once per
+pass (inference and training); in inference above that, grouped_mm below 32 and a segment
+loop from 32; in training from 9 to 255, grouped_mm's matmuls with the one-pass activation
+and a hand-written backward, from 256 a segment loop with its own backward that writes every
+weight gradient in place.
+
 ``expert_forward(e, x)`` is the obviously-correct single-expert computation the
 reference path and the tests use.
 """
