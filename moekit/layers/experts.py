@@ -234,13 +234,14 @@ class _SwiGLUGrouped(torch.autograd.Function):
         dy = dy.contiguous()
         # weight gradients: [K, N] @ [N, M] per segment (grouped over the row dimension)
         dw2 = F.grouped_mm(hidden.t(), dy, offs=offs) if need_w2 else None  # [E, f, d]
-        dg, du = kernels.silu_mul_backward(ctx.lib, F.grouped_mm(dy, w2.transpose(1, 2), offs=offs), gate, up)
-        dw1 = F.grouped_mm(x.t(), dg, offs=offs) if need_w1 else None  # [E, d, f]
-        dw3 = F.grouped_mm(x.t(), du, offs=offs) if need_w3 else None
-        dx = None
-        if need_x:
-            dx = F.grouped_mm(dg, w1.transpose(1, 2), offs=offs)  # [N, f] -> [N, d]
-            dx += F.grouped_mm(du, w3.transpose(1, 2), offs=offs)
+        dx = dw1 = dw3 = None
+        if need_x or need_w1 or need_w3:  # all of these go through the hidden layer's gradient
+            dg, du = kernels.silu_mul_backward(ctx.lib, F.grouped_mm(dy, w2.transpose(1, 2), offs=offs), gate, up)
+            dw1 = F.grouped_mm(x.t(), dg, offs=offs) if need_w1 else None  # [E, d, f]
+            dw3 = F.grouped_mm(x.t(), du, offs=offs) if need_w3 else None
+            if need_x:
+                dx = F.grouped_mm(dg, w1.transpose(1, 2), offs=offs)  # [N, f] -> [N, d]
+                dx += F.grouped_mm(du, w3.transpose(1, 2), offs=offs)
         return dx, dw1, dw3, dw2, None, None
 
 

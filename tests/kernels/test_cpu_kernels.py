@@ -315,7 +315,7 @@ def test_training_takes_the_segment_kernels_up_to_eight_rows_per_expert(monkeypa
 @needs_lib
 @pytest.mark.parametrize("counts", [[12, 0, 30, 5], [0, 0, 9], [40]])
 @pytest.mark.parametrize("prepared", [False, True], ids=["plain", "fused gate/up"])
-@pytest.mark.parametrize("frozen", [(), ("x",), ("w2",), ("w1", "w3")])
+@pytest.mark.parametrize("frozen", [(), ("x",), ("w2",), ("w1", "w3"), ("x", "w1", "w3")])
 def test_swiglu_grouped_equals_autograd_of_each_expert(counts, prepared, frozen):
     """grouped_mm's matmuls with the one-pass activation and a hand-written backward, against
     autograd through each expert: output and every gradient that is asked for (idle experts'
