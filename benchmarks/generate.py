@@ -31,6 +31,7 @@ import torch
 from moekit import kernels
 from moekit.inference import generate_batch, prepare_for_inference
 from moekit.interop import load_hf
+from moekit.layers.thresholds import THRESHOLDS, threshold
 
 SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
@@ -127,14 +128,15 @@ def decode_paths(model, rounds: int = 200) -> None:
         return (y.view(*routing.indices.shape, -1) * routing.weights[..., None]).sum(1)
 
     print(f"\nfew-token MoE paths (layer 0, microseconds per call, median of interleaved runs; the engine "
-          f"takes the slot loop up to {d.SMALL_BATCH_SLOTS} slots, then the sorted path):")
+          f"takes the slot loop up to {threshold('unsorted_max_slots')} slots, then the sorted path):")
     print(f"{'tokens':>7}{'slot loop':>12}{'sorted':>12}{'gather':>12}")
     with torch.inference_mode():
         for T in (1, 2, 4, 8):
             x = torch.randn(T, moe.config.d_model)
             routing = moe.router(x)
             ref = d._dispatch_few(x, routing, ex, moe.config.num_experts)[0]
-            saved, d.SMALL_BATCH_SLOTS = d.SMALL_BATCH_SLOTS, 0
+            saved = THRESHOLDS["unsorted_max_slots"]
+            THRESHOLDS["unsorted_max_slots"] = saved._replace(value=0)
             try:
                 assert torch.allclose(d.dispatch(x, routing, ex)[0], ref, atol=1e-4)
                 assert torch.allclose(gather(x, routing), ref, atol=1e-4)
@@ -145,7 +147,7 @@ def decode_paths(model, rounds: int = 200) -> None:
                 }, budget_s=2.0, max_rounds=rounds)
                 t = {name: statistics.median(ts) for name, ts in times.items()}
             finally:
-                d.SMALL_BATCH_SLOTS = saved
+                THRESHOLDS["unsorted_max_slots"] = saved
             print(f"{T:>7}{t['loop'] * 1e6:>12.0f}{t['sorted'] * 1e6:>12.0f}{t['gather'] * 1e6:>12.0f}")
 
 

@@ -10,8 +10,8 @@ as a ``[hd, hd]`` matrix, built once per step); the attention output projection 
 into the residual (``addmm``); the top-k router's softmax runs over the k chosen logits
 only (equal to softmax-then-renormalise); each chosen expert's down projection adds into
 the residual scaled by its router weight (``addmm(alpha=w)``); no routing statistics or
-auxiliary losses are built. Batches of more than ``SMALL_BATCH_SLOTS`` (token, expert) pairs
-run the MoE layer's own sorted path, which reads each chosen expert's weights once for all
+auxiliary losses are built. Batches of more than ``unsorted_max_slots`` (token, expert) pairs
+(:data:`moekit.layers.thresholds.THRESHOLDS`) run the MoE layer's own sorted path, which reads each chosen expert's weights once for all
 its rows.
 
 At batch 1 in float32 on the CPU, where ``moekit.kernels`` is built, each layer is two
@@ -35,8 +35,18 @@ import torch
 import torch.nn.functional as F
 
 from moekit import kernels
-from moekit.layers.dispatch import SMALL_BATCH_SLOTS, add_chosen_experts
+from moekit.layers.dispatch import add_chosen_experts
+from moekit.layers.experts import SwiGLUExperts
+from moekit.layers.norm import RMSNorm
 from moekit.layers.router import TopKRouter
+from moekit.layers.thresholds import threshold
+
+
+def _norm_ok(norm) -> bool:
+    """Whether a kernel can fold ``norm`` into the product that reads it: moekit's float32
+    RMSNorm on the CPU."""
+    w = getattr(norm, "weight", None)
+    return isinstance(norm, RMSNorm) and kernels.for_tensors(w) is not None and w.is_contiguous()
 
 
 class Decoder:
@@ -61,10 +71,12 @@ class Decoder:
         # one-row steps run their projections through moekit.kernels where it is built
         # (float32 on the CPU): each norm folded into the product that reads it, each
         # Mixtral-style MoE layer in one call
-        self.lib = kernels.load() if kernels.rows_ok(model.lm_head.weight) and kernels.norm_ok(model.norm) else None
+        self.lib = kernels.for_tensors(model.lm_head.weight) if kernels.rows_ok(model.lm_head.weight) and _norm_ok(model.norm) else None
         self.layers = [self._plan(layer, block) for layer, block in enumerate(model.blocks)]
 
     def _plan(self, layer, block):
+        """This decoder's path choice for one block: which parts run as bound kernel steps,
+        which inline in torch ops, which as their modules."""
         attn, ffn = block.attn, block.ffn
         attn_weights = None  # q/k norms or clamping: the module
         if attn.qk_norm is None and attn.clip_qkv is None:
@@ -80,16 +92,20 @@ class Decoder:
             moe = (router.gate.weight.t(), router.gate.bias, router.renormalize, router.scale) if lean_router else ()
         # one-row steps: this layer's attention and MoE bound to the kernels, where they apply
         k_attn = k_moe = None
-        if self.lib is not None and attn_weights is not None and kernels.norm_ok(block.attn_norm) and self.cache.k.shape[1] == 1:
+        if self.lib is not None and attn_weights is not None and _norm_ok(block.attn_norm) and self.cache.k.shape[1] == 1:
             w_qkv, b_qkv, w_o, b_o, _ = attn_weights
             heads, k_cache, v_cache = (self.H, self.Hkv, self.hd), self.k_cache[layer][0], self.v_cache[layer][0]
             if kernels.attention_ok(w_qkv.t(), w_o.t(), heads, k_cache, v_cache, b_qkv, b_o):
-                k_attn = kernels.AttentionStep(self.lib, block.attn_norm, w_qkv.t(), b_qkv, heads, k_cache, v_cache,
-                                               w_o.t(), b_o)
-        if (self.lib is not None and moe and ffn.shared_experts is None
-                and kernels.moe_token_ok(block.ffn_norm, ffn.router.gate, ffn.experts)):
-            k_moe = kernels.MoETokenStep(self.lib, block.ffn_norm, ffn.router.gate, ffn.config.top_k, moe[2], moe[3],
-                                         ffn.experts)
+                norm = block.attn_norm
+                k_attn = kernels.AttentionStep(self.lib, norm.weight, norm.eps, w_qkv.t(), b_qkv, heads, k_cache,
+                                               v_cache, w_o.t(), b_o)
+        if (self.lib is not None and moe and ffn.shared_experts is None and type(ffn.experts) is SwiGLUExperts
+                and _norm_ok(block.ffn_norm)
+                and kernels.moe_token_ok(block.ffn_norm.weight, ffn.router.gate.weight, ffn.router.gate.bias,
+                                         *ffn.experts.weights())):
+            norm, gate = block.ffn_norm, ffn.router.gate
+            k_moe = kernels.MoETokenStep(self.lib, norm.weight, norm.eps, gate.weight, gate.bias, ffn.config.top_k,
+                                         moe[2], moe[3], *ffn.experts.weights())
         return block, attn_weights, moe, k_attn, k_moe
 
     @torch.inference_mode()
@@ -148,7 +164,8 @@ class Decoder:
             return model.lm_head(model.norm(x))
         head = model.lm_head
         logits = x.new_empty(1, head.out_features)
-        kernels.rows(lib, head.weight, x[0], logits[0], bias=head.bias, norm=model.norm)
+        kernels.rows(lib, head.weight, x[0], logits[0], bias=head.bias, norm_weight=model.norm.weight,
+                     eps=model.norm.eps)
         return logits
 
     def _attention(self, x, h, weights, rotation, layer, pos, mask):
@@ -172,7 +189,7 @@ class Decoder:
         return torch.addmm(x, y, w_o) if b_o is None else torch.addmm(x + b_o, y, w_o)
 
     def _moe(self, x, h, moe_module, moe, tokens):
-        if x.shape[0] * moe_module.config.top_k > SMALL_BATCH_SLOTS:
+        if x.shape[0] * moe_module.config.top_k > threshold("unsorted_max_slots"):
             # more rows than the slot loop pays for: the layer sorts them by expert, so each
             # chosen expert's weights are read once for all its rows
             return x + moe_module(h, token_ids=tokens).output

@@ -4,10 +4,11 @@ The fast path flattens the router's ``[T, k]`` choice into ``T*k`` slots, drops 
 that capacity or the router's mask rule out by giving them a sentinel expert ``E`` (they
 sort last and are cut off), sorts the rest by expert with one stable argsort, gathers the
 tokens into expert order, calls the experts once on the contiguous segments and
-scatter-adds the weighted outputs back to their tokens. For float32 on the CPU the gather
-and the combine (and their backward passes) run in :mod:`moekit.kernels` as gathers, one
-pass each, parallel over the rows written; elsewhere (no compiler, autocast, GPU,
-``torch.compile``) in ``index_select``/``index_add_``, with the same results.
+scatter-adds the weighted outputs back to their tokens. :func:`choose_path` decides how:
+for float32 on the CPU the gather and the combine (and their backward passes) run as the
+ops :func:`moekit.ops.gather_rows` and :func:`moekit.ops.combine`, one pass each;
+elsewhere (no compiler, autocast, GPU, ``torch.compile``) as their torch-ops references,
+with the same results; a handful of tokens in inference skip the sort.
 
 Expert parallelism later inserts its all-to-all between :func:`plan_dispatch` (tokens
 sorted by expert) and the experts; nothing here knows about processes.
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit import kernels
+from moekit import kernels, ops
 from moekit.layers.router import RouterOutput
+from moekit.layers.thresholds import threshold
 
 
 @dataclass
@@ -115,10 +117,14 @@ def plan_dispatch(
     )
 
 
-# Up to this many (token, slot) pairs, inference skips the sort and runs each chosen expert on
-# its token's row. Measured by benchmarks/generate.py (Mixtral shape, d 512, d_ff 1408, top-2):
-# 1 token: loop 704 us vs sorted 873; 2 tokens: 1377 vs 1393; 4 tokens: 4053 vs 2681.
-SMALL_BATCH_SLOTS = 4
+def choose_path(x: torch.Tensor, routing: RouterOutput, capacity: int | None) -> str:
+    """How :func:`dispatch` runs: ``"unsorted"`` (inference on up to ``unsorted_max_slots``
+    slots, no capacity or mask: each chosen expert on its token's row), ``"kernels"`` (the
+    gather and combine ops, float32 on the CPU), else ``"torch"`` (their references)."""
+    if (routing.indices.numel() <= threshold("unsorted_max_slots") and capacity is None and routing.mask is None
+            and not (torch.is_grad_enabled() and (x.requires_grad or routing.weights.requires_grad))):
+        return "unsorted"
+    return "kernels" if kernels.for_tensors(x, routing.weights) is not None else "torch"
 
 
 def dispatch(
@@ -126,77 +132,31 @@ def dispatch(
 ) -> tuple[torch.Tensor, DispatchPlan, torch.Tensor | None]:
     """Fast path. ``x`` is ``[T, d_model]``; returns the combined output ``[T, d_out]``,
     the plan, and the unweighted expert outputs in expert order ``[N, d_out]`` (``None``
-    on the small-batch inference path)."""
+    on the unsorted inference path)."""
     num_experts = routing.logits.shape[-1]
-    if (
-        routing.indices.numel() <= SMALL_BATCH_SLOTS
-        and capacity is None
-        and routing.mask is None
-        and not (torch.is_grad_enabled() and (x.requires_grad or routing.weights.requires_grad))
-    ):
+    path = choose_path(x, routing, capacity)
+    if path == "unsorted":
         return _dispatch_few(x, routing, experts, num_experts)
     plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, routing.mask)
-    lib = kernels.load() if kernels.tensors_ok(x, routing.weights) else None
-    if lib is None:  # torch ops
-        x_sorted = x.index_select(0, plan.token_idx)  # [T, d] -> [N, d]
+    if path == "torch":
+        x_sorted = ops.gather_rows_reference(x, plan.token_idx)  # [T, d] -> [N, d]
         y_sorted = experts(x_sorted, plan.tokens_per_expert)  # [N, d] -> [N, d_out]
         return _combine_ops(y_sorted, routing.weights, plan, x.shape[0]), plan, y_sorted
     k = routing.indices.shape[1]
     # sorted position of each slot [T*k], -1 where dropped: the kernels gather, never scatter
     pos = torch.full((x.shape[0] * k,), -1, dtype=torch.long, device=x.device)
     pos[plan.slot_idx] = torch.arange(plan.slot_idx.numel(), device=x.device)
-    x_sorted = _GatherRows.apply(x, plan.token_idx, pos, k, lib)  # [T, d] -> [N, d]
+    x_sorted = ops.gather_rows(x, plan.token_idx, pos, k)  # [T, d] -> [N, d]
     y_sorted = experts(x_sorted, plan.tokens_per_expert)  # [N, d] -> [N, d_out]
-    if not kernels.tensors_ok(y_sorted):  # autocast: the experts ran in bfloat16
+    if kernels.for_tensors(y_sorted) is None:  # autocast: the experts ran in bfloat16
         return _combine_ops(y_sorted, routing.weights, plan, x.shape[0]), plan, y_sorted
-    out = _Combine.apply(y_sorted, routing.weights, plan.token_idx, plan.slot_idx, pos, lib)  # [N, d_out] -> [T, d_out]
+    out = ops.combine(y_sorted, routing.weights, plan.token_idx, plan.slot_idx, pos)  # [N, d_out] -> [T, d_out]
     return out, plan, y_sorted
 
 
 def _combine_ops(y_sorted: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    """``out[t] = sum of weight * y`` over the sorted rows of token ``t``, in torch ops."""
-    w = weights.reshape(-1).index_select(0, plan.slot_idx).to(y_sorted.dtype)  # [N]
-    out = y_sorted.new_zeros(num_tokens, y_sorted.shape[-1])
-    return out.index_add_(0, plan.token_idx, y_sorted * w.unsqueeze(-1))  # [N, d_out] -> [T, d_out]
-
-
-class _GatherRows(torch.autograd.Function):
-    """``x_sorted = x[token_idx]`` with :func:`moekit.kernels.gather_rows`; the backward sums
-    each token's rows of the gradient (``pos``: its slots' sorted rows, ``k`` per token)."""
-
-    @staticmethod
-    def forward(ctx, x, token_idx, pos, k, lib):
-        ctx.save_for_backward(pos)
-        ctx.k, ctx.lib = k, lib
-        return kernels.gather_rows(lib, x, token_idx, 1)
-
-    @staticmethod
-    def backward(ctx, dx_sorted):
-        (pos,) = ctx.saved_tensors
-        return kernels.gather_rows(ctx.lib, dx_sorted, pos, ctx.k), None, None, None, None
-
-
-class _Combine(torch.autograd.Function):
-    """``out[t] = sum over j of weights[t, j] * y_sorted[pos[t k + j]]`` (the combine) with
-    :func:`moekit.kernels.gather_rows`, one pass per direction; gradients for ``y_sorted``
-    and ``weights`` (``[T, k]``; 0 for dropped slots)."""
-
-    @staticmethod
-    def forward(ctx, y_sorted, weights, token_idx, slot_idx, pos, lib):
-        ctx.save_for_backward(y_sorted, weights, token_idx, slot_idx)
-        ctx.lib = lib
-        return kernels.gather_rows(lib, y_sorted, pos, weights.shape[1], weights.reshape(-1))
-
-    @staticmethod
-    def backward(ctx, dout):
-        y_sorted, weights, token_idx, slot_idx = ctx.saved_tensors
-        need_y, need_w = ctx.needs_input_grad[:2]
-        w_sorted = weights.reshape(-1).index_select(0, slot_idx)  # [N]
-        dy, dw_sorted = kernels.combine_backward(ctx.lib, dout, y_sorted, token_idx, w_sorted, need_y, need_w)
-        dw = None
-        if need_w:
-            dw = weights.new_zeros(weights.numel()).index_copy_(0, slot_idx, dw_sorted).view_as(weights)
-        return dy, dw, None, None, None, None
+    """:func:`moekit.ops.combine_reference` of a plan."""
+    return ops.combine_reference(y_sorted, weights, plan.token_idx, plan.slot_idx, num_tokens)
 
 
 def add_chosen_experts(

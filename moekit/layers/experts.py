@@ -3,20 +3,15 @@
 Tokens arrive sorted by expert, so expert ``e`` owns one contiguous segment of rows. The
 built-in experts keep all weights in 3-D tensors (``w1``/``w3``: ``[E, d_model, d_ff]``,
 ``w2``: ``[E, d_ff, d_model]``, Mixtral's roles) and run every segment in one
-``torch.nn.functional.grouped_mm`` call where it exists and the inputs qualify (CUDA,
-bfloat16), else in a loop over the non-empty segments (CPU, where the loop was measured
-faster: see :func:`grouped_mm_qualifies`). On a GPU many small fine-grained experts then
+``torch.nn.functional.grouped_mm`` call where it qualifies (:func:`grouped_mm_qualifies`),
+else in a loop over the non-empty segments. On a GPU many small fine-grained experts then
 cost one kernel launch per matmul, not one per expert.
 
-On the CPU in float32 the SwiGLU experts pick their path by the rows per expert (the
-thresholds below, each measured): up to 8, moekit's kernels that read each weight once per
-pass (inference and training); in inference above that, grouped_mm below 32 and a segment
-loop from 32; in training from 9 to 255, grouped_mm's matmuls with the one-pass activation
-and a hand-written backward, from 256 a segment loop with its own backward that writes every
-weight gradient in place.
-
-``expert_forward(e, x)`` is the obviously-correct single-expert computation the
-reference path and the tests use.
+Which way a call runs is decided in one place, :meth:`SwiGLUExperts.choose_path` (and the
+base class's for other kinds), from the rows per expert and the rows of
+:data:`moekit.layers.thresholds.THRESHOLDS`; the paths themselves are ops
+(:mod:`moekit.ops.swiglu`) or plain torch. ``expert_forward(e, x)`` is the
+obviously-correct single-expert computation the reference path and the tests use.
 """
 
 from __future__ import annotations
@@ -27,33 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit import kernels
+from moekit import kernels, ops
 from moekit.config import MoEConfig
+from moekit.layers.thresholds import threshold
+from moekit.ops.swiglu import grouped_matmul, segments
 from moekit.registry import register_expert
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
-
-# CPU inference: below this many rows per expert on average, grouped_mm's C++ loop beats
-# the Python loop's per-segment overhead (measured with benchmarks/moe_layer.py).
-CPU_LOOP_MIN_ROWS_PER_EXPERT = 32
-# CPU training: from this many rows per expert on average, the segment-wise SwiGLU with its
-# hand-written backward beats grouped_mm (measured: about 5-10% at 512-1024 rows, 10-25%
-# slower at 64-128 rows).
-CPU_SEGMENT_BACKWARD_MIN_ROWS = 256
-# CPU, float32: up to this many rows per expert on average, moekit.kernels' swiglu_segments
-# (each weight read from memory once for all of an expert's rows) beats grouped_mm. Inference,
-# measured apart (d_model 512; 8 experts d_ff 1792 and 64 experts d_ff 224): 1.1-1.5x at 2-4
-# rows, 1.2-1.6x at 8, 1.15-1.45x at 12, from 0.9x at 16.
-CPU_KERNEL_MAX_ROWS_PER_EXPERT = 8
-# Training: the same forward (keeping the gate and up pre-activations) and its backward (each
-# weight read once, each weight gradient written once with streaming stores, idle experts'
-# zeros included) against grouped_mm's autograd, with the interleaved timing of
-# benchmarks/moe_layer.py: 1.4-2x at 1-2 rows, 1.1-1.4x at 4, 1.05-1.2x at 8, 0.9x at 16.
-CPU_KERNEL_TRAIN_MAX_ROWS_PER_EXPERT = 8
-# Between the two, float32 training runs grouped_mm's matmuls with the one-pass activation
-# and a hand-written backward (_SwiGLUGrouped): 1.00-1.05x autograd over grouped_mm at 32-128
-# rows per expert, where the weights' memory traffic dominates (measured apart, interleaved).
+__all__ = ["GELUExperts", "GroupedExperts", "ModuleExperts", "SharedExperts", "SwiGLUExperts", "FeedForward",
+           "build_experts", "grouped_matmul", "grouped_mm_qualifies", "segments"]
 
 
 def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> bool:
@@ -63,9 +41,7 @@ def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> 
     CUDA its kernels take bfloat16 on sm80+; on CPU float32 and bfloat16. With gradients it
     is always used on CPU: its backward writes each weight gradient once, where a loop's
     per-expert views of a 3-D weight cost a full-size gradient each. Without gradients, a
-    per-segment loop is faster once segments are long (one segment's activation stays in
-    cache and buffers are reused), grouped_mm when there are many short segments
-    (fine-grained experts, few tokens).
+    per-segment loop is faster once segments are long (``loop_inference_min_rows``).
     """
     if not _HAS_GROUPED_MM or x.dtype != w.dtype:
         return False
@@ -78,171 +54,7 @@ def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> 
         return False
     if x.dtype == torch.float32 and torch.compiler.is_compiling():
         return False  # torch.compile's fake kernel for grouped_mm accepts bfloat16 only
-    return needs_grad or x.shape[0] < CPU_LOOP_MIN_ROWS_PER_EXPERT * w.shape[0]
-
-
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """Segment-wise matmul with ``F.grouped_mm``: rows of segment ``e`` of ``x`` times ``w[e]``.
-
-    Args:
-        x: ``[N, K]`` rows sorted by expert.
-        w: ``[E, K, M]`` one matrix per expert.
-        tokens_per_expert: ``[E]`` segment lengths, summing to ``N``.
-
-    Returns:
-        ``[N, M]``.
-    """
-    offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)  # [E] segment ends
-    return F.grouped_mm(x, w, offs=offs)
-
-
-def segments(tokens_per_expert: torch.Tensor) -> list[tuple[int, int, int]]:
-    """``(expert, start, end)`` of every non-empty segment (one host sync)."""
-    out, start = [], 0
-    for e, n in enumerate(tokens_per_expert.tolist()):
-        if n:
-            out.append((e, start, start + n))
-            start += n
-    return out
-
-
-def _activation_kernels(x: torch.Tensor):
-    """The built kernels where :func:`moekit.kernels.silu_mul` (and its backward) can take the
-    SwiGLU activation of rows like ``x`` (float32 on the CPU), else ``None``."""
-    return kernels.load() if kernels.tensors_ok(x) else None
-
-
-def _idle_runs(num_experts: int, segs: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
-    """``(first, end)`` of each run of consecutive experts without rows, given the non-empty
-    segments in expert order."""
-    runs, nxt = [], 0
-    for e, _, _ in segs + [(num_experts, 0, 0)]:
-        if e > nxt:
-            runs.append((nxt, e))
-        nxt = e + 1
-    return runs
-
-
-class _SwiGLUSegments(torch.autograd.Function):
-    """All SwiGLU experts over expert-sorted rows, with a hand-written backward.
-
-    Forward and backward run segment by segment, so each expert's activations are
-    touched while they are in cache, and every weight gradient is written once, in place,
-    into a full ``[E, ...]`` buffer (autograd over per-expert views would build one
-    full-size gradient per expert, and over grouped_mm it runs the activation on all rows
-    at once). Saves the gate and up pre-activations and the hidden product, as autograd
-    would.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, w3, w2, segs):
-        n, f = x.shape[0], w1.shape[-1]
-        gate, up, hidden = x.new_empty(n, f), x.new_empty(n, f), x.new_empty(n, f)
-        out = x.new_empty(n, w2.shape[-1])
-        lib = _activation_kernels(x)
-        for e, a, b in segs:
-            torch.mm(x[a:b], w1[e], out=gate[a:b])
-            torch.mm(x[a:b], w3[e], out=up[a:b])
-            if lib is not None:
-                kernels.silu_mul(lib, gate[a:b], up[a:b], out=hidden[a:b])
-            else:
-                torch.mul(F.silu(gate[a:b]), up[a:b], out=hidden[a:b])
-            torch.mm(hidden[a:b], w2[e], out=out[a:b])
-        ctx.save_for_backward(x, w1, w3, w2, gate, up, hidden)
-        ctx.segs = segs
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w1, w3, w2, gate, up, hidden = ctx.saved_tensors
-        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        # every row belongs to one segment, so dx is fully written; only experts without
-        # rows need zero weight gradients
-        dx = torch.empty_like(x) if need_x else None
-        dw1 = torch.empty_like(w1) if need_w1 else None
-        dw3 = torch.empty_like(w3) if need_w3 else None
-        dw2 = torch.empty_like(w2) if need_w2 else None
-        for a, b in _idle_runs(w1.shape[0], ctx.segs):  # slices: a memset each, no index_put
-            for dw in (dw1, dw3, dw2):
-                if dw is not None:
-                    dw[a:b].zero_()
-        covered = ctx.segs[-1][2] if ctx.segs else 0
-        if dx is not None and covered < x.shape[0]:
-            dx[covered:] = 0
-        dy = dy.contiguous()
-        lib = _activation_kernels(x)
-        for e, a, b in ctx.segs:
-            g, u, dys, xs = gate[a:b], up[a:b], dy[a:b], x[a:b]
-            if need_w2:
-                torch.mm(hidden[a:b].t(), dys, out=dw2[e])  # [f, n] @ [n, d]
-            dh = dys @ w2[e].t()  # [n, d] -> [n, f]
-            if lib is not None:
-                dg, du = kernels.silu_mul_backward(lib, dh, g, u)
-            else:
-                du = dh.mul(F.silu(g))
-                dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
-            if need_w1:
-                torch.mm(xs.t(), dg, out=dw1[e])
-            if need_w3:
-                torch.mm(xs.t(), du, out=dw3[e])
-            if need_x:
-                torch.mm(dg, w1[e].t(), out=dx[a:b])
-                dx[a:b].addmm_(du, w3[e].t())
-        return dx, dw1, dw3, dw2, None
-
-
-class _SwiGLUKernel(torch.autograd.Function):
-    """Training with a few rows per expert: :func:`moekit.kernels.swiglu_segments` forward
-    (keeping the gate and up pre-activations) and :func:`~moekit.kernels.swiglu_segments_backward`,
-    each weight read once per pass and each weight gradient written once, idle experts' as
-    zeros."""
-
-    @staticmethod
-    def forward(ctx, x, w1, w3, w2, tokens_per_expert, lib):
-        x = x.contiguous()
-        gate, up = x.new_empty(x.shape[0], w1.shape[-1]), x.new_empty(x.shape[0], w1.shape[-1])
-        out = kernels.swiglu_segments(lib, x, tokens_per_expert, w1, w3, w2, save=(gate, up))
-        ctx.save_for_backward(x, tokens_per_expert, w1, w3, w2, gate, up)
-        ctx.lib = lib
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        grads = kernels.swiglu_segments_backward(ctx.lib, *ctx.saved_tensors, dy)
-        return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None
-
-
-class _SwiGLUGrouped(torch.autograd.Function):
-    """Training at tens to hundreds of rows per expert: ``F.grouped_mm``'s matmuls, as
-    autograd over :meth:`SwiGLUExperts.grouped` runs them, with the activation and its
-    gradient in one pass each (:func:`moekit.kernels.silu_mul`, where autograd takes silu,
-    mul and four more passes back) and no gradient computed that is not needed."""
-
-    @staticmethod
-    def forward(ctx, x, w1, w3, w2, tokens_per_expert, lib):
-        offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)  # [E] segment ends
-        gate, up = F.grouped_mm(x, w1, offs=offs), F.grouped_mm(x, w3, offs=offs)  # [N, d] -> [N, f]
-        hidden = kernels.silu_mul(lib, gate, up)
-        ctx.save_for_backward(x, w1, w3, w2, gate, up, hidden, offs)
-        ctx.lib = lib
-        return F.grouped_mm(hidden, w2, offs=offs)  # [N, f] -> [N, d]
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w1, w3, w2, gate, up, hidden, offs = ctx.saved_tensors
-        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        dy = dy.contiguous()
-        # weight gradients: [K, N] @ [N, M] per segment (grouped over the row dimension)
-        dw2 = F.grouped_mm(hidden.t(), dy, offs=offs) if need_w2 else None  # [E, f, d]
-        dx = dw1 = dw3 = None
-        if need_x or need_w1 or need_w3:  # all of these go through the hidden layer's gradient
-            dg, du = kernels.silu_mul_backward(ctx.lib, F.grouped_mm(dy, w2.transpose(1, 2), offs=offs), gate, up)
-            dw1 = F.grouped_mm(x.t(), dg, offs=offs) if need_w1 else None  # [E, d, f]
-            dw3 = F.grouped_mm(x.t(), du, offs=offs) if need_w3 else None
-            if need_x:
-                dx = F.grouped_mm(dg, w1.transpose(1, 2), offs=offs)  # [N, f] -> [N, d]
-                dx += F.grouped_mm(du, w3.transpose(1, 2), offs=offs)
-        return dx, dw1, dw3, dw2, None, None
+    return needs_grad or x.shape[0] < threshold("loop_inference_min_rows") * w.shape[0]
 
 
 def _init_uniform(t: torch.Tensor, fan_in: int) -> None:
@@ -281,15 +93,28 @@ class GroupedExperts(nn.Module):
                 return self.run(x.to(dtype), tokens_per_expert, tuple(w.to(dtype) for w in self.weights()))
         return self.run(x, tokens_per_expert, self.weights())
 
-    def run(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The computation of :meth:`forward` with the given (possibly cast) weights."""
-        needs_grad = self.needs_grad(x)
+    def choose_path(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> str:
+        """The path :meth:`run` takes for rows ``x`` and (possibly cast) ``weights``:
+        ``"grouped"`` (one ``F.grouped_mm`` per matmul) or ``"loop"`` (one expert at a time).
+        ``use_grouped_mm`` forces one of them."""
         grouped = self.use_grouped_mm
         if grouped is None:
-            grouped = grouped_mm_qualifies(x, weights[0], needs_grad)
-        if grouped and _HAS_GROUPED_MM:
+            grouped = grouped_mm_qualifies(x, weights[0], self.needs_grad(x))
+        return "grouped" if grouped and _HAS_GROUPED_MM else "loop"
+
+    def run(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The computation of :meth:`forward` with the given (possibly cast) weights, along
+        the path :meth:`choose_path` picks."""
+        return self.run_path(self.choose_path(x, weights), x, tokens_per_expert, weights)
+
+    def run_path(self, path: str, x: torch.Tensor, tokens_per_expert: torch.Tensor,
+                 weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Run ``path`` (one of :meth:`choose_path`'s answers)."""
+        if path == "grouped":
             return self.grouped(weights, x, tokens_per_expert)
-        if not needs_grad:
+        if path != "loop":
+            raise ValueError(f"unknown path {path!r} for {type(self).__name__}")
+        if not self.needs_grad(x):
             out = x.new_empty(x.shape[0], self.d_out)
             for e, a, b in segments(tokens_per_expert):
                 self.segment([w[e] for w in weights], x[a:b], out[a:b])
@@ -341,33 +166,48 @@ class SwiGLUExperts(GroupedExperts):
         _init_uniform(self.w3, self.d_model)
         _init_uniform(self.w2, self.d_ff)
 
-    def run(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if self.use_grouped_mm is None and x.device.type == "cpu":
-            if self.needs_grad(x):
-                if x.shape[0] >= CPU_SEGMENT_BACKWARD_MIN_ROWS * self.num_experts:
-                    return _SwiGLUSegments.apply(x, *weights, segments(tokens_per_expert))
-                lib = self._segment_kernels_for(x, CPU_KERNEL_TRAIN_MAX_ROWS_PER_EXPERT)
-                if lib is not None and all(w.requires_grad for w in weights):  # it writes all three
-                    return _SwiGLUKernel.apply(x, *weights, tokens_per_expert, lib)
-                lib = _activation_kernels(x)
-                if lib is not None and x.shape[0] and grouped_mm_qualifies(x, weights[0], True):
-                    return _SwiGLUGrouped.apply(x, *weights, tokens_per_expert, lib)
-            else:
-                lib = self._segment_kernels_for(x, CPU_KERNEL_MAX_ROWS_PER_EXPERT)
-                if lib is not None:
-                    return kernels.swiglu_segments(lib, x, tokens_per_expert, self.w1, self.w3, self.w2)
-                if self._fused_is_live(weights[0]):
-                    return self._fused_run(x, tokens_per_expert)
-        return super().run(x, tokens_per_expert, weights)
+    def choose_path(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> str:
+        """The path :meth:`run` takes, from the rows per expert (float32 on the CPU, no path
+        forced by ``use_grouped_mm``; else the base class's choice):
 
-    def _segment_kernels_for(self, x: torch.Tensor, max_rows_per_expert: int):
-        """The built kernels where :func:`moekit.kernels.swiglu_segments` (and in training its
-        backward) should run these rows (up to ``max_rows_per_expert`` float32 rows per expert
-        on average, weights it can read), else ``None``."""
-        if (x.shape[0] <= max_rows_per_expert * self.num_experts and kernels.tensors_ok(x)
-                and self.d_out == self.d_model and kernels.swiglu_ok(self)):
-            return kernels.load()
-        return None
+        - ``"kernel"``: up to ``kernel_max_rows`` rows per expert, weights the kernels read;
+          in training all three weights must want gradients (the kernel writes all three).
+        - training: ``"segments_op"`` from ``segments_training_min_rows``, else
+          ``"grouped_op"`` where ``F.grouped_mm`` takes the rows.
+        - inference: ``"fused"`` when :meth:`fuse_gate_up` ran.
+        - else ``"grouped"`` or ``"loop"`` (:meth:`GroupedExperts.choose_path`).
+        """
+        if self.use_grouped_mm is None and x.device.type == "cpu":
+            rows = x.shape[0]
+            kernel_ok = (kernels.for_tensors(x) is not None and self.d_out == self.d_model
+                         and kernels.swiglu_ok(*weights) and rows <= threshold("kernel_max_rows") * self.num_experts)
+            if self.needs_grad(x):
+                if rows >= threshold("segments_training_min_rows") * self.num_experts:
+                    return "segments_op"
+                if kernel_ok and all(w.requires_grad for w in weights):
+                    return "kernel"
+                if kernels.for_tensors(x) is not None and rows and grouped_mm_qualifies(x, weights[0], True):
+                    return "grouped_op"
+            else:
+                if kernel_ok:
+                    return "kernel"
+                if self._fused_is_live(weights[0]):
+                    return "fused"
+        return super().choose_path(x, weights)
+
+    def run_path(self, path: str, x: torch.Tensor, tokens_per_expert: torch.Tensor,
+                 weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if path == "kernel":
+            if self.needs_grad(x):
+                return ops.swiglu_kernel(x, *weights, tokens_per_expert)
+            return kernels.swiglu_segments(kernels.load(), x, tokens_per_expert, *weights)
+        if path == "segments_op":
+            return ops.swiglu_segments(x, *weights, tokens_per_expert)
+        if path == "grouped_op":
+            return ops.swiglu_grouped(x, *weights, tokens_per_expert)
+        if path == "fused":
+            return self._fused_run(x, tokens_per_expert)
+        return super().run_path(path, x, tokens_per_expert, weights)
 
     def _fused_is_live(self, w1: torch.Tensor) -> bool:
         """Whether :meth:`fuse_gate_up` ran and ``w1`` (as this call sees it) still views it."""
@@ -397,13 +237,8 @@ class SwiGLUExperts(GroupedExperts):
         w1, w3, w2 = w
         if out is None:
             return (F.silu(x @ w1) * (x @ w3)) @ w2
-        lib = _activation_kernels(x)
-        if lib is not None:  # no grad: reuse buffers, one pass for the activation
-            gate = x @ w1
-            hidden = kernels.silu_mul(lib, gate, x @ w3, out=gate)
-        else:
-            hidden = F.silu(x @ w1, inplace=True).mul_(x @ w3)
-        return torch.mm(hidden, w2, out=out)
+        gate = x @ w1  # no grad: reuse the buffer, one pass for the activation
+        return torch.mm(ops.silu_mul(gate, x @ w3, out=gate), w2, out=out)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self._fused_is_live(self.w1):
@@ -412,9 +247,8 @@ class SwiGLUExperts(GroupedExperts):
         return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
 
     def expert_add_(self, e: int, x: torch.Tensor, out: torch.Tensor, weight: float) -> None:
-        lib = self._kernels_for(x, out) if x.shape[0] == 1 else None
-        if lib is not None:  # one row: the whole expert in one C call
-            kernels.swiglu_add(lib, x[0], self.w1[e], self.w3[e], self.w2[e], out[0], weight)
+        if self._one_row_kernel(x, out):  # the whole expert in one C call
+            kernels.swiglu_add(kernels.load(), x[0], self.w1[e], self.w3[e], self.w2[e], out[0], weight)
             return
         if self._fused_is_live(self.w1):
             gate, up = (x @ self.fused_gate_up[e]).chunk(2, dim=-1)  # [n, d] -> [n, 2f] -> 2 x [n, f]
@@ -422,14 +256,11 @@ class SwiGLUExperts(GroupedExperts):
             gate, up = x @ self.w1[e], x @ self.w3[e]
         out.addmm_(F.silu(gate).mul_(up), self.w2[e], alpha=weight)  # the down projection adds in, scaled
 
-    def _kernels_for(self, x: torch.Tensor, out: torch.Tensor):
-        """The built kernels where :func:`moekit.kernels.swiglu_add` can run this row (float32
-        on the CPU, contiguous, no autograd, weights it can read), else ``None``."""
-        if (x.dtype == out.dtype == torch.float32 and x.device.type == "cpu"
-                and x.is_contiguous() and out.is_contiguous()
-                and not torch.is_grad_enabled() and kernels.swiglu_ok(self)):
-            return kernels.load()
-        return None
+    def _one_row_kernel(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether :func:`moekit.kernels.swiglu_add` runs this one row: float32 on the CPU,
+        contiguous, no autograd, weights it reads."""
+        return (x.shape[0] == 1 and kernels.for_tensors(x, out) is not None and x.is_contiguous()
+                and out.is_contiguous() and not torch.is_grad_enabled() and kernels.swiglu_ok(*self.weights()))
 
     @torch.no_grad()
     def fuse_gate_up(self) -> None:

@@ -21,7 +21,7 @@ from moekit.layers.dispatch import (
     expert_capacity,
     reference_dispatch,
 )
-from moekit.layers.experts import ModuleExperts, SharedExperts, build_experts
+from moekit.layers.experts import ModuleExperts, SharedExperts, SwiGLUExperts, build_experts
 from moekit.layers.losses import load_balancing_loss, sequence_balance_loss, z_loss
 from moekit.layers.router import Router, RouterOutput, TopKRouter, build_router
 
@@ -158,10 +158,9 @@ class MoE(nn.Module):
         flat = x.reshape(-1, cfg.d_model)  # [..., d] -> [T, d]
         if cfg.check_inputs:
             self._check(flat, token_ids, padding_mask, lead)
-        if flat.shape[0] == 1 and not (return_expert_outputs or compute_aux):
-            lib = self._one_token_kernels(flat)
-            if lib is not None:
-                return self._one_token(lib, flat, lead)
+        path = self.choose_path(flat, return_expert_outputs, compute_aux)
+        if path == "one_token":
+            return self._one_token(flat, lead)
         flat_ids = None if token_ids is None else token_ids.reshape(-1)
         positions = None
         if flat_ids is None and not self.router.learned:
@@ -172,7 +171,7 @@ class MoE(nn.Module):
         capacity = None
         if cfg.capacity_factor is not None and self.router.token_choice:
             capacity = expert_capacity(flat.shape[0], cfg.top_k, cfg.num_experts, cfg.capacity_factor)
-        run = self.dispatcher or (reference_dispatch if cfg.implementation == "reference" else dispatch)
+        run = {"parallel": self.dispatcher, "reference": reference_dispatch, "dispatch": dispatch}[path]
         out, plan, y_sorted = run(flat, routing, self.experts, capacity)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -192,21 +191,34 @@ class MoE(nn.Module):
             expert_mask=expert_mask,
         )
 
-    def _one_token_kernels(self, flat: torch.Tensor):
-        """The built kernels where :func:`moekit.kernels.moe_token` can run this layer on
-        ``flat`` (one token), else ``None``: inference (no autograd, no autocast), the
-        ``topk`` router without jitter noise, SwiGLU experts it takes, no shared experts, no
-        capacity, the fast path, float32 on the CPU."""
-        cfg = self.config
-        if (torch.is_grad_enabled() or type(self.router) is not TopKRouter or not kernels.tensors_ok(flat)
-                or torch.is_autocast_enabled("cpu")
-                or (self.router.training and self.router.jitter > 0) or self.shared_experts is not None
-                or self.dispatcher is not None or cfg.capacity_factor is not None or cfg.implementation != "fast"
-                or not kernels.moe_token_ok(None, self.router.gate, self.experts)):
-            return None
-        return kernels.load()
+    def choose_path(self, flat: torch.Tensor, return_expert_outputs: bool = False,
+                    compute_aux: bool | None = None) -> str:
+        """How :meth:`forward` runs ``flat`` (``[T, d_model]``):
 
-    def _one_token(self, lib, flat: torch.Tensor, lead: torch.Size) -> MoEOutput:
+        - ``"parallel"``: the dispatcher expert parallelism installed;
+        - ``"reference"``: ``implementation="reference"`` (the slow dense loop);
+        - ``"one_token"``: one token in inference through :func:`moekit.kernels.moe_token`
+          (router and chosen experts in one call): no autograd or autocast, the ``topk``
+          router without jitter noise, SwiGLU experts the kernel reads, no shared experts,
+          no capacity, float32 on the CPU, kernels on;
+        - ``"dispatch"``: :func:`moekit.layers.dispatch.dispatch` (which picks its own way).
+        """
+        cfg = self.config
+        if self.dispatcher is not None:
+            return "parallel"
+        if cfg.implementation == "reference":
+            return "reference"
+        router = self.router
+        if (flat.shape[0] == 1 and not (return_expert_outputs or compute_aux) and not torch.is_grad_enabled()
+                and type(router) is TopKRouter and type(self.experts) is SwiGLUExperts
+                and kernels.for_tensors(flat) is not None and not torch.is_autocast_enabled("cpu")
+                and not (router.training and router.jitter > 0) and self.shared_experts is None
+                and cfg.capacity_factor is None
+                and kernels.moe_token_ok(None, router.gate.weight, router.gate.bias, *self.experts.weights())):
+            return "one_token"
+        return "dispatch"
+
+    def _one_token(self, flat: torch.Tensor, lead: torch.Size) -> MoEOutput:
         """One token through :func:`moekit.kernels.moe_token`: the router and the chosen experts
         in one call, where torch ops cost more than the experts' weight reads at this size.
         The same outputs as the general path (tested)."""
@@ -216,8 +228,8 @@ class MoE(nn.Module):
         out, logits, probs, weights, aux = floats.split([d, E, E, k, 1], dim=1)
         chosen, counts, dropped = torch.zeros(1, k + E + 1, dtype=torch.long).split([k, E, 1], dim=1)
         router = self.router
-        kernels.moe_token(lib, flat, out, router.gate, k, router.renormalize, router.scale, self.experts, chosen,
-                          weights, logits, probs, counts)
+        kernels.moe_token(kernels.load(), flat, out, router.gate.weight, router.gate.bias, k, router.renormalize,
+                          router.scale, *self.experts.weights(), chosen, weights, logits, probs, counts)
         routing = RouterOutput(weights, chosen, logits, probs)
         return MoEOutput(output=out.reshape(*lead, d), aux_loss=aux.reshape(()), router_logits=logits,
                          stats=MoEStats(counts.reshape(E), dropped.reshape(())), routing=routing)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit import kernels
+from moekit import kernels, ops
 from moekit.config import MoEConfig
 from moekit.registry import register_router
 
@@ -132,33 +132,12 @@ class TopKRouter(Router):
 
 
 def _fused_topk(logits: torch.Tensor, k: int, renormalize: bool, scale: float) -> RouterOutput | None:
-    """The softmax top-k router in :func:`moekit.kernels.topk_softmax` where it runs (float32
-    on the CPU, outside ``torch.compile``), else ``None``."""
-    lib = kernels.load() if kernels.tensors_ok(logits) else None
-    if lib is None:
+    """The softmax top-k router as :func:`moekit.ops.topk_softmax` where the kernels take the
+    logits (float32 on the CPU, outside ``torch.compile``), else ``None``."""
+    if kernels.for_tensors(logits) is None:
         return None
-    probs, weights, indices = _TopKSoftmax.apply(logits, k, renormalize, scale, lib)
+    probs, weights, indices = ops.topk_softmax(logits, k, renormalize, scale)
     return RouterOutput(weights, indices, logits, probs)
-
-
-class _TopKSoftmax(torch.autograd.Function):
-    """softmax, top-k, renormalise and scale with :func:`moekit.kernels.topk_softmax`; the
-    gradient reaches the logits from the probabilities (the losses) and the weights."""
-
-    @staticmethod
-    def forward(ctx, logits, k, renormalize, scale, lib):
-        probs, weights, indices = kernels.topk_softmax(lib, logits, k, renormalize, scale)
-        ctx.save_for_backward(probs, indices, weights)
-        ctx.args = (renormalize, scale, lib)
-        ctx.mark_non_differentiable(indices)
-        return probs, weights, indices
-
-    @staticmethod
-    def backward(ctx, dprobs, dweights, _):
-        probs, indices, weights = ctx.saved_tensors
-        renormalize, scale, lib = ctx.args
-        dlogits = kernels.topk_softmax_backward(lib, probs, indices, weights, dprobs, dweights, renormalize, scale)
-        return dlogits, None, None, None, None
 
 
 @register_router("switch")

@@ -69,8 +69,8 @@ def test_one_row_decode_equals_the_generic_forward(case, use_kernels, monkeypatc
     if use_kernels and kernels.load() is None:
         pytest.skip(kernels.status())
     if not use_kernels:
-        kernels.load()
-        monkeypatch.setitem(kernels._state, "lib", None)
+        monkeypatch.setattr(kernels.library, "_switch", {"on": True})  # restored after the test
+        kernels.enabled(False)
     calls = {"rows": 0, "MoETokenStep": 0, "AttentionStep": 0}
     real_rows = kernels.rows
     monkeypatch.setattr(kernels, "rows", lambda *a, **k: calls.update(rows=calls["rows"] + 1) or real_rows(*a, **k))
@@ -89,7 +89,7 @@ def test_one_row_decode_equals_the_generic_forward(case, use_kernels, monkeypatc
 
 @pytest.mark.parametrize("batch", [1, 3, 5])
 def test_batches_past_the_slot_loop_decode_through_the_sorted_path(batch):
-    # 3 and 5 sequences x top-2 exceed SMALL_BATCH_SLOTS: the MoE layer's sorted path
+    # 3 and 5 sequences x top-2 exceed the unsorted_max_slots threshold: the MoE layer's sorted path
     test_decode_step_equals_the_generic_forward("mixtral", True, batch)
 
 

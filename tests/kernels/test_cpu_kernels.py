@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit import MoE, MoEConfig, kernels
-from moekit.layers.experts import _SwiGLUGrouped, _SwiGLUKernel
+from moekit.ops.swiglu import _SwiGLUGrouped, _SwiGLUKernel
 from moekit.layers.norm import RMSNorm
 
 lib = kernels.load()
@@ -30,7 +30,7 @@ def test_rows_equal_a_matrix_vector_product(N, K, ld):
     norm = RMSNorm(K, eps=1e-6)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
-    kernels.rows(lib, w, x, out, norm=norm)
+    kernels.rows(lib, w, x, out, norm_weight=norm.weight, eps=norm.eps)
     with torch.no_grad():
         torch.testing.assert_close(out, w @ norm(x), atol=1e-5, rtol=1e-5)
     before = add.clone()
@@ -75,17 +75,17 @@ def test_moe_token_equals_the_moe_layer(fields, prepared):
         norm.weight.uniform_(0.5, 1.5)
     if prepared:
         moe.experts.fuse_gate_up()
-    assert kernels.moe_token_ok(norm, moe.router.gate, moe.experts)
-    moe._one_token_kernels = lambda flat: None  # the reference: the layer in torch ops
+    assert kernels.moe_token_ok(norm.weight, moe.router.gate.weight, moe.router.gate.bias, *moe.experts.weights())
     with torch.inference_mode():
         for _ in range(5):
             x = torch.randn(48)
             h = norm(x)
-            ref = moe(h[None])
+            with kernels.enabled(False):  # the reference: the layer in torch ops
+                ref = moe(h[None])
             want = x + ref.output[0]
             got = x.clone()
-            step = kernels.MoETokenStep(lib, norm, moe.router.gate, cfg.top_k, cfg.renormalize,
-                                        cfg.routed_scaling_factor, moe.experts)
+            step = kernels.MoETokenStep(lib, norm.weight, norm.eps, moe.router.gate.weight, moe.router.gate.bias,
+                                        cfg.top_k, cfg.renormalize, cfg.routed_scaling_factor, *moe.experts.weights())
             chosen, weights = step(got)
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
             assert chosen == ref.routing.indices[0].tolist()
@@ -93,11 +93,17 @@ def test_moe_token_equals_the_moe_layer(fields, prepared):
 
 
 def test_moe_token_refuses_what_it_cannot_run():
+    from moekit.inference.decode import _norm_ok
+
     cfg = MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2)
     moe, norm = MoE(cfg), RMSNorm(16)
-    assert not kernels.moe_token_ok(norm, moe.router.gate, MoE(MoEConfig(**{**cfg.__dict__, "expert": "gelu"})).experts)
-    assert not kernels.moe_token_ok(torch.nn.LayerNorm(16), moe.router.gate, moe.experts)
-    assert not kernels.moe_token_ok(norm, moe.router.gate, moe.to(torch.bfloat16).experts)
+    with torch.no_grad():  # GELU experts: the layer does not ask the kernel
+        assert MoE(MoEConfig(**{**cfg.__dict__, "expert": "gelu"})).eval().choose_path(torch.randn(1, 16)) == "dispatch"
+    assert not _norm_ok(torch.nn.LayerNorm(16)) and _norm_ok(norm)
+    gate = moe.router.gate
+    assert kernels.moe_token_ok(norm.weight, gate.weight, gate.bias, *moe.experts.weights())
+    moe.to(torch.bfloat16)
+    assert not kernels.moe_token_ok(norm.weight, gate.weight.float(), None, *moe.experts.weights())
 
 
 def test_disabled_kernels_say_so_and_are_not_used(tmp_path):
@@ -172,8 +178,8 @@ def test_one_token_through_the_layer_kernel_equals_the_general_path(fields, prep
     x = torch.randn(1, 1, 48)
     with torch.inference_mode():
         got = moe(x)
-        assert moe._one_token_kernels(x.reshape(1, 48)) is not None
-        monkeypatch.setattr(MoE, "_one_token_kernels", lambda self, flat: None)
+        assert moe.choose_path(x.reshape(1, 48)) == "one_token"
+        monkeypatch.setattr(MoE, "choose_path", lambda self, *a: "dispatch")
         want = moe(x)
     torch.testing.assert_close(got.output, want.output, atol=2e-5, rtol=1e-5)
     assert got.output.shape == x.shape
@@ -190,11 +196,14 @@ def test_the_one_token_layer_kernel_is_left_where_it_does_not_apply():
     moe = MoE(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, router_jitter=0.1))
     flat = torch.randn(1, 16)
     with torch.no_grad():
-        assert moe._one_token_kernels(flat) is None  # training mode with jitter noise
-        assert moe.eval()._one_token_kernels(flat.double()) is None
-        assert MoE(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, router="sampling")).eval()._one_token_kernels(flat) is None
-        assert MoE(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, num_shared_experts=1)).eval()._one_token_kernels(flat) is None
-    assert moe._one_token_kernels(flat) is None  # autograd on
+        assert moe.choose_path(flat) != "one_token"  # training mode with jitter noise
+        assert moe.eval().choose_path(flat.double()) != "one_token"
+        assert MoE(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, router="sampling")).eval().choose_path(flat) != "one_token"
+        assert MoE(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, num_shared_experts=1)).eval().choose_path(flat) != "one_token"
+        assert moe.choose_path(flat) == "one_token"  # eval, float32: it applies
+        with kernels.enabled(False):
+            assert moe.choose_path(flat) != "one_token"  # the public switch
+    assert moe.choose_path(flat) != "one_token"  # autograd on
 
 
 @needs_lib
@@ -263,7 +272,7 @@ def test_swiglu_segments_backward_equals_autograd_of_each_expert(d, f, counts, p
         experts.fuse_gate_up()
     x, tpe = torch.randn(sum(counts), d, requires_grad=True), torch.tensor(counts)
     dy = torch.randn(sum(counts), d)
-    got = _SwiGLUKernel.apply(x, experts.w1, experts.w3, experts.w2, tpe, lib)
+    got = _SwiGLUKernel.apply(x, experts.w1, experts.w3, experts.w2, tpe)
     got.backward(dy)
     params = [x, experts.w1, experts.w3, experts.w2]
     got_grads = [p.grad.clone() for p in params]
@@ -328,7 +337,7 @@ def test_swiglu_grouped_equals_autograd_of_each_expert(counts, prepared, frozen)
     named = {"x": x, "w1": experts.w1, "w3": experts.w3, "w2": experts.w2}
     for name, t in named.items():
         t.requires_grad_(name not in frozen)
-    got = _SwiGLUGrouped.apply(x, experts.w1, experts.w3, experts.w2, torch.tensor(counts), lib)
+    got = _SwiGLUGrouped.apply(x, experts.w1, experts.w3, experts.w2, torch.tensor(counts))
     got.backward(dy)
     got_grads = {name: t.grad for name, t in named.items()}
     for t in named.values():
@@ -428,10 +437,10 @@ def test_dispatch_moves_rows_in_the_kernels_as_torch_ops_do(fields, monkeypatch)
         monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
 
     def run(use_kernels):
-        monkeypatch.setattr(kernels, "tensors_ok", lambda *t: use_kernels)
         xi = x.clone().requires_grad_(True)
-        out = moe(xi)
-        (out.output * g).sum().add(out.aux_loss).backward()
+        with kernels.enabled(use_kernels):
+            out = moe(xi)
+            (out.output * g).sum().add(out.aux_loss).backward()
         grads = [xi.grad] + [p.grad.clone() for p in moe.parameters()]
         moe.zero_grad(set_to_none=True)
         return out.output.detach(), grads
@@ -473,16 +482,16 @@ moe, norm = MoE(MoEConfig(d_model=50, d_ff=70, num_experts=4, top_k=2)).eval(), 
 with torch.inference_mode():
     moe.router.gate.weight.normal_(0, 1.0)
     got = x.clone()
-    kernels.MoETokenStep(lib, norm, moe.router.gate, 2, True, 1.0, moe.experts)(got)
-    moe._one_token_kernels = lambda flat: None  # the reference: the layer in torch ops
-    torch.testing.assert_close(got, x + moe(norm(x)[None]).output[0], atol=2e-5, rtol=1e-5)
+    kernels.MoETokenStep(lib, norm.weight, norm.eps, moe.router.gate.weight, None, 2, True, 1.0, *moe.experts.weights())(got)
+    with kernels.enabled(False):  # the reference: the layer in torch ops
+        torch.testing.assert_close(got, x + moe(norm(x)[None]).output[0], atol=2e-5, rtol=1e-5)
 ex, xs, tpe = moe.experts, torch.randn(4, 50), torch.tensor([3, 0, 1, 0])
 with torch.inference_mode():
     torch.testing.assert_close(kernels.swiglu_segments(lib, xs, tpe, ex.w1, ex.w3, ex.w2),
                                torch.cat([ex.expert_forward(0, xs[:3]), ex.expert_forward(2, xs[3:])]), atol=2e-5, rtol=1e-5)
-from moekit.layers.experts import _SwiGLUKernel
+from moekit.ops.swiglu import _SwiGLUKernel
 xs.requires_grad_(True)
-got = _SwiGLUKernel.apply(xs, ex.w1, ex.w3, ex.w2, tpe, lib)
+got = _SwiGLUKernel.apply(xs, ex.w1, ex.w3, ex.w2, tpe)
 dy = torch.randn(4, 50)
 got.backward(dy)
 grads = [p.grad.clone() for p in (xs, ex.w1, ex.w3, ex.w2)]
@@ -522,8 +531,6 @@ def test_the_build_without_avx512_gives_the_same_numbers(tmp_path):
 def test_the_topk_router_kernel_equals_torch_ops(fields, monkeypatch):
     """Probabilities, choice, weights, and the gradients that reach the gate through the
     combine weights and the balancing losses."""
-    import moekit.layers.router as router_mod
-
     torch.manual_seed(5)
     moe = MoE(MoEConfig(**{"d_model": 20, "d_ff": 12, "num_experts": 6, "top_k": 2, **fields}))
     x, g = torch.randn(3, 40, 20), torch.randn(3, 40, 20)
@@ -540,8 +547,8 @@ def test_the_topk_router_kernel_equals_torch_ops(fields, monkeypatch):
 
     got, got_aux, got_grad = run()
     assert calls == [1]
-    monkeypatch.setattr(router_mod, "_fused_topk", lambda *a: None)  # the routers' torch ops
-    want, want_aux, want_grad = run()
+    with kernels.enabled(False):  # the routers' torch ops
+        want, want_aux, want_grad = run()
     assert torch.equal(got.indices, want.indices)
     torch.testing.assert_close(got.probs, want.probs, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got.weights, want.weights, atol=1e-6, rtol=1e-5)

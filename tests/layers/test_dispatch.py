@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 import moekit.layers.experts as experts_mod
 from moekit import MoE, MoEConfig
 from moekit.layers.dispatch import capacity_keep, expert_capacity, plan_dispatch
+from moekit.layers.thresholds import THRESHOLDS
+from moekit.ops.swiglu import _SwiGLUSegments
 from moekit.registry import router_names
 
 
@@ -202,10 +204,10 @@ def test_inference_under_bfloat16_autocast(T):
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 def test_segment_backward_matches_reference(capacity_factor, monkeypatch):
     # the hand-written segment backward of the SwiGLU experts (large batches on CPU)
-    monkeypatch.setattr(experts_mod, "CPU_SEGMENT_BACKWARD_MIN_ROWS", 4)
+    monkeypatch.setitem(THRESHOLDS, "segments_training_min_rows", THRESHOLDS["segments_training_min_rows"]._replace(value=4))
     calls = []
-    original = experts_mod._SwiGLUSegments.backward
-    monkeypatch.setattr(experts_mod._SwiGLUSegments, "backward", staticmethod(lambda ctx, dy: calls.append(1) or original(ctx, dy)))
+    original = _SwiGLUSegments.backward
+    monkeypatch.setattr(_SwiGLUSegments, "backward", staticmethod(lambda ctx, dy: calls.append(1) or original(ctx, dy)))
     fast, ref = pair(d_model=16, d_ff=24, num_experts=4, top_k=2, capacity_factor=capacity_factor, num_shared_experts=1)
     assert_same(fast, ref, torch.randn(2, 60, 16))
     assert calls, "the segment backward was not used"

@@ -1,0 +1,98 @@
+"""Wrappers of the experts' kernels over many rows (``cpu_gemv.c``): every SwiGLU expert over
+its own rows with each weight read from memory once per pass, forward and backward, and the
+SwiGLU activation in one pass. Tensors and scalars in, tensors out; every argument checked
+before it reaches C."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from moekit.kernels import checks as ck
+from moekit.kernels.decode import _check_experts
+from moekit.kernels.ffi import check_rc
+
+
+def _check_segments(x, tokens_per_expert, w1, w3, w2) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Checked, contiguous ``x`` and ``tokens_per_expert``, and the rows they cover."""
+    _check_experts(w1, w3, w2, one=False)
+    E, d, _ = w1.shape
+    ck.tensor("x", x, shape=(None, d))
+    x = x.contiguous()
+    counts = tokens_per_expert.contiguous() if isinstance(tokens_per_expert, torch.Tensor) else tokens_per_expert
+    ck.tensor("tokens_per_expert", counts, ck.I64, shape=(E,))
+    covered = sum(ck.counts("tokens_per_expert", counts, x.shape[0]))
+    return x, counts, covered
+
+
+def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor,
+                    w3: torch.Tensor, w2: torch.Tensor, save: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+    """Every SwiGLU expert (``w1``/``w3`` ``[E, d, f]`` laid out alike, ``w2 [E, f, d_out]``,
+    unit stride in a row) over its rows of ``x [N, d]`` (sorted by expert,
+    ``tokens_per_expert`` int64 ``[E]`` rows each), each weight read from memory once.
+    ``save``: two contiguous ``[N, f]`` tensors that receive the gate and up pre-activations,
+    for :func:`swiglu_segments_backward`. Returns ``[N, d_out]`` (zero past the counts' sum)."""
+    x, counts, covered = _check_segments(x, tokens_per_expert, w1, w3, w2)
+    N, f = x.shape[0], w1.shape[2]
+    gate = up = None
+    if save is not None:
+        gate = ck.tensor("save[0]", save[0], shape=(N, f), contiguous=True).data_ptr()
+        up = ck.tensor("save[1]", save[1], shape=(N, f), contiguous=True).data_ptr()
+    out = x.new_empty(N, w2.shape[2])
+    check_rc(lib.moekit_swiglu_segments(x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(),
+                                        w3.data_ptr(), w1.stride(0), w1.stride(1), f, w2.data_ptr(), w2.stride(0),
+                                        w2.stride(1), w2.shape[2], out.data_ptr(), gate, up, torch.get_num_threads()),
+             "moekit_swiglu_segments")
+    if covered < N:
+        out[covered:] = 0
+    return out
+
+
+def swiglu_segments_backward(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor,
+                             w3: torch.Tensor, w2: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`swiglu_segments` (run with ``save=(gate, up)``) for the
+    output's gradient ``dy [N, d_out]``: ``dx`` and the three weight gradients (contiguous,
+    zero for experts without rows), each weight read once and each gradient written once.
+    Rows past ``tokens_per_expert.sum()`` get a zero ``dx``."""
+    x, counts, covered = _check_segments(x, tokens_per_expert, w1, w3, w2)
+    N, f = x.shape[0], w1.shape[2]
+    ck.tensor("gate", gate, shape=(N, f), contiguous=True)
+    ck.tensor("up", up, shape=(N, f), contiguous=True)
+    ck.tensor("dy", dy, shape=(N, w2.shape[2]))
+    dy = dy.contiguous()
+    dx = torch.empty_like(x)
+    dw1, dw3, dw2 = (torch.empty(w.shape, dtype=w.dtype) for w in (w1, w3, w2))
+    check_rc(lib.moekit_swiglu_segments_backward(
+        x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(), w3.data_ptr(), w1.stride(0),
+        w1.stride(1), f, w2.data_ptr(), w2.stride(0), w2.stride(1), w2.shape[2], gate.data_ptr(), up.data_ptr(),
+        dy.data_ptr(), dx.data_ptr(), dw1.data_ptr(), dw3.data_ptr(), dw2.data_ptr(), torch.get_num_threads()),
+        "moekit_swiglu_segments_backward")
+    if covered < N:
+        dx[covered:] = 0
+    return dx, dw1, dw3, dw2
+
+
+def silu_mul(lib: ctypes.CDLL, g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(g) * u`` (the SwiGLU's hidden activation) in one pass; contiguous float32 tensors
+    of one shape, ``out`` may be ``g``. Returns ``out`` (new where not given)."""
+    ck.tensor("g", g, contiguous=True)
+    ck.tensor("u", u, shape=tuple(g.shape), contiguous=True)
+    out = torch.empty_like(g) if out is None else ck.tensor("out", out, shape=tuple(g.shape), contiguous=True)
+    lib.moekit_silu_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), torch.get_num_threads())
+    return out
+
+
+def silu_mul_backward(lib: ctypes.CDLL, dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`silu_mul` for ``dh`` (contiguous float32, the shape of ``g``
+    and ``u``): ``(dg, du)``, in one pass."""
+    ck.tensor("g", g, contiguous=True)
+    ck.tensor("u", u, shape=tuple(g.shape), contiguous=True)
+    ck.tensor("dh", dh, shape=tuple(g.shape), contiguous=True)
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    lib.moekit_silu_mul_backward(dh.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(), g.numel(),
+                                 torch.get_num_threads())
+    return dg, du

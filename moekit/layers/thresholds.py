@@ -1,0 +1,43 @@
+"""Every threshold that picks a fast path, in one table.
+
+Each module decides its path in one function (``SwiGLUExperts.choose_path``,
+``MoE.choose_path``, :func:`moekit.layers.dispatch.choose_path`, ``Decoder``'s plan) from
+these rows; each row says what it switches and which benchmark measured it (the figures are
+in ``docs/benchmarks.md``). A new fast path is a new row, not a new branch somewhere else.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Threshold(NamedTuple):
+    value: int
+    measured_by: str
+    switches: str
+
+
+THRESHOLDS: dict[str, Threshold] = {
+    # CPU, float32, SwiGLU experts; counts are rows per expert on average
+    "kernel_max_rows": Threshold(
+        8, "benchmarks/moe_layer.py",
+        "up to here moekit.kernels.swiglu_segments (each weight read once per pass) runs the experts, "
+        "in inference and in training, ahead of grouped_mm"),
+    "loop_inference_min_rows": Threshold(
+        32, "benchmarks/moe_layer.py",
+        "inference from here: the segment loop (buffers reused, one segment's activation in cache); "
+        "below it grouped_mm's C++ loop beats the Python loop's per-segment overhead"),
+    "segments_training_min_rows": Threshold(
+        256, "benchmarks/moe_layer.py",
+        "training from here: the segment loop with its hand-written backward (ops.swiglu_segments); "
+        "below it grouped_mm with the one-pass activation (ops.swiglu_grouped)"),
+    # the dispatch, inference: (token, slot) pairs in one call
+    "unsorted_max_slots": Threshold(
+        4, "benchmarks/generate.py",
+        "up to here inference runs each chosen expert on its token's row without sorting"),
+}
+
+
+def threshold(name: str) -> int:
+    """The value of row ``name`` of :data:`THRESHOLDS`."""
+    return THRESHOLDS[name].value

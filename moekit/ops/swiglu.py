@@ -1,0 +1,210 @@
+"""All SwiGLU experts over expert-sorted rows, as autograd Functions with hand-written
+backward passes, and the reference they are held to.
+
+Rows arrive sorted by expert (``tokens_per_expert [E]`` rows each); the weights are
+``w1``/``w3`` ``[E, d, f]`` (gate, up) and ``w2 [E, f, d_out]`` (down). Three ways, each
+the fastest somewhere (which one runs is the experts module's choice, from its table):
+
+- :func:`swiglu_kernel`: a few rows per expert; :func:`moekit.kernels.swiglu_segments`
+  reads each weight once per pass and writes each weight gradient once.
+- :func:`swiglu_grouped`: tens to hundreds of rows per expert; ``F.grouped_mm``'s matmuls
+  with the activation and its gradient in one pass each, and no gradient computed that is
+  not asked for.
+- :func:`swiglu_segments`: long segments; a loop that keeps each expert's activations in
+  cache and writes every weight gradient in place into one ``[E, ...]`` buffer.
+
+:func:`swiglu_reference` is the obviously-correct loop over experts in torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moekit import kernels
+from moekit.ops._lib import lib
+
+
+def segments(tokens_per_expert: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(expert, start, end)`` of every non-empty segment (one host sync)."""
+    out, start = [], 0
+    for e, n in enumerate(tokens_per_expert.tolist()):
+        if n:
+            out.append((e, start, start + n))
+            start += n
+    return out
+
+
+def idle_runs(num_experts: int, segs: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """``(first, end)`` of each run of consecutive experts without rows, given the non-empty
+    segments in expert order."""
+    runs, nxt = [], 0
+    for e, _, _ in segs + [(num_experts, 0, 0)]:
+        if e > nxt:
+            runs.append((nxt, e))
+        nxt = e + 1
+    return runs
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Segment-wise matmul with ``F.grouped_mm``: ``x [N, K]`` (sorted by expert) times
+    ``w [E, K, M]``, segment ``e`` by ``w[e]``. Returns ``[N, M]``."""
+    offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)  # [E] segment ends
+    return F.grouped_mm(x, w, offs=offs)
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(g) * u``: in one kernel pass where the kernels take ``g`` (contiguous float32
+    on the CPU), else in torch ops. ``out`` may be ``g``."""
+    if kernels.for_tensors(g) is not None and g.is_contiguous() and u.is_contiguous():
+        return kernels.silu_mul(lib(), g, u, out=out)
+    if out is None:
+        return F.silu(g) * u
+    if out is g:  # no grad: in place, no buffer
+        return F.silu(g, inplace=True).mul_(u)
+    return torch.mul(F.silu(g), u, out=out)
+
+
+def _silu_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dg, du)`` of :func:`silu_mul` for ``dh`` (``dh`` may be overwritten)."""
+    if kernels.for_tensors(g) is not None and dh.is_contiguous() and g.is_contiguous() and u.is_contiguous():
+        return kernels.silu_mul_backward(lib(), dh, g, u)
+    du = dh.mul(F.silu(g))
+    return torch.ops.aten.silu_backward(dh.mul_(u), g), du
+
+
+def swiglu_reference(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                     tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """``w2[e](silu(x w1[e]) * (x w3[e]))`` on each expert's rows, one expert at a time."""
+    outs = [(F.silu(x[a:b] @ w1[e]) * (x[a:b] @ w3[e])) @ w2[e] for e, a, b in segments(tokens_per_expert)]
+    covered = sum(b - a for _, a, b in segments(tokens_per_expert))
+    outs.append(x.new_zeros(x.shape[0] - covered, w2.shape[-1]))
+    return torch.cat(outs)
+
+
+class _SwiGLUSegments(torch.autograd.Function):
+    """Forward and backward segment by segment, so each expert's activations are touched
+    while they are in cache, and every weight gradient is written once, in place, into a
+    full ``[E, ...]`` buffer (autograd over per-expert views would build one full-size
+    gradient per expert). Saves the gate and up pre-activations and the hidden product."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, segs):
+        n, f = x.shape[0], w1.shape[-1]
+        gate, up, hidden = x.new_empty(n, f), x.new_empty(n, f), x.new_empty(n, f)
+        out = x.new_empty(n, w2.shape[-1])
+        for e, a, b in segs:
+            torch.mm(x[a:b], w1[e], out=gate[a:b])
+            torch.mm(x[a:b], w3[e], out=up[a:b])
+            silu_mul(gate[a:b], up[a:b], out=hidden[a:b])
+            torch.mm(hidden[a:b], w2[e], out=out[a:b])
+        covered = segs[-1][2] if segs else 0
+        if covered < n:
+            out[covered:] = 0
+        ctx.save_for_backward(x, w1, w3, w2, gate, up, hidden)
+        ctx.segs = segs
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w3, w2, gate, up, hidden = ctx.saved_tensors
+        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
+        # every row belongs to one segment, so dx is fully written; only experts without
+        # rows need zero weight gradients
+        dx = torch.empty_like(x) if need_x else None
+        dw1 = torch.empty_like(w1) if need_w1 else None
+        dw3 = torch.empty_like(w3) if need_w3 else None
+        dw2 = torch.empty_like(w2) if need_w2 else None
+        for a, b in idle_runs(w1.shape[0], ctx.segs):  # slices: a memset each, no index_put
+            for dw in (dw1, dw3, dw2):
+                if dw is not None:
+                    dw[a:b].zero_()
+        covered = ctx.segs[-1][2] if ctx.segs else 0
+        if dx is not None and covered < x.shape[0]:
+            dx[covered:] = 0
+        dy = dy.contiguous()
+        for e, a, b in ctx.segs:
+            g, u, dys, xs = gate[a:b], up[a:b], dy[a:b], x[a:b]
+            if need_w2:
+                torch.mm(hidden[a:b].t(), dys, out=dw2[e])  # [f, n] @ [n, d]
+            if not (need_x or need_w1 or need_w3):
+                continue
+            dg, du = _silu_mul_backward(dys @ w2[e].t(), g, u)  # [n, d] -> [n, f]
+            if need_w1:
+                torch.mm(xs.t(), dg, out=dw1[e])
+            if need_w3:
+                torch.mm(xs.t(), du, out=dw3[e])
+            if need_x:
+                torch.mm(dg, w1[e].t(), out=dx[a:b])
+                dx[a:b].addmm_(du, w3[e].t())
+        return dx, dw1, dw3, dw2, None
+
+
+def swiglu_segments(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                    tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """:func:`swiglu_reference` segment by segment with a hand-written backward."""
+    return _SwiGLUSegments.apply(x, w1, w3, w2, segments(tokens_per_expert))
+
+
+class _SwiGLUKernel(torch.autograd.Function):
+    """:func:`moekit.kernels.swiglu_segments` forward (keeping the gate and up
+    pre-activations) and :func:`~moekit.kernels.swiglu_segments_backward`, each weight read
+    once per pass and each weight gradient written once, idle experts' as zeros."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, tokens_per_expert):
+        x = x.contiguous()
+        gate, up = x.new_empty(x.shape[0], w1.shape[-1]), x.new_empty(x.shape[0], w1.shape[-1])
+        out = kernels.swiglu_segments(lib(), x, tokens_per_expert, w1, w3, w2, save=(gate, up))
+        ctx.save_for_backward(x, tokens_per_expert, w1, w3, w2, gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = kernels.swiglu_segments_backward(lib(), *ctx.saved_tensors, dy)
+        return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None
+
+
+def swiglu_kernel(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                  tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """:func:`swiglu_reference` in :mod:`moekit.kernels` (float32 on the CPU; it computes all
+    three weight gradients)."""
+    return _SwiGLUKernel.apply(x, w1, w3, w2, tokens_per_expert)
+
+
+class _SwiGLUGrouped(torch.autograd.Function):
+    """``F.grouped_mm``'s matmuls, as autograd over them runs them, with the activation and
+    its gradient in one pass each (where autograd takes silu, mul and four more passes back)
+    and no gradient computed that is not needed."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, tokens_per_expert):
+        offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)  # [E] segment ends
+        gate, up = F.grouped_mm(x, w1, offs=offs), F.grouped_mm(x, w3, offs=offs)  # [N, d] -> [N, f]
+        hidden = silu_mul(gate, up)
+        ctx.save_for_backward(x, w1, w3, w2, gate, up, hidden, offs)
+        return F.grouped_mm(hidden, w2, offs=offs)  # [N, f] -> [N, d]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w3, w2, gate, up, hidden, offs = ctx.saved_tensors
+        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
+        dy = dy.contiguous()
+        # weight gradients: [K, N] @ [N, M] per segment (grouped over the row dimension)
+        dw2 = F.grouped_mm(hidden.t(), dy, offs=offs) if need_w2 else None  # [E, f, d]
+        dx = dw1 = dw3 = None
+        if need_x or need_w1 or need_w3:  # all of these go through the hidden layer's gradient
+            dg, du = _silu_mul_backward(F.grouped_mm(dy, w2.transpose(1, 2), offs=offs), gate, up)
+            dw1 = F.grouped_mm(x.t(), dg, offs=offs) if need_w1 else None  # [E, d, f]
+            dw3 = F.grouped_mm(x.t(), du, offs=offs) if need_w3 else None
+            if need_x:
+                dx = F.grouped_mm(dg, w1.transpose(1, 2), offs=offs)  # [N, f] -> [N, d]
+                dx += F.grouped_mm(du, w3.transpose(1, 2), offs=offs)
+        return dx, dw1, dw3, dw2, None
+
+
+def swiglu_grouped(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                   tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """:func:`swiglu_reference` with ``F.grouped_mm`` and a hand-written backward (inputs that
+    ``F.grouped_mm`` takes: 16-byte aligned rows)."""
+    return _SwiGLUGrouped.apply(x, w1, w3, w2, tokens_per_expert)
