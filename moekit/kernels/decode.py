@@ -191,6 +191,7 @@ class AttentionStep:
         ck.tensor("w_o", w_o, shape=(d, H * hd), unit_row_stride=True)
         ck.optional("b_o", b_o, numel=d)
         ck.tensor("k_cache", k_cache, shape=(Hkv, None, hd))
+        ck.tensor("v_cache", v_cache, shape=(Hkv, None, hd))
         ck.same_layout("k_cache and v_cache", k_cache, v_cache)
         if k_cache.stride(2) != 1 or k_cache.stride(1) != hd:
             raise ValueError(f"k_cache and v_cache must have contiguous rows of hd={hd}, got strides {k_cache.stride()}")
