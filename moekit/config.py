@@ -18,7 +18,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from moekit.registry import expert_names, router_names
+from moekit.registry import ROUTERS, expert_names, router_names
 
 IMPLEMENTATIONS = ("fast", "reference")
 QK_NORMS = (None, "head", "full")
@@ -118,23 +118,7 @@ class MoEConfig:
         _positive("routed_scaling_factor", self.routed_scaling_factor, float)
         if not (isinstance(self.router_jitter, (int, float)) and 0 <= self.router_jitter < 1):
             raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter!r}")
-        if self.router == "switch" and self.top_k != 1:
-            raise ValueError(f"top_k must be 1 for router 'switch' (Switch Transformer routes top-1), got {self.top_k}")
-        if self.num_experts % self.n_groups:
-            raise ValueError(
-                f"n_groups must divide num_experts ({self.num_experts}), got {self.n_groups}"
-            )
-        if self.topk_groups > self.n_groups:
-            raise ValueError(f"topk_groups must be in 1..n_groups (1..{self.n_groups}), got {self.topk_groups}")
-        if self.n_groups > 1:
-            if self.router != "sigmoid_bias":
-                raise ValueError(f"n_groups > 1 is only supported by router 'sigmoid_bias', got router {self.router!r}")
-            per_group = self.num_experts // self.n_groups
-            if self.top_k > self.topk_groups * per_group:
-                raise ValueError(
-                    f"top_k ({self.top_k}) must be <= topk_groups * experts per group "
-                    f"({self.topk_groups} * {per_group})"
-                )
+        ROUTERS[self.router].check_config(self)  # each router's own rules (top-1 for switch, groups...)
 
     @property
     def shared_width(self) -> int:

@@ -1,7 +1,10 @@
 """Name -> class maps for routers and experts.
 
 A new router is one class plus one ``@register_router("name")`` line; the config validates
-names against these maps, so a registered router is usable from a config or the CLI at once.
+names against these maps and asks the class for its own rules (``check_config``) and
+parameter count (``num_params``), so a registered router is usable from a config, the CLI
+and ``moekit params`` at once. The built-in classes register when ``moekit`` is imported
+(``moekit/__init__.py`` imports ``moekit.layers``); this module imports nothing of moekit.
 """
 
 from __future__ import annotations
@@ -37,12 +40,10 @@ def register_expert(name: str) -> Callable[[C], C]:
 
 
 def router_names() -> list[str]:
-    import moekit.layers.router  # noqa: F401  (registers the built-in routers)
-
+    """The registered routers (the built-in ones register when ``moekit`` is imported)."""
     return sorted(ROUTERS)
 
 
 def expert_names() -> list[str]:
-    import moekit.layers.experts  # noqa: F401  (registers the built-in experts)
-
+    """The registered expert kinds."""
     return sorted(EXPERTS)

@@ -129,6 +129,13 @@ class GroupedExperts(nn.Module):
         """Whether this call builds an autograd graph (input or weights need gradients)."""
         return torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
 
+    @classmethod
+    def params_per_expert(cls, d_model: int, d_ff: int) -> int:
+        """Parameters of one expert (what ``count_params`` multiplies); by default counted on
+        a one-expert instance built on the meta device (no memory)."""
+        with torch.device("meta"):
+            return sum(p.numel() for p in cls(1, d_model, d_ff).parameters())
+
     def weights(self) -> tuple[torch.Tensor, ...]:
         """The 3-D weight tensors in the order :meth:`segment` takes one slice of each."""
         raise NotImplementedError
@@ -165,6 +172,11 @@ class SwiGLUExperts(GroupedExperts):
         _init_uniform(self.w1, self.d_model)
         _init_uniform(self.w3, self.d_model)
         _init_uniform(self.w2, self.d_ff)
+
+    @staticmethod
+    def params_per_expert(d_model: int, d_ff: int) -> int:
+        """Parameters of one expert (gate, up and down projections)."""
+        return 3 * d_model * d_ff
 
     def choose_path(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> str:
         """The path :meth:`run` takes, from the rows per expert (float32 on the CPU, no path
@@ -286,6 +298,11 @@ class GELUExperts(GroupedExperts):
     def reset_parameters(self) -> None:
         _init_uniform(self.w1, self.d_model)
         _init_uniform(self.w2, self.d_ff)
+
+    @staticmethod
+    def params_per_expert(d_model: int, d_ff: int) -> int:
+        """Parameters of one expert (up and down projections)."""
+        return 2 * d_model * d_ff
 
     def grouped(self, w, x, tokens_per_expert):
         hidden = F.gelu(grouped_matmul(x, w[0], tokens_per_expert))  # [N, d] -> [N, f]

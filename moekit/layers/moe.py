@@ -33,10 +33,14 @@ class MoEStats:
     Attributes:
         tokens_per_expert: ``[E]`` int64 slots each expert computed (after capacity).
         dropped_tokens: int64 scalar, slots dropped by the capacity limit.
+        router_load: see below.
     """
 
     tokens_per_expert: torch.Tensor
     dropped_tokens: torch.Tensor
+    router_load: torch.Tensor | None = None
+    """``[E]`` this process's router choices per expert before capacity, in training, for
+    routers that balance by a bias (``sigmoid_bias``): what :func:`update_router_biases` takes."""
 
     @property
     def max_over_mean(self) -> float:
@@ -185,7 +189,7 @@ class MoE(nn.Module):
             output=out.reshape(*lead, out.shape[-1]),
             aux_loss=self._aux_loss(routing, lead, padding_mask, compute_aux),
             router_logits=routing.logits,
-            stats=MoEStats(plan.tokens_per_expert.detach(), plan.dropped_tokens.detach()),
+            stats=MoEStats(plan.tokens_per_expert.detach(), plan.dropped_tokens.detach(), self._router_load(routing)),
             routing=routing,
             expert_outputs=expert_outputs,
             expert_mask=expert_mask,
@@ -277,10 +281,19 @@ class MoE(nn.Module):
             if t is not None and tuple(t.shape) != tuple(lead):
                 raise ValueError(f"{name} must have shape {tuple(lead)} (x's leading dims), got {tuple(t.shape)}")
 
-    def update_bias(self) -> None:
-        """Aux-loss-free balancing step for routers that have one (``sigmoid_bias``)."""
+    def _router_load(self, routing: RouterOutput) -> torch.Tensor | None:
+        """The router's choices per expert (this forward, this process), where its bias update
+        needs them: training, a router with ``update_bias``."""
+        if not (self.router.training and hasattr(self.router, "update_bias")):
+            return None
+        chosen = routing.indices if routing.mask is None else routing.indices[routing.mask]
+        return torch.bincount(chosen.reshape(-1), minlength=self.config.num_experts).detach()
+
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing step for routers that have one (``sigmoid_bias``), from
+        ``load`` (``[E]``: :attr:`MoEStats.router_load`, summed over the step's micro-batches)."""
         if hasattr(self.router, "update_bias"):
-            self.router.update_bias()
+            self.router.update_bias(load)
 
     def num_params(self) -> ParamCount:
         """Parameters of this layer: total, and active per token (router, shared experts and
@@ -291,23 +304,31 @@ class MoE(nn.Module):
         return ParamCount(total, total - routed + self.config.top_k * per_expert)
 
 
-def update_router_biases(model: nn.Module) -> None:
+def update_router_biases(model: nn.Module, loads: list[torch.Tensor | None]) -> None:
     """Call after ``optimizer.step()``: apply the aux-loss-free bias update of every
-    ``sigmoid_bias`` router in ``model`` from the loads seen since the last call."""
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.update_bias()
+    ``sigmoid_bias`` router in ``model``. ``loads``: one entry per :class:`MoE` in
+    ``model.modules()`` order, its :attr:`MoEStats.router_load` summed over the step's
+    micro-batches (``None`` where there is none). The loads come from the outputs, not from
+    the forward calls, so a forward recomputed under activation checkpointing counts once."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if len(loads) != len(layers):
+        raise ValueError(f"loads must have one entry per MoE layer ({len(layers)}), got {len(loads)}")
+    for layer, load in zip(layers, loads):
+        if load is not None:
+            layer.update_bias(load)
 
 
 def count_params(config: MoEConfig) -> ParamCount:
-    """Exact parameter counts of ``MoE(config)`` from the config alone."""
-    d, f, E = config.d_model, config.d_ff, config.num_experts
-    per_expert = (3 if config.expert == "swiglu" else 2) * d * f
-    router = {"hash": 0, "noisy_topk": 2 * E * d}.get(config.router, E * d)
-    if config.router_bias and config.router != "hash":
-        router += E
+    """Exact parameter counts of ``MoE(config)`` from the config alone: the router and the
+    expert kind each report their own (``num_params``, ``params_per_expert``)."""
+    from moekit.registry import EXPERTS, ROUTERS
+
+    kind = EXPERTS[config.expert]
+    per_expert = kind.params_per_expert(config.d_model, config.d_ff)
+    router = ROUTERS[config.router].num_params(config)
     shared = 0
     if config.num_shared_experts:
-        shared = (3 if config.expert == "swiglu" else 2) * d * config.shared_width
-        shared += d if config.shared_expert_gate else 0
-    return ParamCount(total=router + shared + E * per_expert, active=router + shared + config.top_k * per_expert)
+        shared = kind.params_per_expert(config.d_model, config.shared_width)
+        shared += config.d_model if config.shared_expert_gate else 0
+    total = router + shared + config.num_experts * per_expert
+    return ParamCount(total=total, active=router + shared + config.top_k * per_expert)

@@ -63,7 +63,25 @@ class Router(nn.Module):
     learned = True
     causal = True
     token_choice = True
+    groups_experts = False
     registry_name = "base"
+
+    @classmethod
+    def check_config(cls, config: MoEConfig) -> None:
+        """Raise a ValueError naming the field when ``config`` asks this router for something
+        it does not do. The base rules: no expert groups unless the router has them."""
+        if config.topk_groups > config.n_groups:
+            raise ValueError(f"topk_groups must be in 1..n_groups (1..{config.n_groups}), got {config.topk_groups}")
+        if config.n_groups > 1 and not cls.groups_experts:
+            from moekit.registry import ROUTERS
+
+            grouping = " or ".join(repr(n) for n, c in sorted(ROUTERS.items()) if c.groups_experts)
+            raise ValueError(f"n_groups > 1 is only supported by router {grouping}, got router {config.router!r}")
+
+    @classmethod
+    def num_params(cls, config: MoEConfig) -> int:
+        """Parameters of ``cls(config)``: the gate ``[E, d_model]`` and its optional bias."""
+        return config.num_experts * config.d_model + (config.num_experts if config.router_bias else 0)
 
     def __init__(self, config: MoEConfig):
         super().__init__()
@@ -147,6 +165,12 @@ class SwitchRouter(Router):
     Use with ``capacity_factor`` (1.0-1.25 in the paper) and ``router_jitter`` for the
     paper's full recipe."""
 
+    @classmethod
+    def check_config(cls, config: MoEConfig) -> None:
+        super().check_config(config)
+        if config.top_k != 1:
+            raise ValueError(f"top_k must be 1 for router 'switch' (Switch Transformer routes top-1), got {config.top_k}")
+
     def route(self, logits: torch.Tensor) -> RouterOutput:
         fused = _fused_topk(logits, 1, False, self.scale)  # top-1 of the softmax, as below
         if fused is not None:
@@ -161,6 +185,10 @@ class NoisyTopKRouter(Router):
     """Shazeer et al. 2017: ``H = x W_g + N(0, 1) * softplus(x W_noise)`` in training, then
     keep the top-k of ``H`` and softmax over them. The noise scale is learned and depends on
     the input; in eval the clean logits are used."""
+
+    @classmethod
+    def num_params(cls, config: MoEConfig) -> int:
+        return super().num_params(config) + config.num_experts * config.d_model  # the noise projection
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)
@@ -199,10 +227,23 @@ class SigmoidBiasRouter(Router):
     experts (aux-loss-free balancing), optional group-limited selection.
 
     The bias moves after each optimizer step by ``bias_update_rate * sign(mean_load - load)``:
-    call :meth:`update_bias` (or ``moekit.update_router_biases(model)``) after
-    ``optimizer.step()``. Loads seen in training forwards accumulate in ``load_accum``
-    until then, so gradient accumulation counts every micro-batch.
+    call ``moekit.update_router_biases(model, loads)`` after ``optimizer.step()`` with the
+    loads the layers returned (``MoEStats.router_load``, summed over the micro-batches).
+    Nothing accumulates inside ``forward``, so recomputing a forward (activation
+    checkpointing) does not count its tokens twice.
     """
+
+    groups_experts = True
+
+    @classmethod
+    def check_config(cls, config: MoEConfig) -> None:
+        if config.num_experts % config.n_groups:
+            raise ValueError(f"n_groups must divide num_experts ({config.num_experts}), got {config.n_groups}")
+        super().check_config(config)
+        per_group = config.num_experts // config.n_groups
+        if config.n_groups > 1 and config.top_k > config.topk_groups * per_group:
+            raise ValueError(f"top_k ({config.top_k}) must be <= topk_groups * experts per group "
+                             f"({config.topk_groups} * {per_group})")
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)
@@ -210,7 +251,6 @@ class SigmoidBiasRouter(Router):
         self.n_groups = config.n_groups
         self.topk_groups = config.topk_groups
         self.register_buffer("expert_bias", torch.zeros(config.num_experts))
-        self.register_buffer("load_accum", torch.zeros(config.num_experts), persistent=False)
         self.load_reduce = None
 
     def route(self, logits: torch.Tensor) -> RouterOutput:
@@ -222,9 +262,6 @@ class SigmoidBiasRouter(Router):
         weights = scores.gather(-1, indices)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        if self.training:
-            with torch.no_grad():
-                self.load_accum += torch.bincount(indices.reshape(-1), minlength=self.num_experts).to(self.load_accum)
         probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         return RouterOutput(weights * self.scale, indices, logits, probs)
 
@@ -239,14 +276,16 @@ class SigmoidBiasRouter(Router):
         return masked.view(T, E)  # [T, G, E/G] -> [T, E]
 
     @torch.no_grad()
-    def update_bias(self) -> None:
-        """Apply one aux-loss-free update from the loads accumulated since the last call."""
-        load = self.load_accum
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Apply one aux-loss-free update from ``load`` (``[E]`` choices per expert since the
+        last update, on this process)."""
+        if tuple(load.shape) != (self.num_experts,):
+            raise ValueError(f"load must have shape [{self.num_experts}], got {list(load.shape)}")
+        load = load.to(self.expert_bias)
         if self.load_reduce is not None:  # expert parallelism: the global batch's load
             load = self.load_reduce(load)
         if load.sum() > 0:
             self.expert_bias += self.rate * torch.sign(load.mean() - load)
-        self.load_accum.zero_()
 
 
 @register_router("expert_choice")
@@ -298,6 +337,10 @@ class HashRouter(Router):
     No parameters, no gradient, no balancing loss."""
 
     learned = False
+
+    @classmethod
+    def num_params(cls, config: MoEConfig) -> int:
+        return 0
 
     def __init__(self, config: MoEConfig):
         nn.Module.__init__(self)

@@ -314,6 +314,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = aux_sum = 0.0
+        bias_loads: list = []  # per MoE layer: the router's choices over this step's micro-batches
         for micro in range(t.grad_accum):
             x, y = train_batch(self.splits.train, t.batch_size, t.seq_len, t.seed, step, micro)
             if self.dist is not None:  # this rank's rows of the global batch
@@ -326,6 +327,9 @@ class Trainer:
             loads = [s.tokens_per_expert for s in out.layer_stats if s is not None]
             self.window.add(loads, [lg for lg in out.router_logits if lg is not None])
             self.health.add(loads)
+            step_loads = [s.router_load for s in out.layer_stats if s is not None]
+            bias_loads = step_loads if not bias_loads else [
+                None if a is None else a + b for a, b in zip(bias_loads, step_loads)]
         train_loss, aux = loss_sum / t.grad_accum, aux_sum / t.grad_accum
         if self.dist is not None:
             train_loss = self.dist.mean(train_loss)
@@ -341,7 +345,7 @@ class Trainer:
             raise TrainingDiverged(_diverged_message("gradient norm", float(norm), step, self.out_dir))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_router_biases(self.model)
+        update_router_biases(self.model, bias_loads)
         self.step_count = step = step + 1
         tokens = t.batch_size * t.seq_len * t.grad_accum
         self.tokens_seen += tokens

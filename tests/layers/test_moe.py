@@ -36,17 +36,16 @@ def test_bias_balancing_fixes_a_skewed_router():
 
     def load(x):
         layer.train()
-        return layer(x).stats.tokens_per_expert.float()
+        return layer(x).stats
 
-    def imbalance(t):
+    def imbalance(stats):
+        t = stats.tokens_per_expert.float()
         return (t.max() / t.mean()).item()
 
     x0 = torch.randn(1024, 16) + skew
     start = imbalance(load(x0))
-    layer.router.load_accum.zero_()
     for _ in range(300):
-        load(torch.randn(1024, 16) + skew)
-        update_router_biases(layer)
+        update_router_biases(layer, [load(torch.randn(1024, 16) + skew).router_load])
     with torch.no_grad():
         end = imbalance(load(torch.randn(4096, 16) + skew))
     assert start > 2.0, start
@@ -139,3 +138,34 @@ def test_mixtral_layer_count():
     c = count_params(cfg)
     assert c.total == 8 * 3 * 4096 * 14336 + 8 * 4096
     assert c.active == 2 * 3 * 4096 * 14336 + 8 * 4096
+
+
+def test_bias_loads_count_once_under_activation_checkpointing():
+    """The bias update takes the loads the forward returned: recomputing the forward in the
+    backward (torch.utils.checkpoint) changes nothing, and a forward alone moves no bias."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    cfg = MoEConfig(d_model=16, d_ff=8, num_experts=8, top_k=2, router="sigmoid_bias", bias_update_rate=0.01)
+    torch.manual_seed(0)
+    plain = MoE(cfg)
+    recomputed = MoE(cfg)
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(64, 16) + 1.0
+    out = plain(x)
+    out.output.sum().backward()
+    stats = []
+
+    def run(t):
+        o = recomputed(t)
+        stats.append(o.stats)
+        return o.output
+
+    with set_checkpoint_early_stop(False):  # recompute the whole forward
+        checkpoint(run, x, use_reentrant=False).sum().backward()
+    assert len(stats) == 2  # the forward ran twice
+    assert torch.equal(recomputed.router.expert_bias, torch.zeros(8))  # forwards alone change nothing
+    update_router_biases(plain, [out.stats.router_load])
+    update_router_biases(recomputed, [stats[0].router_load])
+    assert torch.equal(plain.router.expert_bias, recomputed.router.expert_bias)
+    assert plain.router.expert_bias.abs().sum() > 0
+    assert int(out.stats.router_load.sum()) == 64 * 2
