@@ -34,7 +34,7 @@ import torch
 from moekit.inference import generate
 from moekit.presets import preset
 from moekit.training import Trainer
-from moekit.training.checkpoint import load_trained
+from moekit.checkpoint import load_trained
 
 
 def run_pair(configs: dict, root: Path, mode: str, block: int) -> dict:

@@ -27,7 +27,7 @@ from moekit.data.corpus import stdlib_files
 from moekit.models import Transformer
 from moekit.presets import small
 from moekit.training import train
-from moekit.training.checkpoint import save_checkpoint, save_config
+from moekit.checkpoint import save_checkpoint, save_config
 
 CAP = 400_000  # characters per domain
 

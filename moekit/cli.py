@@ -110,7 +110,7 @@ def _set_typed(config: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from moekit.training import TrainingDiverged, train
-    from moekit.training.checkpoint import LATEST_FILE, load_config
+    from moekit.checkpoint import LATEST_FILE, load_config
 
     try:
         if args.resume:
@@ -134,7 +134,9 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     except (ValueError, FileNotFoundError) as exc:
         raise _fail("train", exc) from None
     try:
-        summary = train(config, out, resume=bool(args.resume))
+        from moekit.distributed import launched_distributed
+
+        summary = train(config, out, resume=bool(args.resume), distributed=launched_distributed())
     except TrainingDiverged as exc:
         print(f"moekit train: {exc}", file=sys.stderr)
         return 1

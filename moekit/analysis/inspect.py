@@ -48,7 +48,7 @@ def _corpus(path: Path, loaded, data: str | None, max_tokens: int):
     from moekit.data.corpus import load_text
 
     if data is None and loaded.source == "moekit":
-        from moekit.training.checkpoint import load_config
+        from moekit.checkpoint import load_config
 
         run_dir = path if (path / "config.json").is_file() else path.parent
         cfg = load_config(run_dir).data

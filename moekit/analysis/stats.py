@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from moekit.training.health import (
+from moekit.analysis.health import (
     STARVING_SHARE,  # one threshold for training warnings and verdicts
 )
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moekit.io import atomic_write_bytes
+
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -69,7 +71,6 @@ class BPETokenizer:
         return self._tok.decode([int(i) for i in ids])
 
     def save(self, directory: str | Path) -> None:
-        from moekit.training.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(Path(directory) / TOKENIZER_FILE, self._tok.to_str().encode("utf-8"))
 

@@ -8,8 +8,9 @@ from moekit.distributed.ep import (
     shard_experts,
 )
 from moekit.distributed.layout import ParallelLayout, check_same_config, init_layout
+from moekit.distributed.training import launched_distributed
 
 __all__ = [
     "ExpertParallelDispatch", "ParallelLayout", "all_reduce_sum", "check_same_config", "gather_experts_state",
-    "init_layout", "reduce_gradients", "shard_experts",
+    "init_layout", "launched_distributed", "reduce_gradients", "shard_experts",
 ]

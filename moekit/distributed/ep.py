@@ -10,6 +10,7 @@ sums and the load statistics are all-reduced, so balancing sees the global batch
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,38 +29,45 @@ from moekit.layers.router import RouterOutput
 
 EXPERT_FLAG = "_moekit_expert_shard"
 
-EXCHANGE = {"seconds": 0.0, "bytes_sent": 0, "calls": 0}
-"""Running totals of this process's token exchanges (forward and backward): wall time
-inside ``all_to_all_single`` and bytes sent to *other* ranks. Reset by the caller; read by
-``benchmarks/expert_parallel.py``."""
+@dataclass
+class ExchangeStats:
+    """What one expert-parallel layer call exchanged with the other processes: calls to
+    ``all_to_all_single``, wall time inside them and bytes sent to *other* ranks. The
+    dispatch returns it (``MoEStats.exchange``) after the forward; the backward's exchanges
+    add to the same object when it runs."""
+
+    seconds: float = 0.0
+    bytes_sent: int = 0
+    calls: int = 0
 
 
-def _exchange(out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> None:
+def _exchange(out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
+              stats: ExchangeStats) -> None:
     start = time.perf_counter()
     dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
-    EXCHANGE["seconds"] += time.perf_counter() - start
+    stats.seconds += time.perf_counter() - start
     me = dist.get_rank(group)
     row = x[0].numel() * x.element_size() if x.shape[0] else 0
-    EXCHANGE["bytes_sent"] += row * (sum(in_splits) - in_splits[me])
-    EXCHANGE["calls"] += 1
+    stats.bytes_sent += row * (sum(in_splits) - in_splits[me])
+    stats.calls += 1
 
 
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` whose backward sends the gradients back the way rows came."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+    def forward(ctx, x, out_splits, in_splits, group, stats):
+        ctx.splits, ctx.group, ctx.stats = (out_splits, in_splits), group, stats
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        _exchange(out, x.contiguous(), out_splits, in_splits, group)
+        _exchange(out, x.contiguous(), out_splits, in_splits, group, stats)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
         gx = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        _exchange(gx, grad.contiguous(), in_splits, out_splits, ctx.group)
-        return gx, None, None, None
+        _exchange(gx, grad.contiguous(), in_splits, out_splits, ctx.group, ctx.stats)
+        return gx, None, None, None, None
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -138,11 +146,12 @@ class ExpertParallelDispatch:
         recv = torch.empty_like(send)  # [source rank, local expert]
         dist.all_to_all_single(recv, send, group=group)
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-        rows = _AllToAll.apply(x_sorted, recv_splits, send_splits, group)  # grouped by source, then expert
+        stats = ExchangeStats()
+        rows = _AllToAll.apply(x_sorted, recv_splits, send_splits, group, stats)  # grouped by source, then expert
         order = _expert_major(recv)  # -> grouped by local expert, then source
         y_local = experts(rows.index_select(0, order), recv.sum(0))
         y_rows = y_local.index_select(0, torch.argsort(order))  # back to [source][expert]
-        y_sorted = _AllToAll.apply(y_rows, send_splits, recv_splits, group)  # back in this rank's sorted order
+        y_sorted = _AllToAll.apply(y_rows, send_splits, recv_splits, group, stats)  # back in this rank's sorted order
         w = routing.weights.reshape(-1).index_select(0, plan.slot_idx).to(y_sorted.dtype)  # [N]
         out = y_sorted.new_zeros(x.shape[0], y_sorted.shape[-1])
         out = out.index_add(0, plan.token_idx, y_sorted * w.unsqueeze(-1))
@@ -150,7 +159,7 @@ class ExpertParallelDispatch:
         dist.all_reduce(load)  # statistics over the world's batch
         dropped = dropped.clone()
         dist.all_reduce(dropped)
-        return out, DispatchPlan(plan.token_idx, plan.slot_idx, load, dropped), y_sorted
+        return out, DispatchPlan(plan.token_idx, plan.slot_idx, load, dropped, exchange=stats), y_sorted
 
 
 def _expert_major(counts: torch.Tensor) -> torch.Tensor:

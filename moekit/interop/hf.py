@@ -26,7 +26,7 @@ from moekit.interop.hf_config import (
 from moekit.interop.hf_weights import from_hf, to_hf
 from moekit.interop.safetensors_io import SafetensorsDir, save_safetensors_dir
 from moekit.models import Transformer
-from moekit.training.checkpoint import state_dict_for_save
+from moekit.checkpoint import state_dict_for_save
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -198,7 +198,7 @@ def load_model(
     """A moekit run directory (or one of its ``step_*`` folders) or a Hugging Face directory,
     ready for inference (:func:`moekit.inference.prepare_for_inference`)."""
     from moekit.inference import prepare_for_inference
-    from moekit.training.checkpoint import load_trained
+    from moekit.checkpoint import load_trained
 
     path = Path(path)
     if not path.exists():
@@ -216,7 +216,7 @@ def convert(src: str | Path, dst: str | Path, model_type: str | None = None, ove
     directory -> a moekit run directory (config.json + one checkpoint). Returns a one-line
     description of what was written."""
     from moekit.config import DataConfig, RunConfig, TrainConfig
-    from moekit.training.checkpoint import save_checkpoint, save_config
+    from moekit.checkpoint import save_checkpoint, save_config
 
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()) and not overwrite:

@@ -39,12 +39,15 @@ class DispatchPlan:
         slot_idx: ``[N]`` flat slot ``t * k + j`` of each sorted row.
         tokens_per_expert: ``[E]`` int64 rows per expert (after capacity).
         dropped_tokens: int64 scalar, slots the capacity limit dropped.
+        exchange: what a dispatch across processes exchanged (expert parallelism's
+            ``ExchangeStats``), else ``None``.
     """
 
     token_idx: torch.Tensor
     slot_idx: torch.Tensor
     tokens_per_expert: torch.Tensor
     dropped_tokens: torch.Tensor
+    exchange: object | None = None
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

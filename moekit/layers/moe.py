@@ -41,6 +41,8 @@ class MoEStats:
     router_load: torch.Tensor | None = None
     """``[E]`` this process's router choices per expert before capacity, in training, for
     routers that balance by a bias (``sigmoid_bias``): what :func:`update_router_biases` takes."""
+    exchange: object | None = None
+    """What an expert-parallel dispatch exchanged for this call (``ExchangeStats``), else ``None``."""
 
     @property
     def max_over_mean(self) -> float:
@@ -189,7 +191,8 @@ class MoE(nn.Module):
             output=out.reshape(*lead, out.shape[-1]),
             aux_loss=self._aux_loss(routing, lead, padding_mask, compute_aux),
             router_logits=routing.logits,
-            stats=MoEStats(plan.tokens_per_expert.detach(), plan.dropped_tokens.detach(), self._router_load(routing)),
+            stats=MoEStats(plan.tokens_per_expert.detach(), plan.dropped_tokens.detach(), self._router_load(routing),
+                           plan.exchange),
             routing=routing,
             expert_outputs=expert_outputs,
             expert_mask=expert_mask,

@@ -34,8 +34,8 @@ from moekit.data.tokenizer import token_dtype
 from moekit.distributed.training import launched_distributed
 from moekit.layers.moe import update_router_biases
 from moekit.models import Transformer, model_param_groups
-from moekit.training import checkpoint as ckpt
-from moekit.training.health import health_warnings, max_over_mean
+from moekit import checkpoint as ckpt
+from moekit.analysis.health import health_warnings, max_over_mean
 from moekit.training.schedule import lr_at
 
 METRICS_FILE = "metrics.jsonl"
@@ -174,13 +174,16 @@ def train(
     out_dir: str | Path,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Train a model as ``config`` says, writing everything to ``out_dir``.
 
+    ``distributed``: this process is one of several started by ``torchrun`` (the CLI sets it
+    when it sees torchrun's variables; :func:`moekit.distributed.launched_distributed`).
     Returns the summary (also written to ``summary.json``). Raises :class:`TrainingDiverged`
     when the loss becomes NaN/inf; the last checkpoint written before stays the latest.
     """
-    trainer = Trainer(config, out_dir, resume, log)
+    trainer = Trainer(config, out_dir, resume, log, distributed)
     try:
         while not trainer.done:
             trainer.step()
@@ -198,14 +201,17 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, out_dir: str | Path, resume: bool = False,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, distributed: bool = False):
+        if not distributed and launched_distributed():
+            raise ValueError(f"this process is one of {os.environ['WORLD_SIZE']} started by torchrun, but "
+                             "distributed=False: pass distributed=True (moekit train does) or run one process")
         self.wall0 = time.perf_counter()
         self.out_dir = out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         t = config.train
         self.device = device = resolve_device(t.device)
         self.dist = None
-        if launched_distributed():
+        if distributed:
             from moekit.distributed.training import DistributedRun
 
             if device.type == "cuda":

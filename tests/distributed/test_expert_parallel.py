@@ -86,11 +86,13 @@ def _layer_case(rank, world, ep, config_kw, tokens_per_rank, skew):
     shard_experts(model, layout)
     rows = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
     local = model(x[rows])
+    assert local.stats.exchange.calls == 2  # the call returns its own exchange statistics: tokens out and back
     assert torch.allclose(local.output, out.output[rows], atol=1e-5), (local.output - out.output[rows]).abs().max()
     assert torch.allclose(local.aux_loss, out.aux_loss, atol=1e-6)
     assert torch.equal(local.stats.tokens_per_expert, out.stats.tokens_per_expert)
     assert int(local.stats.dropped_tokens) == int(out.stats.dropped_tokens)
     ((local.output - target[rows]) ** 2).mean().add(local.aux_loss).backward()
+    assert local.stats.exchange.calls >= 3 and local.stats.exchange.seconds > 0  # the backward's exchanges too
     reduce_gradients(model, layout)
     start, end = layout.expert_range(config.num_experts)
     for name, p in model.named_parameters():

@@ -29,7 +29,7 @@ def _train_rank(rank, world, out, ep, resume):
     from moekit.training import train
 
     os.environ["WORLD_SIZE"] = str(world)  # what torchrun sets
-    train(config(ep), out, resume=resume, log=lambda _: None)
+    train(config(ep), out, resume=resume, log=lambda _: None, distributed=True)
 
 
 def losses(run):
@@ -62,7 +62,7 @@ def test_two_processes_ep2_train_like_one(one_process, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["parallel_ep"] == 2
     # the checkpoint holds every expert: it loads in one process for generation
-    from moekit.training.checkpoint import load_trained
+    from moekit.checkpoint import load_trained
 
     model, _, _ = load_trained(tmp_path)
     assert model.blocks[0].ffn.experts.w1.shape[0] == 4

@@ -61,7 +61,7 @@ def test_a_model_with_the_router_trains(tmp_path):
     config = dataclasses.replace(c, model=model, data=dataclasses.replace(c.data, max_chars=30_000), train=train_cfg)
     summary = train(config, tmp_path, log=lambda _: None)
     assert summary["steps"] == 4 and summary["val_loss"] < 5.55  # below a uniform guess over bytes
-    from moekit.training.checkpoint import load_trained
+    from moekit.checkpoint import load_trained
 
     trained, _, _ = load_trained(tmp_path)
     temps = [b.ffn.router.log_temp for b in trained.blocks if b.is_moe]

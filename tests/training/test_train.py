@@ -9,8 +9,8 @@ import torch
 from moekit.models import Transformer
 from moekit.presets import tiny
 from moekit.training import TrainingDiverged, loop, lr_at, train
-from moekit.training import checkpoint as ckpt
-from moekit.training.health import health_warnings, max_over_mean
+from moekit import checkpoint as ckpt
+from moekit.analysis.health import health_warnings, max_over_mean
 
 
 def config(**train_fields):
@@ -125,19 +125,6 @@ def test_device_errors_are_clear():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA device"):
             loop.resolve_device("cuda")
-
-
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    path = tmp_path / "f.json"
-    ckpt.atomic_write_bytes(path, b"old")
-
-    def broken_fsync(fd):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(ckpt.os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="disk full"):
-        ckpt.atomic_write_bytes(path, b"new")
-    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
 def test_schedule_warmup_cosine_and_time():

@@ -1,7 +1,9 @@
-"""Checkpoints: written atomically, read without unpickling.
+"""The run directory: written atomically, read without unpickling.
 
-A run directory holds ``config.json``, the tokenizer file for BPE, and checkpoints in
-``step_NNNNNNN/`` (``model.safetensors`` + ``state.pt``: optimizer, step, RNG). A checkpoint
+The format that training writes and that interop, analysis, inference and the CLI read, so
+it lives below all of them (not in ``training/``, which would make every reader depend on
+the training loop). A run directory holds ``config.json``, the tokenizer file for BPE, and
+checkpoints in ``step_NNNNNNN/`` (``model.safetensors`` + ``state.pt``: optimizer, step, RNG). A checkpoint
 is written into a temporary folder that is renamed into place, and only then does the
 ``latest`` file (itself replaced atomically) point at it, so a kill at any moment leaves the
 previous checkpoint intact and ``latest`` naming a complete one.
@@ -10,9 +12,7 @@ previous checkpoint intact and ``latest`` naming a complete one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +20,12 @@ import torch
 from torch import nn
 
 from moekit.config import RunConfig
+from moekit.io import atomic_write_bytes, staged_dir
 
 CONFIG_FILE = "config.json"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 LATEST_FILE = "latest"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_config(run_dir: Path, config: RunConfig) -> None:
@@ -84,22 +66,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str,
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    final = run_dir / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
+    final = run_dir / f"step_{step:07d}"  # an existing one (a run resumed from an earlier step) is swapped out
+    with staged_dir(final) as tmp:
         tensors = state_dict_for_save(model) if weights is None else _dedup(weights)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
         torch.save(state, tmp / STATE_FILE)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~_UMASK)
-        if final.exists():  # a leftover from a run that was resumed from an earlier step
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_bytes(run_dir / LATEST_FILE, f"{final.name}\n".encode())
     for old in sorted(run_dir.glob("step_*"))[:-keep]:
         if old != final:
