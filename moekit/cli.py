@@ -338,10 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-progress", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
-    c = sub.add_parser("convert", help="moekit run <-> Hugging Face directory (Mixtral, Qwen2/3-MoE, OLMoE)")
+    from moekit.interop.families import FAMILIES
+
+    c = sub.add_parser("convert", help=f"moekit run <-> Hugging Face directory ({', '.join(sorted(FAMILIES))})")
     c.add_argument("src", help="a moekit run directory or a Hugging Face model directory")
     c.add_argument("dst", help="where to write the other format")
-    c.add_argument("--model-type", choices=["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"],
+    c.add_argument("--model-type", choices=sorted(FAMILIES),
                    help="Hugging Face family to write (default: the one that expresses the model)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     c.set_defaults(func=cmd_convert)

@@ -8,8 +8,8 @@ from moekit.interop.hf import (
     load_model,
     save_hf,
 )
+from moekit.interop.families import FAMILIES, Family, register_family
 from moekit.interop.hf_config import (
-    FAMILIES,
     choose_family,
     config_from_hf,
     config_to_hf,
@@ -18,6 +18,6 @@ from moekit.interop.hf_weights import from_hf, to_hf
 from moekit.interop.safetensors_io import SafetensorsDir, save_safetensors_dir
 
 __all__ = [
-    "FAMILIES", "LoadedModel", "SafetensorsDir", "choose_family", "config_from_hf", "config_to_hf", "convert",
+    "FAMILIES", "Family", "LoadedModel", "register_family", "SafetensorsDir", "choose_family", "config_from_hf", "config_to_hf", "convert",
     "from_hf", "is_hf_dir", "load_hf", "load_model", "save_hf", "save_safetensors_dir", "to_hf",
 ]

@@ -16,11 +16,11 @@ import torch
 
 from moekit.config import ModelConfig
 from moekit.interop.hf_config import (
-    FAMILIES,
     check_expressible,
     choose_family,
     config_from_hf,
     config_to_hf,
+    family_named,
     family_of,
 )
 from moekit.interop.hf_weights import from_hf, to_hf
@@ -113,7 +113,7 @@ def save_hf(
     ``from_pretrained`` (same logits). Returns the ``model_type`` written.
 
     Args:
-        model_type: one of ``FAMILIES`` (``None``: the family that expresses the model, see
+        model_type: one of :data:`moekit.interop.FAMILIES` (``None``: the family that expresses the model, see
             :func:`choose_family`). A feature the family cannot express is a ValueError.
         tokenizer: a moekit tokenizer; written as ``tokenizer.json`` (the byte tokenizer as a
             byte-level BPE with no merges, ids = byte values).
@@ -121,10 +121,8 @@ def save_hf(
     config = model.config
     if model_type is None:
         family = choose_family(config)
-    elif model_type not in FAMILIES:
-        raise ValueError(f"unsupported model_type {model_type!r}; moekit writes {sorted(FAMILIES)}")
     else:
-        family = FAMILIES[model_type]
+        family = family_named(model_type)
         check_expressible(config, family)
     state = state_dict_for_save(model)
     if config.tie_embeddings:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from moekit.config import ModelConfig
-from moekit.interop.hf_config import Family
+from moekit.interop.families import Family
 
 # Buffers some checkpoints carry that moekit recomputes.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -116,7 +116,7 @@ def from_hf(
                 same(f"{b}ffn.shared_experts.ffn.{ours}.weight", f"{mp}.shared_expert.{theirs}.weight")
             if config.moe.shared_expert_gate:
                 same(b + "ffn.shared_experts.gate.weight", mp + ".shared_expert_gate.weight")
-        elif family.model_type == "qwen2_moe" and f"{mp}.shared_expert_gate.weight" in hf:
+        elif family.gated_shared_expert and f"{mp}.shared_expert_gate.weight" in hf:
             r.problems.append(f"{mp}.shared_expert_gate.weight is present but shared_expert_intermediate_size is 0")
     unexpected = sorted(k for k in hf if k not in r.used and not _IGNORED.search(k))
     if unexpected:
@@ -164,7 +164,7 @@ def to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig, family: Family
             out[f"{p}self_attn.{theirs}.weight"] = w
             if bias:
                 out[f"{p}self_attn.{theirs}.bias"] = state[f"{b}attn.{ours}.bias"]
-            elif family.model_type == "qwen2_moe" and ours != "wo":  # Qwen2-MoE always has q/k/v biases
+            elif family.zero_qkv_bias and ours != "wo":  # the family always has q/k/v biases
                 out[f"{p}self_attn.{theirs}.bias"] = w.new_zeros(w.shape[0])
         if config.qk_norm:
             out[p + "self_attn.q_norm.weight"] = state[b + "attn.q_norm.weight"]
