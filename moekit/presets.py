@@ -22,10 +22,8 @@ def tiny() -> RunConfig:
 
 
 def small() -> RunConfig:
-    # d_model 128 rather than 256: on 2 CPU cores a few minutes buy ~2.5M tokens, and the
-    # smaller model is capacity-bound by then, which is where extra experts pay (measured:
-    # with d_model 256 for 300 steps the MoE only tied the dense baseline; with experts of
-    # width 512 the dense baseline gained more from its width than the MoE did).
+    # d_model 128: a few minutes on 2 CPU cores leave the model capacity-bound, where extra
+    # experts pay (benchmarks/moe_vs_dense.py; the wider variants tried are in docs/benchmarks.md)
     model = ModelConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256,
                         moe=MoEConfig(d_model=128, d_ff=256, num_experts=8, top_k=2))
     train = TrainConfig(batch_size=16, seq_len=256, max_steps=600, warmup_steps=50, lr=3e-3,

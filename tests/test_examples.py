@@ -29,3 +29,15 @@ def test_classic_moe_beats_single_expert_of_equal_size_on_digits():
     assert all(m > s for m, s in zip(moe, single)), (moe, single)
     assert sum(moe) / 3 > sum(single) / 3 + 0.1, (moe, single)
     assert all(m > 0.45 for m in mixture), mixture  # chance is 0.1
+
+
+def test_the_readme_layer_example_runs():
+    """The ten lines the README opens with run as written."""
+    import re
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = re.search(r"## The layer in ten lines\n\n```python\n(.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["out"].output.shape == (4, 128, 512)
+    assert int(scope["out"].stats.tokens_per_expert.sum()) == 4 * 128 * 2

@@ -2,8 +2,8 @@
 
 Decoding one token per sequence reads every active weight once and does little else, so
 on a CPU its speed is the memory bandwidth of a handful of matrix-vector products plus
-the cost of launching every small op (about 7 us each on a 2-core machine, as much as
-reading 150 KB of weights). :class:`Decoder` runs the same arithmetic as
+the cost of launching every small op (on a 2-core CPU one op costs as much as reading a
+hundred kilobytes of weights: docs/internals.md). :class:`Decoder` runs the same arithmetic as
 ``Transformer.forward`` with a KV cache and ``S = 1`` in fewer ops: the residual is kept
 ``[B, d]``; the rotation of queries and keys is one small matmul over both (RoPE written
 as a ``[hd, hd]`` matrix, built once per step); the attention output projection adds

@@ -11,7 +11,7 @@
  * memory once per pass, each weight gradient written once), moekit_moe_token (norm,
  * top-k router and the chosen experts of a Mixtral-style layer) and moekit_attention_token
  * (norm, q/k/v, RoPE, KV-cache write, attention, output projection). Built and loaded by
- * moekit/kernels/__init__.py; unit stride within a row, any row stride. Without AVX-512 the
+ * moekit/kernels/library.py; unit stride within a row, any row stride. Without AVX-512 the
  * #else branches are plain loops the compiler vectorises.
  */
 #include <math.h>
@@ -135,10 +135,9 @@ static void axpy_rows(const float *W, long K, long ldw, long n, const float *x, 
 /* acc[r * lda + j] = sum_k x[r * ldx + k] * W[k, j] for r < R and j < n: axpy_rows for many
  * rows at once. Per tile of 128 columns and block of KB weight rows (24 KB at 128 columns, in
  * L1), two x rows at a time keep the tile in registers: the block comes from memory for the
- * first pair and from L1 for the others, so the weights are read once whatever R is. Tuned on
- * the 2-core AVX-512 machine: 128 columns x 2 rows beat 64 x 4 and 128 x 3; blocking K made 4
- * rows per expert 1.5x faster and 8 rows 1.7x (without it, each pair after the first read the
- * tile again from L2 at 10-12 GB/s). */
+ * first pair and from L1 for the others, so the weights are read once whatever R is (without
+ * the blocking each pair after the first reads the tile again from L2). The tile shape was
+ * chosen with benchmarks/moe_layer.py; the figures are in docs/benchmarks.md. */
 #define MR_V 8
 #define KB 48
 static void axpy_rows_many(const float *W, long K, long ldw, long n, const float *x, long ldx, long R, float *acc,
@@ -399,8 +398,7 @@ int moekit_swiglu_segments(const float *x, long K, const long *counts, long E, c
 }
 
 /* A weight gradient is written once and not read back soon: non-temporal stores skip the
- * read of each cache line a plain store makes first (writing 88 MB measured 3.0 ms against
- * 7.5 ms on the 2-core AVX-512 machine). */
+ * read of each cache line a plain store makes first (benchmarks/moe_layer.py). */
 #if defined(__AVX512F__)
 static inline void put16(float *p, __m512 v, int nt)
 {

@@ -10,7 +10,7 @@
  * gradients of the combine for the expert outputs and the router weights), and the softmax
  * top-k router with its backward (moekit_topk_softmax, moekit_topk_softmax_backward: over a
  * handful of experts torch's row-wise softmax and topk cost far more than their arithmetic).
- * Rows are contiguous. Built with cpu_gemv.c by moekit/kernels/__init__.py.
+ * Rows are contiguous. Built with cpu_gemv.c by moekit/kernels/library.py.
  */
 #include <math.h>
 #include <string.h>

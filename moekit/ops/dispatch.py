@@ -1,4 +1,4 @@
-"""The dispatch's row movement as autograd Functions over :mod:`moekit.kernels.rows`: the
+"""The dispatch's row movement as autograd Functions over :mod:`moekit.kernels.dispatch`: the
 gather of tokens into expert order and the weighted combine back into token order, each one
 pass per direction (no scatter, no zero-fill, no atomics), with the torch-ops references
 (``index_select``, ``index_add_``) beside them."""

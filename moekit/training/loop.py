@@ -40,8 +40,8 @@ from moekit.training.schedule import lr_at
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-# metrics.jsonl's router_entropy is measured on every this-many-th token of each batch (a
-# log-softmax over all of them cost the MoE about 1% of each training step)
+# metrics.jsonl's router_entropy is taken on every this-many-th token of each batch: over all
+# of them the log-softmax is a visible share of a training step
 ENTROPY_STRIDE = 16
 
 
@@ -62,9 +62,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
-    """AdamW, fused where this torch and device allow: on CPU the fused step is ~8x faster
-    than the foreach one for the MoE's many expert weights (1.9 vs 15.7 ms for 3.4M
-    parameters, measured), which otherwise taxes the MoE against its dense baseline."""
+    """AdamW, fused where this torch and device allow: on CPU the foreach step over the MoE's
+    many expert weights would tax it against its dense baseline (docs/benchmarks.md)."""
     groups = model_param_groups(model, t.weight_decay)
     kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
     try:

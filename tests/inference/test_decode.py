@@ -68,9 +68,6 @@ def test_one_row_decode_equals_the_generic_forward(case, use_kernels, monkeypatc
     give the generic forward's logits, and the kernels are used where they apply."""
     if use_kernels and kernels.load() is None:
         pytest.skip(kernels.status())
-    if not use_kernels:
-        monkeypatch.setattr(kernels.library, "_switch", {"on": True})  # restored after the test
-        kernels.enabled(False)
     calls = {"rows": 0, "MoETokenStep": 0, "AttentionStep": 0}
     real_rows = kernels.rows
     monkeypatch.setattr(kernels, "rows", lambda *a, **k: calls.update(rows=calls["rows"] + 1) or real_rows(*a, **k))
@@ -78,7 +75,8 @@ def test_one_row_decode_equals_the_generic_forward(case, use_kernels, monkeypatc
         cls = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, type(name, (cls,), {
             "__call__": lambda self, *a, _n=name, _c=cls: calls.update({_n: calls[_n] + 1}) or _c.__call__(self, *a)}))
-    test_decode_step_equals_the_generic_forward(case, True, batch=1)
+    with kernels.enabled(use_kernels):
+        test_decode_step_equals_the_generic_forward(case, True, batch=1)
     moe = CASES[case].get("moe", {})
     whole_moe = moe.get("router", "topk") == "topk" and moe.get("expert", "swiglu") == "swiglu" \
         and not moe.get("num_shared_experts")
