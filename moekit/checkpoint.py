@@ -12,6 +12,7 @@ previous checkpoint intact and ``latest`` naming a complete one.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,124 @@ from moekit.config import RunConfig
 from moekit.io import atomic_write_bytes, staged_dir
 
 CONFIG_FILE = "config.json"
+MARKER_FILE = ".moekit"  # in every folder moekit writes: a run, or an export (what may be replaced)
+LOCK_FILE = ".lock"  # the one process writing a run
 LATEST_FILE = "latest"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 
 
+def marker_bytes(kind: str) -> bytes:
+    """The content of :data:`MARKER_FILE` for a folder of ``kind`` (``"run"`` or ``"export"``)."""
+    return (json.dumps({"written_by": "moekit", "kind": kind}) + "\n").encode()
+
+
+def written_by_moekit(folder: str | Path) -> bool:
+    """Whether ``folder`` is one moekit wrote: it holds the marker, or (runs from before the
+    marker) a ``config.json`` with a ``latest`` pointer or ``step_*`` checkpoints beside it."""
+    folder = Path(folder)
+    if (folder / MARKER_FILE).is_file():
+        return True
+    return (folder / CONFIG_FILE).is_file() and ((folder / LATEST_FILE).is_file() or any(folder.glob("step_*")))
+
+
 def save_config(run_dir: Path, config: RunConfig) -> None:
+    atomic_write_bytes(Path(run_dir) / MARKER_FILE, marker_bytes("run"))
     atomic_write_bytes(Path(run_dir) / CONFIG_FILE, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` already holds a run's checkpoints."""
+    run_dir = Path(run_dir)
+    return (run_dir / LATEST_FILE).exists() or any(run_dir.glob("step_*"))
+
+
+def clear_run(run_dir: str | Path) -> None:
+    """Remove a previous run's outputs from ``run_dir`` (checkpoints, ``latest``, metrics,
+    summary, leftovers of killed writes) so a new run starts clean; only in a folder moekit
+    wrote (see :func:`written_by_moekit`), never the current directory or a parent of it."""
+    from moekit.io import refuse_unsafe_target
+
+    run_dir = Path(run_dir)
+    refuse_unsafe_target(run_dir, what="overwrite the run in")
+    if not written_by_moekit(run_dir):
+        raise ValueError(f"refusing to overwrite {run_dir}: it is not a folder moekit wrote (no {MARKER_FILE} marker)")
+    for old in run_dir.glob("step_*"):
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    for name in (LATEST_FILE, "metrics.jsonl", "summary.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    clean_leftovers(run_dir)
+
+
+def clean_leftovers(run_dir: str | Path) -> list[str]:
+    """Remove the temporary folders and files a killed write left in ``run_dir``; returns
+    their names."""
+    removed = []
+    for tmp in Path(run_dir).glob(".*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    for old in Path(run_dir).glob(".*.old"):
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old.name)
+    return removed
+
+
+class RunLock:
+    """One writer per run directory: ``.lock`` holds the writer's pid and host. A second
+    writer is refused with the holder named; a lock whose process is gone (same host, pid
+    not running) is stale and taken over."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        import os
+        import socket
+
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                who = (f"process {holder.get('pid')} on {holder.get('host')}" if holder else "an unknown writer")
+                raise ValueError(f"{self.path.parent} is in use by {who} ({self.path}); wait for it to finish, or "
+                                 "remove the lock file if that process is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise ValueError(f"could not take {self.path}: another process keeps taking it")
+
+    def _holder(self) -> dict | None:
+        try:
+            data = json.loads(self.path.read_text("utf-8"))
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid) -> bool:
+    import os
+
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def load_config(run_dir: str | Path) -> RunConfig:
@@ -87,7 +199,10 @@ def latest_checkpoint(path: str | Path) -> Path:
     pointer = path / LATEST_FILE
     if not pointer.is_file():
         raise FileNotFoundError(f"no checkpoint in {path}: neither {WEIGHTS_FILE} nor a '{LATEST_FILE}' file")
-    ckpt = path / pointer.read_text().strip()
+    name = pointer.read_text("utf-8", errors="replace").strip()
+    if not re.fullmatch(r"step_\d{7}", name):  # a path read from a file never leaves its folder
+        raise ValueError(f"{pointer} must name a step_NNNNNNN folder of {path}, got {name[:80]!r}")
+    ckpt = path / name
     if not (ckpt / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{pointer} names {ckpt.name} but {ckpt / WEIGHTS_FILE} is missing")
     return ckpt

@@ -104,13 +104,16 @@ def _flatten(fields: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def _set_typed(config: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     """Set one TOML value (already typed) by going through the same key checks as the CLI."""
-    text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, list):  # a TOML array: the CLI's comma-separated form
+        text = ",".join(str(v).lower() if isinstance(v, bool) else str(v) for v in value)
+    else:
+        text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     return apply_overrides(config, {key: text})
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from moekit.training import TrainingDiverged, train
-    from moekit.checkpoint import LATEST_FILE, load_config
+    from moekit.checkpoint import load_config
 
     try:
         if args.resume:
@@ -128,18 +131,25 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         else:
             config = build_run_config(args, overrides)
             out = Path(args.out or ("runs/dense" if config.model.dense else "runs/moe"))
-            if (out / LATEST_FILE).exists() and not args.overwrite:
-                raise ValueError(f"{out} already holds a run; continue it with --resume {out}, "
-                                 "choose another --out, or pass --overwrite to replace it")
     except (ValueError, FileNotFoundError) as exc:
         raise _fail("train", exc) from None
     try:
         from moekit.distributed import launched_distributed
 
-        summary = train(config, out, resume=bool(args.resume), distributed=launched_distributed())
+        summary = train(config, out, resume=bool(args.resume), distributed=launched_distributed(),
+                        overwrite=args.overwrite)
     except TrainingDiverged as exc:
         print(f"moekit train: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        from moekit.checkpoint import latest_checkpoint
+
+        try:
+            where = f"the last checkpoint is {latest_checkpoint(out)}; continue with: moekit train --resume {out}"
+        except (FileNotFoundError, ValueError):
+            where = "no checkpoint was written yet"
+        print(f"moekit train: interrupted; {where}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise _fail("train", exc) from None
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process reports
@@ -152,6 +162,7 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     import torch
 
     from moekit.inference import generate_batch
+    from moekit.inference.sampling import check_sampling
     from moekit.interop import load_model
 
     if overrides:
@@ -165,6 +176,9 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         ids = [int(i) for i in tokenizer.encode(args.prompt)]
         if not ids:
             raise ValueError("--prompt must not be empty")
+        check_sampling(args.temperature, args.top_k, args.top_p)  # before any output
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         stream = _Stream(tokenizer, args.prompt)
         result = generate_batch(
             loaded.model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
@@ -182,26 +196,35 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 class _Stream:
-    """Prints the text as tokens arrive; holds back an incomplete UTF-8 character."""
+    """Prints the text as tokens arrive, holding back an incomplete UTF-8 character. Each
+    token decodes a bounded window (a few printed ids for context, then the new ones), so the
+    cost per token does not grow with the length generated."""
+
+    CONTEXT = 4  # printed ids decoded again ahead of the new ones (tokenizers that merge at joins)
 
     def __init__(self, tokenizer, prompt: str):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+        self.tokenizer, self.ids, self.done = tokenizer, [], 0
         sys.stdout.write(prompt)
         sys.stdout.flush()
 
     def __call__(self, step_ids) -> None:
         if int(step_ids[0]) >= 0:
             self.ids.append(int(step_ids[0]))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        start = max(0, self.done - self.CONTEXT)
+        before = self.tokenizer.decode(self.ids[start:self.done])
+        text = self.tokenizer.decode(self.ids[start:])
+        if text.endswith("\ufffd") and not final:
             return
-        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.write(text[len(before):] if text.startswith(before) else text)
         sys.stdout.flush()
-        self.printed = text
+        self.done = len(self.ids)
 
     def finish(self) -> None:
-        text = self.tokenizer.decode(self.ids)
-        sys.stdout.write(text[len(self.printed):] + "\n")
+        self._flush(final=True)
+        sys.stdout.write("\n")
         sys.stdout.flush()
 
 
@@ -289,10 +312,17 @@ EPILOG = """config fields: --model.FIELD, --data.FIELD, --train.FIELD VALUE (e.g
 An unknown field is an error that lists the valid ones."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the usage itself is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moekit.presets import PRESETS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moekit", description="Sparse Mixture-of-Experts toolkit: layers, models, training, analysis."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -356,8 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user's mistake or the machine raises: one line each, never a traceback (--debug shows it).
+EXPECTED = (ValueError, OSError, MemoryError, ImportError, KeyboardInterrupt, UnicodeError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     try:
         rest, overrides = split_overrides(argv)
@@ -367,7 +403,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args, overrides)
+    try:
+        return args.func(args, overrides)
+    except EXPECTED as exc:
+        if debug:
+            raise
+        return _report(args.command, exc)
+    except RuntimeError as exc:  # torch's allocator failures are RuntimeErrors; anything else is a bug
+        if debug or not _out_of_memory(exc):
+            raise
+        return _report(args.command, MemoryError(str(exc).splitlines()[0]))
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def _report(command: str, exc: BaseException) -> int:
+    """One line on stderr for an expected failure, and its exit code."""
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"moekit {command}: interrupted", file=sys.stderr)
+        return 130
+    kind = {MemoryError: "out of memory: ", PermissionError: "permission denied: "}.get(type(exc), "")
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"moekit {command}: {kind}{text} (--debug shows the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

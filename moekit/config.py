@@ -14,6 +14,7 @@ command line.
 from __future__ import annotations
 
 import math
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -24,12 +25,25 @@ IMPLEMENTATIONS = ("fast", "reference")
 QK_NORMS = (None, "head", "full")
 
 
+# The largest value each size may take: far above any model that exists, far below what
+# would hang or overflow an allocation before the memory estimate can refuse it.
+BOUNDS = {"d_model": 1 << 17, "d_ff": 1 << 20, "num_experts": 1 << 14, "top_k": 1 << 14, "d_ff_shared": 1 << 20,
+          "num_shared_experts": 1 << 10, "sinkhorn_iters": 1000, "n_groups": 1 << 14, "topk_groups": 1 << 14,
+          "vocab_size": 1 << 24, "n_layers": 1 << 12, "n_heads": 1 << 12, "n_kv_heads": 1 << 12,
+          "head_dim": 1 << 12, "max_seq_len": 1 << 22, "moe_every": 1 << 12, "dense_d_ff": 1 << 20,
+          "sliding_window": 1 << 22, "batch_size": 1 << 20, "seq_len": 1 << 22, "grad_accum": 1 << 16,
+          "max_steps": 1 << 40, "eval_batches": 1 << 20, "keep_checkpoints": 1 << 10}
+
+
 def _positive(name: str, value: Any, kind: type = int) -> None:
     ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if not ok:
         raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+    most = BOUNDS.get(name.rsplit(".", 1)[-1])
+    if most is not None and value > most:
+        raise ValueError(f"{name} must be in 1..{most:,}, got {value:,}")
 
 
 def _non_negative(name: str, value: Any) -> None:
@@ -238,6 +252,8 @@ class ModelConfig:
         for name in ("clip_qkv", "sliding_window"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name), float if name == "clip_qkv" else int)
+        if not isinstance(self.dense_layers, (list, tuple)):
+            raise ValueError(f"dense_layers must be a list of layer indices, got {self.dense_layers!r}")
         self.dense_layers = list(self.dense_layers)
         bad = [i for i in self.dense_layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
         if bad:
@@ -418,7 +434,8 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "par
 
 def parse_value(text: str, hint: Any, name: str) -> Any:
     """Convert command-line ``text`` to the field type ``hint`` (int, float, bool, str, X | None)."""
-    args = typing.get_args(hint)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if union else ()
     if text.lower() == "none" and type(None) in args:
         return None
     kind = next((a for a in args if a is not type(None)), hint)

@@ -78,3 +78,25 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def refuse_unsafe_target(target: str | Path, sources: tuple[str | Path, ...] = (), what: str = "replace") -> Path:
+    """``target`` resolved, or a ValueError when removing or replacing it could lose data
+    that is not its own: it is (or contains, or lies inside) one of ``sources``, or it is the
+    current directory, one of its parents, the home folder or the root. Checked before any
+    write."""
+    target = Path(target).resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if target == cwd or target in cwd.parents:
+        raise ValueError(f"refusing to {what} {target}: it is the current directory or one of its parents")
+    if target == home or target == Path(target.anchor):
+        raise ValueError(f"refusing to {what} {target}: it is the home folder or the root")
+    for src in sources:
+        src = Path(src).resolve()
+        if target == src:
+            raise ValueError(f"refusing to {what} {target}: it is the source")
+        if target in src.parents:
+            raise ValueError(f"refusing to {what} {target}: it contains the source {src}")
+        if src in target.parents:
+            raise ValueError(f"refusing to {what} {target}: it lies inside the source {src}")
+    return target

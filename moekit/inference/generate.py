@@ -19,7 +19,7 @@ import torch
 
 from moekit.inference.decode import Decoder
 from moekit.inference.kv_cache import KVCache
-from moekit.inference.sampling import sample_next
+from moekit.inference.sampling import check_sampling, sample_next
 
 
 @dataclass
@@ -86,6 +86,17 @@ def _peak_memory(device: torch.device) -> int:
 
 
 @torch.inference_mode()
+def _check_generation_fits(model, batch: int, max_new_tokens: int, device: torch.device) -> None:
+    """Refuse, before allocating, a KV cache and output buffer that cannot fit."""
+    from moekit.budget import check_fits
+
+    cfg = model.config
+    element = next(model.parameters()).element_size()
+    cache = 2 * cfg.n_layers * batch * cfg.kv_heads * cfg.max_seq_len * cfg.dim_per_head * element
+    check_fits(f"generating {max_new_tokens:,} tokens for {batch} prompt(s) (KV cache and buffers)",
+               cache + 16 * batch * max_new_tokens, str(device))
+
+
 def generate_batch(
     model,
     prompts: Sequence[Sequence[int]],
@@ -113,8 +124,9 @@ def generate_batch(
     restart the cache from the most recent half of the context; padded batches raise.
     """
     _check_causal(model)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty id lists")
     cfg = model.config
@@ -124,6 +136,7 @@ def generate_batch(
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary 0..{cfg.vocab_size - 1}")
     device = next(model.parameters()).device
+    _check_generation_fits(model, len(prompts), max_new_tokens, device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     B, S = len(prompts), max(len(p) for p in prompts)
     padded = any(len(p) != S for p in prompts)

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """A ValueError naming the argument unless ``temperature`` is a finite number >= 0,
+    ``top_k`` an int >= 1 (or None) and ``top_p`` a number in (0, 1] (or None)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 and finite (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be >= 1 (an int) or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not math.isfinite(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
 def sample_next(
@@ -18,12 +33,7 @@ def sample_next(
     keeps the smallest set of likeliest tokens whose probability reaches ``p`` (the
     likeliest token always stays). Both apply after the temperature.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)

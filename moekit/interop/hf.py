@@ -94,6 +94,11 @@ def load_hf(
     hf_config = read_hf_config(path)
     family = family_of(hf_config)
     config = config_from_hf(hf_config, max_seq_len)
+    from moekit.budget import check_fits
+    from moekit.models import count_model_params
+
+    params = count_model_params(config).total
+    check_fits(f"loading {path} ({params:,} parameters as {dtype})", params * dtype.itemsize, str(device))
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
     state = from_hf(SafetensorsDir(path), config, family, shapes, dtype)
@@ -118,6 +123,15 @@ def save_hf(
         tokenizer: a moekit tokenizer; written as ``tokenizer.json`` (the byte tokenizer as a
             byte-level BPE with no merges, ids = byte values).
     """
+    from moekit.checkpoint import written_by_moekit
+    from moekit.io import refuse_unsafe_target
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is a file, not a folder; choose another destination")
+    if path.exists() and any(path.iterdir()) and not written_by_moekit(path):
+        raise ValueError(f"refusing to replace {path}: it is not empty and not a folder moekit wrote")
+    refuse_unsafe_target(path, what="replace")
     config = model.config
     if model_type is None:
         family = choose_family(config)
@@ -128,7 +142,10 @@ def save_hf(
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    files = {CONFIG_FILE: (json.dumps(config_to_hf(config, family, dtype), indent=2) + "\n").encode()}
+    from moekit.checkpoint import MARKER_FILE, marker_bytes
+
+    files = {CONFIG_FILE: (json.dumps(config_to_hf(config, family, dtype), indent=2) + "\n").encode(),
+             MARKER_FILE: marker_bytes("export")}
     if tokenizer is not None:
         files[TOKENIZER_FILE] = tokenizer_json(tokenizer).encode()
     save_safetensors_dir(to_hf(state, config, family), path, files, max_shard_bytes)
@@ -213,12 +230,22 @@ def convert(src: str | Path, dst: str | Path, model_type: str | None = None, ove
     """``moekit convert``: a moekit run -> a Hugging Face directory, or a Hugging Face
     directory -> a moekit run directory (config.json + one checkpoint). Returns a one-line
     description of what was written."""
+    from moekit.checkpoint import MARKER_FILE, marker_bytes, save_checkpoint, save_config, written_by_moekit
     from moekit.config import DataConfig, RunConfig, TrainConfig
-    from moekit.checkpoint import save_checkpoint, save_config
+    from moekit.io import refuse_unsafe_target, staged_dir
 
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"model path {src} does not exist")
     dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is a file, not a folder; choose another destination")
+    refuse_unsafe_target(dst, (src,), what="write the conversion into")
+    if dst.exists() and any(dst.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        if not written_by_moekit(dst):
+            raise ValueError(f"refusing to replace {dst}: it is not a folder moekit wrote (no {MARKER_FILE} marker)")
     loaded = load_model(src)
     if loaded.source == "moekit":
         written = save_hf(loaded.model, dst, model_type, loaded.tokenizer)
@@ -231,13 +258,10 @@ def convert(src: str | Path, dst: str | Path, model_type: str | None = None, ove
         data["bpe_vocab_size"] = max(257, tok.vocab_size)
     train = TrainConfig(seq_len=min(TrainConfig.seq_len, loaded.model.config.max_seq_len))
     config = RunConfig(model=loaded.model.config, data=DataConfig(**data), train=train)
-    if dst.exists():
-        import shutil
-
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    save_config(dst, config)
-    if tok is not None:
-        tok.save(dst)
-    save_checkpoint(dst, 0, loaded.model, {"step": 0, "converted_from": str(src)})
+    with staged_dir(dst) as tmp:  # written beside dst, swapped in whole: never delete-then-write
+        save_config(tmp, config)
+        if tok is not None:
+            tok.save(tmp)
+        save_checkpoint(tmp, 0, loaded.model, {"step": 0, "converted_from": str(src)})
+        (tmp / MARKER_FILE).write_bytes(marker_bytes("run"))
     return f"wrote a moekit run directory ({loaded.source} weights) to {dst}"

@@ -32,11 +32,37 @@ def family_named(model_type: str) -> Family:
 
 def _rope_theta(hf: dict[str, Any], family: Family) -> float:
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type"))
-    if kind not in (None, "default"):
-        raise ValueError(f"rope_type {kind!r} is not supported; moekit computes the default RoPE only")
     return float(params.get("rope_theta", hf.get("rope_theta", family.default_rope_theta)))
+
+
+def unsupported(hf: dict[str, Any]) -> list[str]:
+    """Every field of ``hf`` that changes the computation in a way moekit does not implement
+    (refused, never ignored): RoPE scaling of any type, partial rotary embeddings, another
+    activation, attention dropout, per-layer attention kinds."""
+    out = []
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = hf.get(name)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            out.append(f"{name} must be an object, got {type(rope).__name__}")
+            continue
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind not in (None, "default"):
+            out.append(f"rope_type {kind!r} is not supported (in {name}; moekit computes the default RoPE only)")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            out.append(f"{name}.partial_rotary_factor={rope['partial_rotary_factor']} (moekit rotates whole heads)")
+    if hf.get("partial_rotary_factor", 1.0) not in (None, 1.0):
+        out.append(f"partial_rotary_factor={hf['partial_rotary_factor']} (moekit rotates whole heads)")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        out.append(f"hidden_act {act!r} is not supported (moekit's experts use 'silu': SwiGLU)")
+    if (hf.get("attention_dropout") or 0.0) != 0.0:
+        out.append(f"attention_dropout={hf['attention_dropout']} (moekit has no attention dropout)")
+    kinds = sorted({k for k in (hf.get("layer_types") or []) if k != "full_attention"})
+    if kinds:
+        out.append(f"layer_types with {kinds} (moekit has one attention kind for all layers)")
+    return out
 
 
 def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> ModelConfig:
@@ -48,9 +74,9 @@ def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> ModelC
             checkpoint's ``max_position_embeddings``).
     """
     family = family_of(hf)
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act {act!r} is not supported; moekit's experts use 'silu' (SwiGLU)")
+    refused = unsupported(hf)
+    if refused:
+        raise ValueError(f"config.json asks for what moekit does not compute: {'; '.join(refused)}")
     heads = field(hf, "num_attention_heads")
     moe = dict(
         num_experts=field(hf, "num_local_experts", "num_experts"),

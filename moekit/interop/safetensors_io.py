@@ -9,6 +9,7 @@ lazily (a tensor is read when asked for) and never through pickle.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -33,15 +34,18 @@ class SafetensorsDir(Mapping):
 
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{index} is not a safetensors index (no readable weight_map: {exc})") from None
+        weight_map = _read_index(index) if index.is_file() else None
+        present = sorted(p.name for p in self.directory.glob("*.safetensors"))
+        if weight_map is not None:
             files = sorted(set(weight_map.values()))
+            stray = sorted(set(present) - set(files))
+            if stray:  # never merged: the index says what the model is
+                warnings.warn(f"{self.directory}: {stray} not named by {INDEX_FILE}; not read", stacklevel=2)
+        elif len(present) > 1:
+            raise ValueError(f"{self.directory} holds {len(present)} .safetensors files {present[:6]} and no "
+                             f"{INDEX_FILE} saying which tensors each holds; add the index or remove the extra files")
         else:
-            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
-            weight_map = None
+            files = present
         if not files:
             pickles = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
                 p.name for p in self.directory.glob("*.pt"))
@@ -60,11 +64,17 @@ class SafetensorsDir(Mapping):
                 raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
             self._handles[name] = handle
             for key in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                if key in self._where:
+                    raise ValueError(f"tensor {key} is in both {self._where[key]} and {name} in {self.directory}")
                 self._where[key] = name
         if weight_map is not None:
             absent = sorted(k for k, f in weight_map.items() if self._where.get(k) != f)
             if absent:
                 raise ValueError(f"{index} lists {len(absent)} tensor(s) its shards lack, e.g. {absent[:3]}")
+            unnamed = sorted(set(self._where) - set(weight_map))
+            if unnamed:
+                raise ValueError(f"the shards in {self.directory} hold {len(unnamed)} tensor(s) {INDEX_FILE} does not "
+                                 f"name, e.g. {unnamed[:3]}")
 
     def __getitem__(self, key: str) -> torch.Tensor:
         name = self._where[key]
@@ -81,6 +91,26 @@ class SafetensorsDir(Mapping):
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor name -> shard file), checked: JSON of the right
+    shape, every shard a plain ``.safetensors`` file name inside the index's own folder."""
+    try:
+        data = json.loads(index.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{index} is not valid JSON ({exc})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise ValueError(f"{index} is not a safetensors index: it needs a \"weight_map\" object mapping tensor "
+                         "names to shard file names")
+    for shard in sorted(set(weight_map.values())):
+        if (Path(shard).name != shard or shard in (".", "..") or "\\" in shard
+                or not shard.endswith(".safetensors")):
+            raise ValueError(f"{index} names the shard {shard!r}; a shard must be a .safetensors file in the "
+                             f"index's own folder (a plain file name, no path)")
+    return weight_map
 
 
 def save_safetensors_dir(

@@ -121,24 +121,67 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, saved: dict,
                          slicer: Callable | None = None) -> None:
     """Restore :func:`named_optimizer_state` (``slicer(parameter, tensor)`` cuts a full
-    expert tensor to this process's shard); an older index-based state dict loads as is."""
-    if "named" not in saved:
-        optimizer.load_state_dict(saved)
-        return
+    expert tensor to this process's shard). Everything is checked against the model before
+    the optimizer is touched: the names, every tensor's shape and dtype (a state from another
+    model would otherwise corrupt memory in the fused step), the step counts."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("named"), dict):
+        raise ValueError("the checkpoint's optimizer state is not a {parameter name: state} mapping; "
+                         "it was not written by this version of moekit")
     named = saved["named"]
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(named))
-    if missing:
-        raise ValueError(f"the checkpoint's optimizer state lacks {missing[:5]}: it belongs to another model")
+    missing, extra = sorted(set(params) - set(named)), sorted(set(named) - set(params))
+    if missing or extra:
+        raise ValueError(f"the checkpoint's optimizer state does not match the model: it lacks {missing[:5]} and "
+                         f"has {extra[:5]} the model does not; it belongs to another model")
+    fused_or_capturable = {id(p): bool(g.get("fused") or g.get("capturable"))
+                           for g in optimizer.param_groups for p in g["params"]}
+    entries = {}
     for name, p in params.items():
+        if not isinstance(named[name], dict):
+            raise ValueError(f"the optimizer state of {name} is a {type(named[name]).__name__}, not a mapping")
         entry = {}
         for key, value in named[name].items():
-            if torch.is_tensor(value):
-                value = (slicer(p, value) if slicer is not None else value).clone()
-                value = value.to(p.device) if value.dim() > 0 or key != "step" else value
-            entry[key] = value
+            if not torch.is_tensor(value):
+                raise ValueError(f"the optimizer state {name}.{key} is a {type(value).__name__}, not a tensor")
+            if key == "step":
+                if value.numel() != 1 or not value.is_floating_point() and value.dtype not in (torch.int64, torch.int32):
+                    raise ValueError(f"the optimizer state {name}.step must be one number, got shape "
+                                     f"{list(value.shape)} {value.dtype}")
+                # as torch's own loader: fused and capturable steps live on the parameter's device
+                entry[key] = (value.to(p.device, torch.float32) if fused_or_capturable.get(id(p))
+                              else value.clone())
+                continue
+            value = slicer(p, value) if slicer is not None else value
+            if tuple(value.shape) != tuple(p.shape) or not value.is_floating_point():
+                raise ValueError(f"the optimizer state {name}.{key} has shape {list(value.shape)} {value.dtype}; the "
+                                 f"model's parameter has {list(p.shape)} {p.dtype}: it belongs to another model")
+            entry[key] = value.to(p.device, p.dtype, copy=True)
+        entries[p] = entry
+    for p, entry in entries.items():
         if entry:
             optimizer.state[p] = entry
+
+
+def check_training_state(state: Any, where: Path) -> None:
+    """The fields of a ``state.pt`` that resuming reads, checked before anything is changed."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{where / ckpt.STATE_FILE} cannot be resumed from: {what}")
+
+    if not isinstance(state, dict):
+        raise bad(f"it holds a {type(state).__name__}, not a training state")
+    missing = sorted({"step", "tokens_seen", "train_seconds", "optimizer", "rng"} - set(state))
+    if missing:
+        raise bad(f"it lacks {missing}")
+    for key in ("step", "tokens_seen"):
+        if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+            raise bad(f"{key} must be an int >= 0, got {state[key]!r}")
+    seconds = state["train_seconds"]
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        raise bad(f"train_seconds must be a finite number >= 0, got {seconds!r}")
+    rng = state["rng"]
+    if not isinstance(rng, dict) or not all(torch.is_tensor(t) and t.dtype == torch.uint8 and t.dim() == 1
+                                            for t in rng.values()) or "cpu" not in rng:
+        raise bad("rng must map 'cpu' (and optionally 'cuda') to uint8 generator states")
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -174,21 +217,27 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = print,
     distributed: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a model as ``config`` says, writing everything to ``out_dir``.
 
     ``distributed``: this process is one of several started by ``torchrun`` (the CLI sets it
     when it sees torchrun's variables; :func:`moekit.distributed.launched_distributed`).
-    Returns the summary (also written to ``summary.json``). Raises :class:`TrainingDiverged`
-    when the loss becomes NaN/inf; the last checkpoint written before stays the latest.
+    ``overwrite``: ``out_dir`` may hold an earlier run (a folder moekit wrote), which is
+    cleared first; without it such a folder is refused. One process writes a run at a time
+    (a lock file names it). Returns the summary (also written to ``summary.json``). Raises
+    :class:`TrainingDiverged` when the loss becomes NaN/inf; the last checkpoint written before
+    stays the latest.
     """
-    trainer = Trainer(config, out_dir, resume, log, distributed)
+    trainer = Trainer(config, out_dir, resume, log, distributed, overwrite)
     try:
         while not trainer.done:
             trainer.step()
+        trainer.close()
+        return trainer.finish()
     finally:
         trainer.close()
-    return trainer.finish()
+        trainer.release()
 
 
 class Trainer:
@@ -200,14 +249,31 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, out_dir: str | Path, resume: bool = False,
-                 log: Callable[[str], None] = print, distributed: bool = False):
+                 log: Callable[[str], None] = print, distributed: bool = False, overwrite: bool = False):
         if not distributed and launched_distributed():
             raise ValueError(f"this process is one of {os.environ['WORLD_SIZE']} started by torchrun, but "
                              "distributed=False: pass distributed=True (moekit train does) or run one process")
         self.wall0 = time.perf_counter()
         self.out_dir = out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out {out_dir} is an existing file, not a folder; choose a folder for the run")
+        self.lock = ckpt.RunLock(out_dir)
+        try:
+            self._start(config, resume, log, distributed, overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the run directory's lock (done by :func:`train` and :meth:`finish`)."""
+        self.lock.release()
+
+    def _start(self, config: RunConfig, resume: bool, log: Callable[[str], None], distributed: bool,
+               overwrite: bool) -> None:
+        out_dir = self.out_dir
         t = config.train
+        processes = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+        _check_training_fits(config, resolve_device(t.device), processes)
         self.device = device = resolve_device(t.device)
         self.dist = None
         if distributed:
@@ -224,6 +290,15 @@ class Trainer:
                 t = config.train = replace(t, progress=False)
         self.main = self.dist is None or self.dist.main
         self.log = log
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:  # one writer per run directory, and a clean start
+            self.lock.acquire()
+            ckpt.clean_leftovers(out_dir)
+            if not resume and ckpt.holds_run(out_dir):
+                if not overwrite:
+                    raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, choose "
+                                     "another --out, or pass --overwrite to replace it")
+                ckpt.clear_run(out_dir)
         torch.manual_seed(t.seed)
 
         self.tokenizer, self.splits = prepare_data(config, out_dir, resume, log)
@@ -240,6 +315,7 @@ class Trainer:
             where = ckpt.latest_checkpoint(out_dir)
             ckpt.load_weights(self.model, where)  # the full model: checkpoints hold every expert
             state = ckpt.load_state(where)
+            check_training_state(state, where)
         if self.dist is not None:
             self.dist.shard(self.model)
         self.optimizer = build_optimizer(self.model, t)
@@ -247,7 +323,7 @@ class Trainer:
             load_optimizer_state(self.optimizer, self.model, state["optimizer"],
                                  None if self.dist is None else self.dist.expert_slice)
             self.step_count, self.tokens_seen, self.train_s = state["step"], state["tokens_seen"], state["train_seconds"]
-            _set_rng_state(state["rng"], device)
+            _set_rng_state(state["rng"], device)  # a CUDA state is restored on CUDA only: runs move across devices
             if self.main:
                 _trim_metrics(self.metrics_path, self.step_count)
             log(f"resumed from {where} at step {self.step_count}")
@@ -296,6 +372,12 @@ class Trainer:
         else:  # collectives: every rank takes part
             weights = self.dist.full_state(self.model)
             optim = self.dist.full_optimizer_state(self.optimizer, self.model)
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if self.dist is not None and self.dist.mean(float(bool(bad))) > 0 and not bad:
+            bad = ["a shard on another process"]  # every process stops together
+        if bad:  # never call a checkpoint good that holds NaN or inf
+            raise TrainingDiverged(_diverged_message(f"weights ({', '.join(bad[:3])})", float("nan"), at_step - 1,
+                                                     self.out_dir))
         state = {"step": at_step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_s,
                  "optimizer": {"named": optim}, "rng": _rng_state(self.device)}
         path = self.out_dir / f"step_{at_step:07d}"
@@ -413,6 +495,7 @@ class Trainer:
         if self.main:
             ckpt.atomic_write_bytes(self.out_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
         self.log(f"done: {step} steps, val loss {val_loss:.4f}, {summary['tokens_per_s']} tokens/s; checkpoint {last}")
+        self.release()
         return summary
 
 
@@ -494,6 +577,23 @@ def _postfix(record: dict[str, Any]) -> str:
     if record.get("max_over_mean"):
         parts.append(f"load max/mean {record['max_over_mean']:.2f}")
     return ", ".join(parts)
+
+
+def _check_training_fits(config: RunConfig, device: torch.device, processes: int) -> None:
+    """Refuse, before building anything, a run whose weights, gradients, AdamW state and
+    activations cannot fit: 16 bytes per parameter (float32 weight, gradient, two moments)
+    plus about 40 float32 values per token, layer and model width for the activations."""
+    from moekit.budget import check_fits
+    from moekit.models import count_model_params
+
+    m, t = config.model, config.train
+    if config.data.tokenizer == "bpe":
+        m = replace(m, vocab_size=max(m.vocab_size, config.data.bpe_vocab_size))
+    params = count_model_params(m).total
+    tokens = t.batch_size * t.seq_len // processes
+    activations = 4 * tokens * m.n_layers * (40 * m.d_model + 4 * m.moe.top_k * m.moe.d_ff) + 12 * tokens * m.vocab_size
+    check_fits(f"training this model ({params:,} parameters, {tokens:,} tokens a step per process)",
+               16 * params + activations, str(device))
 
 
 def _diverged_message(what: str, value: float, step: int, out_dir: Path) -> str:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from moekit.config import ModelConfig
-from moekit.interop.families.base import Family, field, layered, register_family
-from moekit.interop.families.qwen3_moe import attention_problems
+from moekit.interop.families.base import Family, layered, register_family
+from moekit.interop.families.qwen3_moe import attention_problems, read_common
 
 
 @register_family
@@ -17,11 +17,8 @@ class Olmoe(Family):
     choose_order = 100
 
     def read_config(self, hf: dict[str, Any], model: dict[str, Any], moe: dict[str, Any]) -> None:
-        moe.update(d_ff=field(hf, "intermediate_size"), renormalize=bool(hf.get("norm_topk_prob", False)))
-        if hf.get("use_sliding_window"):
-            model["sliding_window"] = hf.get("sliding_window") or None
-        bias = bool(hf.get("attention_bias", False))
-        model.update(qkv_bias=bias, out_bias=bias, qk_norm="full", clip_qkv=hf.get("clip_qkv"))
+        read_common(hf, model, moe, "intermediate_size", "full")
+        model["clip_qkv"] = hf.get("clip_qkv")
 
     def claim(self, config: ModelConfig) -> bool:
         return config.qk_norm == "full"

@@ -10,6 +10,17 @@ from moekit.interop.families.base import Family, field, register_family
 from moekit.interop.families.qwen2_moe import read_sparse_layers, write_sparse_layers
 
 
+def read_common(hf: dict[str, Any], model: dict[str, Any], moe: dict[str, Any], d_ff_field: str,
+                qk_norm: str) -> None:
+    """What Qwen3-MoE and OLMoE read alike: the expert width, top-k renormalisation, one
+    sliding window for all layers, biases on all projections or none, their q/k norm."""
+    moe.update(d_ff=field(hf, d_ff_field), renormalize=bool(hf.get("norm_topk_prob", False)))
+    if hf.get("use_sliding_window"):
+        model["sliding_window"] = hf.get("sliding_window") or None
+    bias = bool(hf.get("attention_bias", False))
+    model.update(qkv_bias=bias, out_bias=bias, qk_norm=qk_norm)
+
+
 def attention_problems(config: ModelConfig, model_type: str, qk_norm: str) -> list[str]:
     """What Qwen3-MoE and OLMoE share: no shared experts, biases on all projections or none,
     their own q/k norm."""
@@ -30,12 +41,8 @@ class Qwen3Moe(Family):
     choose_order = 200
 
     def read_config(self, hf: dict[str, Any], model: dict[str, Any], moe: dict[str, Any]) -> None:
-        moe.update(d_ff=field(hf, "moe_intermediate_size"), renormalize=bool(hf.get("norm_topk_prob", False)))
-        if hf.get("use_sliding_window"):
-            model["sliding_window"] = hf.get("sliding_window") or None
+        read_common(hf, model, moe, "moe_intermediate_size", "head")
         read_sparse_layers(hf, model)
-        bias = bool(hf.get("attention_bias", False))
-        model.update(qkv_bias=bias, out_bias=bias, qk_norm="head")
 
     def claim(self, config: ModelConfig) -> bool:
         return config.qk_norm == "head"
