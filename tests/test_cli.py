@@ -119,3 +119,26 @@ def test_params_of_the_mixtral_preset(capsys):
     assert main(["params", "--preset", "mixtral-8x7b"]) == 0
     text = capsys.readouterr().out
     assert "46,702,792,704  (46.7B)" in text and "12,879,925,248  (12.9B)" in text
+
+
+def test_streamed_text_equals_the_whole_decode_at_bounded_cost(capsys):
+    """The CLI's stream prints exactly the decoded text (multi-byte characters split across
+    tokens included), and each token decodes a window of bounded length."""
+    from moekit.cli import _Stream
+    from moekit.data import load_tokenizer
+
+    tok = load_tokenizer("byte", None)
+    ids = tok.encode("naïve café — 東京 " * 40)
+    seen = []
+
+    class Counting:
+        def decode(self, part):
+            seen.append(len(part))
+            return tok.decode(part)
+
+    stream = _Stream(Counting(), "P:")
+    for i in ids:
+        stream([i])
+    stream.finish()
+    assert capsys.readouterr().out == "P:" + tok.decode(ids) + "\n"
+    assert max(seen) <= _Stream.CONTEXT + 4  # a UTF-8 character is at most 4 bytes: never the whole text

@@ -290,14 +290,14 @@ class Trainer:
                 t = config.train = replace(t, progress=False)
         self.main = self.dist is None or self.dist.main
         self.log = log
+        if not resume and not overwrite and ckpt.holds_run(out_dir):  # every process refuses alike
+            raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, choose "
+                             "another --out, or pass --overwrite to replace it")
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.main:  # one writer per run directory, and a clean start
             self.lock.acquire()
             ckpt.clean_leftovers(out_dir)
             if not resume and ckpt.holds_run(out_dir):
-                if not overwrite:
-                    raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, choose "
-                                     "another --out, or pass --overwrite to replace it")
                 ckpt.clear_run(out_dir)
         torch.manual_seed(t.seed)
 
