@@ -103,7 +103,7 @@ def _train_worker(rank, world, port, out, steps):
     c = dataclasses.replace(c, data=dataclasses.replace(c.data, max_chars=2_000_000),
                             train=dataclasses.replace(c.train, max_steps=steps, eval_every=10_000, progress=False),
                             parallel=ParallelConfig(ep=world))
-    train(c, out, log=lambda _: None)
+    train(c, out, log=lambda _: None, distributed=world > 1)
     dist.destroy_process_group()
 
 

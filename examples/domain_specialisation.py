@@ -77,7 +77,7 @@ def main() -> None:
     torch.manual_seed(config.train.seed)
     save_config(init, config)
     save_checkpoint(init, 0, Transformer(config.model), {"step": 0})
-    train(config, args.out / "trained")
+    train(config, args.out / "trained", overwrite=True)  # the example's own output, rerun
     for name in ("init", "trained"):
         subprocess.run([sys.executable, "-m", "moekit", "inspect", str(args.out / name), "--data", str(corpus),
                         "--out", str(args.out / f"inspect_{name}"), "--no-progress"], check=True)
