@@ -85,7 +85,6 @@ def _peak_memory(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-@torch.inference_mode()
 def _check_generation_fits(model, batch: int, max_new_tokens: int, device: torch.device) -> None:
     """Refuse, before allocating, a KV cache and output buffer that cannot fit."""
     from moekit.budget import check_fits
@@ -97,6 +96,7 @@ def _check_generation_fits(model, batch: int, max_new_tokens: int, device: torch
                cache + 16 * batch * max_new_tokens, str(device))
 
 
+@torch.inference_mode()
 def generate_batch(
     model,
     prompts: Sequence[Sequence[int]],

@@ -117,3 +117,20 @@ def test_prepare_for_inference_keeps_weights_logits_and_state_dict():
     m.train()  # gradients still reach the parameters through the unfused path
     m(tokens, targets=tokens).loss.backward()
     assert m.blocks[0].ffn.experts.w1.grad is not None and m.blocks[0].attn.wq.weight.grad is not None
+
+
+def test_generation_builds_no_autograd_graph(monkeypatch):
+    """The engine runs under inference mode: the prefill and every step see gradients off,
+    whatever the caller's mode."""
+    m = model()
+    seen = []
+    real = Transformer.forward
+
+    def spy(self, *a, **k):
+        seen.append(torch.is_grad_enabled() or not torch.is_inference_mode_enabled())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Transformer, "forward", spy)
+    with torch.enable_grad():
+        generate_batch(m, [[1, 2, 3], [4, 5]], 3)
+    assert seen and not any(seen)
