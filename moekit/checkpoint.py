@@ -45,6 +45,25 @@ def written_by_moekit(folder: str | Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and ((folder / LATEST_FILE).is_file() or any(folder.glob("step_*")))
 
 
+def check_destination(folder: str | Path, sources: tuple[str | Path, ...] = (), overwrite: bool = True) -> Path:
+    """Refuse, before anything is read or written, a destination folder whose replacement
+    could lose someone's data: a file, the source or a folder around or inside it, the current
+    directory or a parent (see :func:`moekit.io.refuse_unsafe_target`), a non-empty folder
+    without ``overwrite``, or one moekit did not write. Returns ``folder`` as a Path."""
+    from moekit.io import refuse_unsafe_target
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is a file, not a folder; choose another destination")
+    refuse_unsafe_target(folder, sources, what="replace")
+    if folder.exists() and any(folder.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        if not written_by_moekit(folder):
+            raise ValueError(f"refusing to replace {folder}: it is not a folder moekit wrote (no {MARKER_FILE} marker)")
+    return folder
+
+
 def save_config(run_dir: Path, config: RunConfig) -> None:
     atomic_write_bytes(Path(run_dir) / MARKER_FILE, marker_bytes("run"))
     atomic_write_bytes(Path(run_dir) / CONFIG_FILE, (json.dumps(config.to_dict(), indent=2) + "\n").encode())

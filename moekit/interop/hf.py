@@ -123,15 +123,9 @@ def save_hf(
         tokenizer: a moekit tokenizer; written as ``tokenizer.json`` (the byte tokenizer as a
             byte-level BPE with no merges, ids = byte values).
     """
-    from moekit.checkpoint import written_by_moekit
-    from moekit.io import refuse_unsafe_target
+    from moekit.checkpoint import check_destination
 
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is a file, not a folder; choose another destination")
-    if path.exists() and any(path.iterdir()) and not written_by_moekit(path):
-        raise ValueError(f"refusing to replace {path}: it is not empty and not a folder moekit wrote")
-    refuse_unsafe_target(path, what="replace")
+    path = check_destination(path)
     config = model.config
     if model_type is None:
         family = choose_family(config)
@@ -230,22 +224,14 @@ def convert(src: str | Path, dst: str | Path, model_type: str | None = None, ove
     """``moekit convert``: a moekit run -> a Hugging Face directory, or a Hugging Face
     directory -> a moekit run directory (config.json + one checkpoint). Returns a one-line
     description of what was written."""
-    from moekit.checkpoint import MARKER_FILE, marker_bytes, save_checkpoint, save_config, written_by_moekit
+    from moekit.checkpoint import MARKER_FILE, check_destination, marker_bytes, save_checkpoint, save_config
     from moekit.config import DataConfig, RunConfig, TrainConfig
-    from moekit.io import refuse_unsafe_target, staged_dir
+    from moekit.io import staged_dir
 
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"model path {src} does not exist")
-    dst = Path(dst)
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst} exists and is a file, not a folder; choose another destination")
-    refuse_unsafe_target(dst, (src,), what="write the conversion into")
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-        if not written_by_moekit(dst):
-            raise ValueError(f"refusing to replace {dst}: it is not a folder moekit wrote (no {MARKER_FILE} marker)")
+    dst = check_destination(dst, (src,), overwrite)  # before the model is even read
     loaded = load_model(src)
     if loaded.source == "moekit":
         written = save_hf(loaded.model, dst, model_type, loaded.tokenizer)

@@ -190,15 +190,15 @@ class SwiGLUExperts(GroupedExperts):
         - else ``"grouped"`` or ``"loop"`` (:meth:`GroupedExperts.choose_path`).
         """
         if self.use_grouped_mm is None and x.device.type == "cpu":
-            rows = x.shape[0]
-            kernel_ok = (kernels.for_tensors(x) is not None and self.d_out == self.d_model
-                         and kernels.swiglu_ok(*weights) and rows <= threshold("kernel_max_rows") * self.num_experts)
+            rows, kernels_on = x.shape[0], kernels.for_tensors(x) is not None
+            kernel_ok = (kernels_on and self.d_out == self.d_model and kernels.swiglu_ok(*weights)
+                         and rows <= threshold("kernel_max_rows") * self.num_experts)
             if self.needs_grad(x):
                 if rows >= threshold("segments_training_min_rows") * self.num_experts:
                     return "segments_op"
                 if kernel_ok and all(w.requires_grad for w in weights):
                     return "kernel"
-                if kernels.for_tensors(x) is not None and rows and grouped_mm_qualifies(x, weights[0], True):
+                if kernels_on and rows and grouped_mm_qualifies(x, weights[0], True):
                     return "grouped_op"
             else:
                 if kernel_ok:

@@ -146,7 +146,11 @@ class TopKRouter(Router):
 
     def route(self, logits: torch.Tensor) -> RouterOutput:
         fused = _fused_topk(logits, self.top_k, self.renormalize, self.scale)
-        return fused if fused is not None else self._topk_of(torch.softmax(logits, dim=-1), logits)
+        if fused is not None:
+            return fused
+        # torch ops: the op's own reference, so the tests of the op test this path too
+        probs, weights, indices = ops.topk_softmax_reference(logits, self.top_k, self.renormalize, self.scale)
+        return RouterOutput(weights, indices, logits, probs)
 
 
 def _fused_topk(logits: torch.Tensor, k: int, renormalize: bool, scale: float) -> RouterOutput | None:

@@ -76,8 +76,9 @@ def _silu_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tu
 def swiglu_reference(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                      tokens_per_expert: torch.Tensor) -> torch.Tensor:
     """``w2[e](silu(x w1[e]) * (x w3[e]))`` on each expert's rows, one expert at a time."""
-    outs = [(F.silu(x[a:b] @ w1[e]) * (x[a:b] @ w3[e])) @ w2[e] for e, a, b in segments(tokens_per_expert)]
-    covered = sum(b - a for _, a, b in segments(tokens_per_expert))
+    segs = segments(tokens_per_expert)
+    outs = [(F.silu(x[a:b] @ w1[e]) * (x[a:b] @ w3[e])) @ w2[e] for e, a, b in segs]
+    covered = segs[-1][2] if segs else 0
     outs.append(x.new_zeros(x.shape[0] - covered, w2.shape[-1]))
     return torch.cat(outs)
 
