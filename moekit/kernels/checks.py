@@ -57,9 +57,10 @@ def indices(name: str, t: torch.Tensor, low: int, high: int) -> None:
             raise ValueError(f"{name} must hold values in [{low}, {high}), got values in [{lo}, {hi}]")
 
 
-def counts(name: str, t: torch.Tensor, rows: int) -> list[int]:
-    """The int64 ``[E]`` row counts ``t``: each >= 0, together at most ``rows``. Returns them."""
-    tensor(name, t, I64, shape=(None,), contiguous=True)
+def counts(name: str, t: torch.Tensor, experts: int, rows: int) -> list[int]:
+    """The int64 ``[experts]`` row counts ``t``: each >= 0, together at most ``rows``.
+    Returns them."""
+    tensor(name, t, I64, shape=(experts,), contiguous=True)
     values = t.tolist()
     if values and (min(values) < 0 or sum(values) > rows):
         raise ValueError(f"{name} must be counts >= 0 summing to at most {rows} rows, got {values}")

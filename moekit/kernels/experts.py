@@ -21,8 +21,7 @@ def _check_segments(x, tokens_per_expert, w1, w3, w2) -> tuple[torch.Tensor, tor
     ck.tensor("x", x, shape=(None, d))
     x = x.contiguous()
     counts = tokens_per_expert.contiguous() if isinstance(tokens_per_expert, torch.Tensor) else tokens_per_expert
-    ck.tensor("tokens_per_expert", counts, ck.I64, shape=(E,))
-    covered = sum(ck.counts("tokens_per_expert", counts, x.shape[0]))
+    covered = sum(ck.counts("tokens_per_expert", counts, E, x.shape[0]))
     return x, counts, covered
 
 

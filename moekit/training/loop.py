@@ -272,9 +272,8 @@ class Trainer:
                overwrite: bool) -> None:
         out_dir = self.out_dir
         t = config.train
-        processes = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
-        _check_training_fits(config, resolve_device(t.device), processes)
         self.device = device = resolve_device(t.device)
+        _check_training_fits(config, device, int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1)
         self.dist = None
         if distributed:
             from moekit.distributed.training import DistributedRun
