@@ -26,6 +26,7 @@ from moekit.layers.dispatch import (
 from moekit.layers.experts import GroupedExperts, ModuleExperts
 from moekit.layers.moe import MoE
 from moekit.layers.router import RouterOutput
+from moekit.ops import combine_reference
 
 EXPERT_FLAG = "_moekit_expert_shard"
 
@@ -152,9 +153,7 @@ class ExpertParallelDispatch:
         y_local = experts(rows.index_select(0, order), recv.sum(0))
         y_rows = y_local.index_select(0, torch.argsort(order))  # back to [source][expert]
         y_sorted = _AllToAll.apply(y_rows, send_splits, recv_splits, group, stats)  # back in this rank's sorted order
-        w = routing.weights.reshape(-1).index_select(0, plan.slot_idx).to(y_sorted.dtype)  # [N]
-        out = y_sorted.new_zeros(x.shape[0], y_sorted.shape[-1])
-        out = out.index_add(0, plan.token_idx, y_sorted * w.unsqueeze(-1))
+        out = combine_reference(y_sorted, routing.weights, plan.token_idx, plan.slot_idx, x.shape[0])  # single-device combine
         load = plan.tokens_per_expert.clone()
         dist.all_reduce(load)  # statistics over the world's batch
         dropped = dropped.clone()
