@@ -1,4 +1,5 @@
-"""Hugging Face interop: Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE checkpoints in and out."""
+"""Hugging Face interop: Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE checkpoints in and out, and
+the dense Llama, Mistral and Qwen2 ones (for fine-tuning, upcycling and composition)."""
 
 from moekit.interop.hf import (
     LoadedModel,

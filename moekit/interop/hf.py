@@ -85,7 +85,8 @@ def load_hf(
     device: str | torch.device = "cpu",
     max_seq_len: int | None = None,
 ) -> Transformer:
-    """Load a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE directory (config.json plus one
+    """Load a Hugging Face directory of any family in :data:`FAMILIES` (Mixtral, Qwen2-MoE,
+    Qwen3-MoE, OLMoE; the dense Llama, Mistral, Qwen2) (config.json plus one
     safetensors file or shards with an index) as a moekit :class:`Transformer`.
 
     Tensors are read one at a time from the files and converted to ``dtype``. ``max_seq_len``

@@ -78,7 +78,7 @@ def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> ModelC
     if refused:
         raise ValueError(f"config.json asks for what moekit does not compute: {'; '.join(refused)}")
     heads = field(hf, "num_attention_heads")
-    moe = dict(
+    moe: dict[str, Any] = {} if family.dense else dict(
         num_experts=field(hf, "num_local_experts", "num_experts"),
         top_k=field(hf, "num_experts_per_tok"),
         aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)),
@@ -103,21 +103,32 @@ def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> ModelC
 
 
 def choose_family(config: ModelConfig) -> Family:
-    """The family that expresses ``config`` exactly: the first adapter, in ``choose_order``,
-    that claims it (OLMoE for whole-projection q/k norms, Qwen3-MoE for per-head ones,
-    Qwen2-MoE for gated shared experts or q/k/v biases, else Mixtral). Raises ValueError when
-    it cannot hold the model (see :func:`check_expressible`)."""
-    family = next(f for f in sorted(FAMILIES.values(), key=lambda f: f.choose_order) if f.claim(config))
+    """The family that expresses ``config`` exactly: the first adapter of its kind (dense or
+    MoE), in ``choose_order``, that claims it (MoE: OLMoE for whole-projection q/k norms,
+    Qwen3-MoE for per-head ones, Qwen2-MoE for gated shared experts or q/k/v biases, else
+    Mixtral; dense: Qwen2 for q/k/v biases alone, Mistral for a sliding window, else Llama).
+    Raises ValueError when it cannot hold the model (see :func:`check_expressible`)."""
+    kind = [f for f in FAMILIES.values() if f.dense == config.dense]
+    family = next(f for f in sorted(kind, key=lambda f: f.choose_order) if f.claim(config))
     check_expressible(config, family)
     return family
 
 
 def check_expressible(config: ModelConfig, family: Family) -> None:
     """Raise a ValueError listing every feature of ``config`` that ``family`` cannot hold."""
-    m = config.moe
+    if family.dense != config.dense:
+        kinds = sorted(f.model_type for f in FAMILIES.values() if f.dense == config.dense)
+        what = "a dense model (dense=True)" if config.dense else "an MoE model"
+        raise ValueError(f"this model cannot be saved as {family.model_type}: {what} is saved as one of {kinds}")
+    problems = [] if family.dense else moe_problems(config.moe)
+    problems += family.problems(config)
+    if problems:
+        raise ValueError(f"this model cannot be saved as {family.model_type}: " + "; ".join(problems))
+
+
+def moe_problems(m: MoEConfig) -> list[str]:
+    """What of an MoE layer no Hugging Face MoE family holds."""
     problems = []
-    if config.dense:
-        problems.append("a dense model (dense=True) is not an MoE")
     if m.router not in ("topk", "switch"):
         problems.append(f"router {m.router!r} (Hugging Face MoE routers are softmax top-k: use 'topk' or 'switch')")
     if m.expert != "swiglu":
@@ -128,9 +139,7 @@ def check_expressible(config: ModelConfig, family: Family) -> None:
         problems.append("router_bias=True (the router gate has no bias)")
     if m.routed_scaling_factor != 1.0:
         problems.append(f"routed_scaling_factor={m.routed_scaling_factor}")
-    problems += family.problems(config)
-    if problems:
-        raise ValueError(f"this model cannot be saved as {family.model_type}: " + "; ".join(problems))
+    return problems
 
 
 def config_to_hf(config: ModelConfig, family: Family, dtype: str = "float32") -> dict[str, Any]:
@@ -153,11 +162,11 @@ def config_to_hf(config: ModelConfig, family: Family, dtype: str = "float32") ->
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.init_std,
-        "num_experts_per_tok": m.top_k,
-        "router_aux_loss_coef": m.aux_loss_coef,
         "torch_dtype": dtype,
         "dtype": dtype,
         "use_cache": True,
     }
+    if not family.dense:
+        hf.update(num_experts_per_tok=m.top_k, router_aux_loss_coef=m.aux_loss_coef)
     family.write_config(config, hf)
     return hf

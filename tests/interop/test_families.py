@@ -15,8 +15,9 @@ from moekit.interop.families.mixtral import Mixtral
 from moekit.models import Transformer
 
 
-def test_the_table_holds_the_four_families_and_the_cli_offers_them():
-    assert sorted(FAMILIES) == ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+def test_the_table_holds_the_seven_families_and_the_cli_offers_them():
+    assert sorted(FAMILIES) == ["llama", "mistral", "mixtral", "olmoe", "qwen2", "qwen2_moe", "qwen3_moe"]
+    assert sorted(name for name, f in FAMILIES.items() if f.dense) == ["llama", "mistral", "qwen2"]
     assert all(isinstance(f, Family) and f.model_type == name for name, f in FAMILIES.items())
     convert = build_parser()._subparsers._group_actions[0].choices["convert"]
     (model_type,) = [a for a in convert._actions if a.dest == "model_type"]

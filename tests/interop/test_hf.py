@@ -167,7 +167,6 @@ def test_moekit_models_save_for_transformers(kw, family, tmp_path):
     ({"moe": {"capacity_factor": 1.0}}, "capacity_factor"),
     ({"moe": {"renormalize": False}}, "not renormalised"),
     ({"moe": {"num_shared_experts": 1}}, "without shared_expert_gate"),
-    ({"dense": True}, "dense model"),
 ])
 def test_what_a_family_cannot_express_is_an_error(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -177,7 +176,9 @@ def test_what_a_family_cannot_express_is_an_error(kw, message):
 def test_an_explicit_family_that_cannot_hold_the_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="cannot be saved as olmoe.*qk_norm"):
         save_hf(small_moekit(), tmp_path / "x", model_type="olmoe")
-    with pytest.raises(ValueError, match="unsupported model_type 'llama'.*mixtral"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*mixtral"):
+        save_hf(small_moekit(), tmp_path / "x", model_type="gpt2")
+    with pytest.raises(ValueError, match=r"cannot be saved as llama: an MoE model is saved as one of \['mixtral'"):
         save_hf(small_moekit(), tmp_path / "x", model_type="llama")
     assert not (tmp_path / "x").exists()
 
@@ -197,7 +198,7 @@ def test_bad_checkpoints_get_errors_that_name_the_problem(saved, tmp_path):
             save_file(tensors, str(d / name))
         return d
 
-    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*'mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*'llama', 'mistral', 'mixtral', 'olmoe', 'qwen2', 'qwen2_moe', 'qwen3_moe'"):
         load_hf(write({**config, "model_type": "gpt2"}, state))
     key = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
     with pytest.raises(ValueError, match=rf"missing {key} \(expected shape \[32, 24\]\)"):

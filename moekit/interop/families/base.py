@@ -26,6 +26,8 @@ class Family:
     - ``zero_qkv_bias``: the family always has q/k/v biases (written as zeros when moekit's
       model has none).
     - ``gated_shared_expert``: the family's shared expert has a sigmoid gate.
+    - ``dense``: a dense family (a SwiGLU FFN in every layer, no router); it holds
+      ``ModelConfig(dense=True)`` models, the MoE families hold the others.
     """
 
     model_type: ClassVar[str]
@@ -36,6 +38,7 @@ class Family:
     choose_order: ClassVar[int] = 100
     zero_qkv_bias: ClassVar[bool] = False
     gated_shared_expert: ClassVar[bool] = False
+    dense: ClassVar[bool] = False
 
     def read_config(self, hf: dict[str, Any], model: dict[str, Any], moe: dict[str, Any]) -> None:
         """Add the family's own fields of ``hf`` to the moekit ``model``/``moe`` field dicts
