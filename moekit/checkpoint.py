@@ -278,3 +278,17 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu"):
     load_weights(model, where)
     model.to(device).eval()
     return model, load_tokenizer(config.data.tokenizer, run_dir), config
+
+
+def write_run(dst: Path, config: RunConfig, model: nn.Module, tokenizer: Any, info: dict[str, Any]) -> None:
+    """A moekit run directory holding ``model`` as its step-0 checkpoint (what ``moekit
+    convert``, ``upcycle`` and ``compose`` write; ``moekit train --init`` starts from it).
+    Written beside ``dst`` and swapped in whole: never delete-then-write. ``info`` goes into
+    the checkpoint's state (where the weights came from). Check ``dst`` first with
+    :func:`check_destination`."""
+    with staged_dir(dst) as tmp:
+        save_config(tmp, config)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        save_checkpoint(tmp, 0, model, {"step": 0, **info})
+        (tmp / MARKER_FILE).write_bytes(marker_bytes("run"))

@@ -383,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(PRESETS), help="count a whole model (e.g. mixtral-8x7b)")
     p.add_argument("--layers", type=int, default=1, help="also show the counts for this many MoE layers")
     p.set_defaults(func=cmd_params)
+
+    from moekit.cli_adapt import add_commands
+
+    add_commands(sub)
     return parser
 
 

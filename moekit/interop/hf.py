@@ -225,9 +225,7 @@ def convert(src: str | Path, dst: str | Path, model_type: str | None = None, ove
     """``moekit convert``: a moekit run -> a Hugging Face directory, or a Hugging Face
     directory -> a moekit run directory (config.json + one checkpoint). Returns a one-line
     description of what was written."""
-    from moekit.checkpoint import MARKER_FILE, check_destination, marker_bytes, save_checkpoint, save_config
-    from moekit.config import DataConfig, RunConfig, TrainConfig
-    from moekit.io import staged_dir
+    from moekit.checkpoint import check_destination, write_run
 
     src = Path(src)
     if not src.exists():
@@ -239,16 +237,17 @@ def convert(src: str | Path, dst: str | Path, model_type: str | None = None, ove
         return f"wrote a {written} Hugging Face directory to {dst}"
     if model_type is not None:
         raise ValueError("model_type applies to moekit -> Hugging Face conversions only")
-    tok = loaded.tokenizer
-    data = {"tokenizer": "bpe"} if tok is not None else {}
-    if tok is not None:
-        data["bpe_vocab_size"] = max(257, tok.vocab_size)
-    train = TrainConfig(seq_len=min(TrainConfig.seq_len, loaded.model.config.max_seq_len))
-    config = RunConfig(model=loaded.model.config, data=DataConfig(**data), train=train)
-    with staged_dir(dst) as tmp:  # written beside dst, swapped in whole: never delete-then-write
-        save_config(tmp, config)
-        if tok is not None:
-            tok.save(tmp)
-        save_checkpoint(tmp, 0, loaded.model, {"step": 0, "converted_from": str(src)})
-        (tmp / MARKER_FILE).write_bytes(marker_bytes("run"))
+    config = run_config_for(loaded.model.config, loaded.tokenizer)
+    write_run(dst, config, loaded.model, loaded.tokenizer, {"converted_from": str(src)})
     return f"wrote a moekit run directory ({loaded.source} weights) to {dst}"
+
+
+def run_config_for(model_config: ModelConfig, tokenizer: Any):
+    """The :class:`RunConfig` of a run holding a model read from elsewhere: its tokenizer is
+    a saved BPE (``tokenizer.json``) or moekit's bytes."""
+    from moekit.config import DataConfig, RunConfig, TrainConfig
+
+    data = {"tokenizer": "bpe", "bpe_vocab_size": max(257, tokenizer.vocab_size)} if tokenizer is not None and \
+        getattr(tokenizer, "kind", None) == "bpe" else {}
+    train = TrainConfig(seq_len=min(TrainConfig.seq_len, model_config.max_seq_len))
+    return RunConfig(model=model_config, data=DataConfig(**data), train=train)

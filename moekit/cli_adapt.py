@@ -1,0 +1,41 @@
+"""The ``moekit`` commands that start from models that exist: ``upcycle`` and ``compose``
+(``train --init`` and ``--lora.*`` live with ``train``). Thin, like ``cli.py``: each parses
+its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _no_fields(command: str, overrides: dict[str, str]) -> None:
+    if overrides:
+        raise ValueError(f"config fields cannot be set in moekit {command}: {sorted(overrides)}")
+
+
+def cmd_upcycle(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from moekit.adapt import upcycle_to
+
+    _no_fields("upcycle", overrides)
+    print(upcycle_to(args.src, args.dst, args.num_experts, args.top_k, args.granularity, args.shared_experts,
+                     args.router_init, args.noise, args.calibration, args.seed, args.overwrite))
+    return 0
+
+
+def add_commands(sub) -> None:
+    from moekit.adapt.upcycle import ROUTER_INITS
+
+    u = sub.add_parser("upcycle", help="turn a dense model into an MoE that starts from its weights")
+    u.add_argument("src", help="a dense moekit run or a Hugging Face directory (llama, mistral, qwen2)")
+    u.add_argument("dst", help="the moekit run directory to write (fine-tune it with moekit train --init DST)")
+    u.add_argument("--num-experts", type=int, default=8, help="routed experts per layer (default 8)")
+    u.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    u.add_argument("--granularity", type=int, default=1,
+                   help="slices per dense FFN; each slice becomes an expert (default 1: whole copies)")
+    u.add_argument("--shared-experts", type=int, default=0, help="slices that become always-on shared experts")
+    u.add_argument("--router-init", choices=ROUTER_INITS, default="random",
+                   help="random rows, or k-means centroids of hidden states on --calibration text")
+    u.add_argument("--calibration", metavar="FILE", help="text for --router-init hidden")
+    u.add_argument("--noise", type=float, default=0.0, help="relative noise on expert copies (default 0: exact)")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
+    u.set_defaults(func=cmd_upcycle)
