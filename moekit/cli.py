@@ -57,7 +57,7 @@ def build_run_config(args: argparse.Namespace, overrides: dict[str, str]) -> Run
     """Preset, then ``--config FILE.toml``, then the shortcut flags, then ``--SECTION.FIELD``."""
     from moekit.presets import preset
 
-    config = preset(args.preset).to_dict()
+    config = preset(args.preset or ("finetune" if getattr(args, "init", None) else "small")).to_dict()
     if getattr(args, "config", None):
         path = Path(args.config)
         try:
@@ -122,12 +122,15 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
                 raise ValueError(f"--out {args.out} differs from --resume {args.resume}: a run continues in its own folder")
             config = load_config(args.resume)
             changing = sorted(set(overrides) - RESUMABLE)
-            if changing or args.dense or args.data or args.config:
-                what = changing or ["--dense/--data/--config"]
+            if changing or args.dense or args.data or args.config or args.init:
+                what = changing or ["--dense/--data/--config/--init"]
                 raise ValueError(f"cannot change {what} when resuming; only {sorted(RESUMABLE)} "
                                  "(and --max-steps/--time-budget) may change")
             # --dense and --data were refused above, so only schedule-length shortcuts remain
             config = RunConfig.from_dict(apply_overrides(config.to_dict(), {**_shortcut_overrides(args), **overrides}))
+        elif args.init:
+            config = _init_config(args, overrides)
+            out = Path(args.out or "runs/finetune")
         else:
             config = build_run_config(args, overrides)
             out = Path(args.out or ("runs/dense" if config.model.dense else "runs/moe"))
@@ -156,6 +159,18 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         print(f"summary: {out / 'summary.json'}  (val loss {summary['val_loss']:.4f})")
         print(f'generate: moekit generate --model {out} --prompt "def "')
     return 0
+
+
+def _init_config(args: argparse.Namespace, overrides: dict[str, str]) -> RunConfig:
+    """``train --init``: the model from the source (``--model.*`` changes its fields), data
+    and train from the preset (``finetune`` by default), the config file and the flags."""
+    from moekit.adapt.finetune import finetune_config
+
+    if args.dense:
+        raise ValueError("--dense does not apply with --init: the model comes from the source")
+    model = {k.removeprefix("model."): v for k, v in overrides.items() if k.startswith("model.")}
+    rest = {k: v for k, v in overrides.items() if not k.startswith("model.")}
+    return finetune_config(args.init, build_run_config(args, rest), model)
 
 
 def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -328,10 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train an MoE (or dense) language model", epilog=EPILOG)
-    t.add_argument("--preset", default="small", choices=list(PRESETS), help="starting config (default: small)")
+    t.add_argument("--preset", choices=list(PRESETS),
+                   help="starting config (default: small, or finetune with --init)")
     t.add_argument("--config", metavar="FILE.toml", help="a TOML file with [model], [model.moe], [data], [train]")
     t.add_argument("--out", metavar="DIR", help="run directory (default: runs/moe, or runs/dense with --dense)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    t.add_argument("--init", metavar="PATH", help="fine-tune: start from a moekit run or a Hugging Face directory "
+                   "(its model and tokenizer; see --train.trainable)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--dense", action="store_true", help="train the dense baseline of equal active compute")
     t.add_argument("--data", metavar="PATH", help="a text file or folder (default: the Python stdlib sources)")

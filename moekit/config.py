@@ -317,6 +317,22 @@ class DataConfig:
 
 
 TOKENIZERS = ("byte", "bpe")
+PARAMETER_GROUPS = ("embeddings", "norms", "attention", "router", "experts")
+TRAINABLE_WORDS = ("all", "all_but_embeddings") + PARAMETER_GROUPS
+
+
+def check_trainable(spec: str) -> list[str]:
+    """The parameter groups ``TrainConfig.trainable`` names; a ValueError lists what is allowed."""
+    words = [w.strip() for w in str(spec).split(",") if w.strip()] if isinstance(spec, str) else []
+    bad = [w for w in words if w not in TRAINABLE_WORDS]
+    if not words or bad:
+        raise ValueError(f"trainable must be 'all', 'all_but_embeddings' or a comma-separated list of "
+                         f"{list(PARAMETER_GROUPS)}, got {spec!r}")
+    groups = set()
+    for w in words:
+        groups |= set(PARAMETER_GROUPS) if w == "all" else set(PARAMETER_GROUPS[1:]) if w == "all_but_embeddings" \
+            else {w}
+    return [g for g in PARAMETER_GROUPS if g in groups]
 DTYPES = ("float32", "bfloat16")
 
 
@@ -369,8 +385,17 @@ class TrainConfig:
     """Checkpoints kept on disk (the oldest are deleted)."""
     progress: bool = True
     """Show a progress bar."""
+    init: str | None = None
+    """Start from this model's weights instead of a random init: a moekit run (or one of its
+    ``step_*`` folders) or a Hugging Face directory of any supported family. The model
+    section and the tokenizer come from it (``moekit train --init PATH``)."""
+    trainable: str = "all"
+    """What trains: ``"all"``, ``"all_but_embeddings"``, or a comma-separated list of
+    ``embeddings``, ``norms``, ``attention``, ``router``, ``experts`` (the routed and shared
+    experts, and dense FFNs). Frozen parameters get no gradient and no optimizer state."""
 
     def __post_init__(self) -> None:
+        check_trainable(self.trainable)
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches",
                      "log_every", "checkpoint_every", "keep_checkpoints"):
             _positive(name, getattr(self, name))

@@ -3,6 +3,7 @@
 
 - ``tiny``: a few hundred thousand parameters, for tests (seconds).
 - ``small``: a few million parameters that learn something useful on 2 CPU cores in minutes.
+- ``finetune``: the schedule for ``moekit train --init`` (the model comes from the source).
 - ``mixtral-8x7b``: Mixtral 8x7B's shape, for parameter counting (46.7B total, 12.9B active).
 """
 
@@ -31,6 +32,15 @@ def small() -> RunConfig:
     return RunConfig(model=model, data=DataConfig(), train=train)
 
 
+def finetune() -> RunConfig:
+    """The schedule of ``moekit train --init`` (the model comes from the source): a learning
+    rate well below a from-scratch run's, a short warmup, light weight decay on matrices
+    only (never on norms or biases), the balancing losses on."""
+    train = TrainConfig(batch_size=8, seq_len=256, max_steps=300, warmup_steps=20, lr=1e-4, min_lr_ratio=0.1,
+                        weight_decay=0.01, eval_every=100, eval_batches=10, log_every=10, checkpoint_every=100)
+    return RunConfig(model=small().model, data=DataConfig(), train=train)
+
+
 def mixtral_8x7b() -> RunConfig:
     model = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                         max_seq_len=32768, rope_theta=1e6,
@@ -38,7 +48,8 @@ def mixtral_8x7b() -> RunConfig:
     return RunConfig(model=model, data=DataConfig(), train=TrainConfig(seq_len=4096))
 
 
-PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "small": small, "mixtral-8x7b": mixtral_8x7b}
+PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "small": small, "finetune": finetune,
+                                               "mixtral-8x7b": mixtral_8x7b}
 
 
 def preset(name: str) -> RunConfig:

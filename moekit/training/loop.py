@@ -72,12 +72,15 @@ def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kw)
 
 
-def prepare_data(config: RunConfig, out_dir: Path, resume: bool, log: Callable[[str], None]):
-    """Read and tokenize the corpus. Returns ``(tokenizer, TokenSplits)``."""
+def prepare_data(config: RunConfig, out_dir: Path, resume: bool, log: Callable[[str], None], tokenizer=None):
+    """Read and tokenize the corpus (with ``tokenizer`` when given: a fine-tuned model's
+    own). Returns ``(tokenizer, TokenSplits)``."""
     t0 = time.perf_counter()
     d = config.data
     text = load_text(d.path, d.suffixes, d.max_chars)
-    if resume or d.tokenizer == "byte":
+    if tokenizer is not None:
+        pass
+    elif resume or d.tokenizer == "byte":
         tokenizer = load_tokenizer(d.tokenizer, out_dir)
     else:
         log(f"training a BPE tokenizer with {d.bpe_vocab_size} tokens on {len(text) / 1e6:.1f}M characters...")
@@ -292,6 +295,16 @@ class Trainer:
         if not resume and not overwrite and ckpt.holds_run(out_dir):  # every process refuses alike
             raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, choose "
                              "another --out, or pass --overwrite to replace it")
+        from moekit.adapt.finetune import check_init_model, freeze, source_of
+
+        with torch.device("meta"):  # a trainable choice that selects nothing fails before anything is written
+            freeze(Transformer(config.model), t.trainable)
+        init = None if resume else t.init  # a resumed run's weights are its own checkpoint's
+        init_tokenizer = None
+        if init is not None:  # so does a source that does not fit
+            check_init_model(config.model, init)
+            _, init_tokenizer, kind = source_of(init)
+            init_tokenizer = init_tokenizer or build_tokenizer("byte")
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.main:  # one writer per run directory, and a clean start
             self.lock.acquire()
@@ -299,12 +312,21 @@ class Trainer:
             if not resume and ckpt.holds_run(out_dir):
                 ckpt.clear_run(out_dir)
         torch.manual_seed(t.seed)
-
-        self.tokenizer, self.splits = prepare_data(config, out_dir, resume, log)
-        if self.tokenizer.vocab_size != config.model.vocab_size:
+        self.tokenizer, self.splits = prepare_data(config, out_dir, resume, log, init_tokenizer)
+        if t.init is not None and self.tokenizer.vocab_size > config.model.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, the model's vocabulary "
+                             f"{config.model.vocab_size}: they do not belong together")
+        if t.init is None and self.tokenizer.vocab_size != config.model.vocab_size:
             config = replace(config, model=replace(config.model, vocab_size=self.tokenizer.vocab_size))
         self.config, self.t = config, t
         self.model = Transformer(config.model).to(device)
+        if init is not None:
+            from moekit.adapt.finetune import load_init_weights
+
+            load_init_weights(self.model, init)
+            m = config.model.moe
+            log(f"fine-tuning {kind} weights from {init}" + ("" if config.model.dense else
+                f"; balancing: aux_loss_coef {m.aux_loss_coef}, z_loss_coef {m.z_loss_coef} (aux_loss is logged)"))
         self.counts = self.model.num_params()
 
         self.step_count, self.tokens_seen, self.train_s = 0, 0, 0.0
@@ -317,6 +339,9 @@ class Trainer:
             check_training_state(state, where)
         if self.dist is not None:
             self.dist.shard(self.model)
+        self.trainable, _ = freeze(self.model, t.trainable)
+        if t.trainable != "all":
+            log(f"trainable: {t.trainable}: {self.trainable / 1e6:.2f}M of {self.counts.total / 1e6:.2f}M parameters")
         self.optimizer = build_optimizer(self.model, t)
         if state is not None:
             load_optimizer_state(self.optimizer, self.model, state["optimizer"],
@@ -485,6 +510,7 @@ class Trainer:
             "tokens_per_s": round(self.tokens_seen / self.train_s, 1) if self.train_s > 0 else None,
             "params_total": self.counts.total,
             "params_active": self.counts.active,
+            "params_trainable": self.trainable,
             "dense": self.config.model.dense,
             "stopped": self.stopped,
             "checkpoint": str(last),
