@@ -264,7 +264,8 @@ def load_state(ckpt: Path) -> dict[str, Any]:
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu"):
     """A trained model ready for inference, from a run directory or one of its ``step_*``
-    folders. Returns ``(model, tokenizer, config)``."""
+    folders (a LoRA run's adapters merged into the weights). Returns ``(model, tokenizer,
+    config)``."""
     from moekit.data import load_tokenizer
     from moekit.models import Transformer
 
@@ -275,7 +276,14 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu"):
     run_dir = path if (path / CONFIG_FILE).is_file() else where.parent  # a run dir, or one of its step_* folders
     config = load_config(run_dir)
     model = Transformer(config.model)
-    load_weights(model, where)
+    if config.lora.rank:  # a LoRA run: its checkpoints hold the adapters, merged for use
+        from moekit.models.lora import attach_lora, merge_lora
+
+        attach_lora(model, config.lora)
+        load_weights(model, where)
+        merge_lora(model)
+    else:
+        load_weights(model, where)
     model.to(device).eval()
     return model, load_tokenizer(config.data.tokenizer, run_dir), config
 

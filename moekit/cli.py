@@ -21,7 +21,7 @@ from moekit.config import MoEConfig, RunConfig, apply_overrides, parse_value
 
 # A Mixtral 8x7B layer: the shape people compare against.
 MIXTRAL_LAYER = {"d_model": 4096, "d_ff": 14336, "num_experts": 8, "top_k": 2}
-SECTIONS = ("model", "data", "train", "moe", "parallel")
+SECTIONS = ("model", "data", "train", "moe", "parallel", "lora")
 # What may change when resuming: how long and how often, not what is trained.
 RESUMABLE = {"train.max_steps", "train.time_budget", "train.eval_every", "train.log_every",
              "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.device", "parallel.ep"}
@@ -66,9 +66,9 @@ def build_run_config(args: argparse.Namespace, overrides: dict[str, str]) -> Run
             raise ValueError(f"config file {path} does not exist") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
-        unknown = sorted(set(loaded) - {"model", "data", "train"})
+        unknown = sorted(set(loaded) - {"model", "data", "train", "lora"})
         if unknown:
-            raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections are ['data', 'model', 'train']")
+            raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections are ['data', 'lora', 'model', 'train']")
         for section, fields in loaded.items():
             if not isinstance(fields, dict):
                 raise ValueError(f"{path}: [{section}] must be a table of fields")

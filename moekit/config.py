@@ -318,7 +318,7 @@ class DataConfig:
 
 TOKENIZERS = ("byte", "bpe")
 PARAMETER_GROUPS = ("embeddings", "norms", "attention", "router", "experts")
-TRAINABLE_WORDS = ("all", "all_but_embeddings") + PARAMETER_GROUPS
+TRAINABLE_WORDS = ("all", "all_but_embeddings", "none") + PARAMETER_GROUPS
 
 
 def check_trainable(spec: str) -> list[str]:
@@ -326,10 +326,10 @@ def check_trainable(spec: str) -> list[str]:
     words = [w.strip() for w in str(spec).split(",") if w.strip()] if isinstance(spec, str) else []
     bad = [w for w in words if w not in TRAINABLE_WORDS]
     if not words or bad:
-        raise ValueError(f"trainable must be 'all', 'all_but_embeddings' or a comma-separated list of "
+        raise ValueError(f"trainable must be 'all', 'all_but_embeddings', 'none' or a comma-separated list of "
                          f"{list(PARAMETER_GROUPS)}, got {spec!r}")
-    groups = set()
-    for w in words:
+    groups: set[str] = set()
+    for w in (w for w in words if w != "none"):
         groups |= set(PARAMETER_GROUPS) if w == "all" else set(PARAMETER_GROUPS[1:]) if w == "all_but_embeddings" \
             else {w}
     return [g for g in PARAMETER_GROUPS if g in groups]
@@ -389,13 +389,16 @@ class TrainConfig:
     """Start from this model's weights instead of a random init: a moekit run (or one of its
     ``step_*`` folders) or a Hugging Face directory of any supported family. The model
     section and the tokenizer come from it (``moekit train --init PATH``)."""
-    trainable: str = "all"
-    """What trains: ``"all"``, ``"all_but_embeddings"``, or a comma-separated list of
-    ``embeddings``, ``norms``, ``attention``, ``router``, ``experts`` (the routed and shared
-    experts, and dense FFNs). Frozen parameters get no gradient and no optimizer state."""
+    trainable: str | None = None
+    """What trains in full: ``"all"``, ``"all_but_embeddings"``, ``"none"``, or a
+    comma-separated list of ``embeddings``, ``norms``, ``attention``, ``router``, ``experts``
+    (the routed and shared experts, and dense FFNs). ``None``: everything, or with LoRA
+    adapters the adapters alone. Adapters always train; frozen parameters get no gradient
+    and no optimizer state."""
 
     def __post_init__(self) -> None:
-        check_trainable(self.trainable)
+        if self.trainable is not None:
+            check_trainable(self.trainable)
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches",
                      "log_every", "checkpoint_every", "keep_checkpoints"):
             _positive(name, getattr(self, name))
@@ -411,6 +414,43 @@ class TrainConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+
+
+LORA_TARGETS = ("attention", "experts", "ffn")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (``--lora.rank 8 --lora.targets attention,experts``); rank 0: none.
+
+    With adapters, the base weights are frozen: only the adapters train, plus the groups
+    ``train.trainable`` names (``--train.trainable router`` trains the router in full)."""
+
+    rank: int = 0
+    """Rank r of every adapter (0: no adapters)."""
+    alpha: float = 16.0
+    """The adapters' output is scaled by ``alpha / rank``."""
+    dropout: float = 0.0
+    """Dropout on each adapter's input, training only."""
+    targets: str = "attention,experts"
+    """Comma-separated: ``attention`` (q/k/v/o projections), ``experts`` (the routed experts'
+    3-D weights, per expert), ``ffn`` (dense FFNs and shared experts)."""
+
+    def __post_init__(self) -> None:
+        _non_negative("rank", self.rank)
+        if not isinstance(self.rank, int) or self.rank > 1 << 14:
+            raise ValueError(f"rank must be an int in 0..{1 << 14} (0: no adapters), got {self.rank!r}")
+        _positive("alpha", self.alpha, float)
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self.target_list()
+
+    def target_list(self) -> list[str]:
+        words = [w.strip() for w in str(self.targets).split(",") if w.strip()]
+        bad = [w for w in words if w not in LORA_TARGETS]
+        if not words or bad:
+            raise ValueError(f"targets must be a comma-separated list of {list(LORA_TARGETS)}, got {self.targets!r}")
+        return words
 
 
 @dataclass
@@ -433,6 +473,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
@@ -451,10 +492,12 @@ class RunConfig:
             data=DataConfig(**_known_fields(DataConfig, data.get("data", {}), "data")),
             train=TrainConfig(**_known_fields(TrainConfig, data.get("train", {}), "train")),
             parallel=ParallelConfig(**_known_fields(ParallelConfig, data.get("parallel", {}), "parallel")),
+            lora=LoRAConfig(**_known_fields(LoRAConfig, data.get("lora", {}), "lora")),
         )
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig,
+            "lora": LoRAConfig}
 
 
 def parse_value(text: str, hint: Any, name: str) -> Any:

@@ -105,5 +105,5 @@ def test_overrides_reach_moe_fields_and_parse_types():
         apply_overrides(base, {"model.moe.d_model": "64"})
     with pytest.raises(ValueError, match="train.compile expects a bool"):
         apply_overrides(base, {"train.compile": "maybe"})
-    with pytest.raises(ValueError, match=r"SECTION one of \['model', 'data', 'train', 'parallel'\]"):
+    with pytest.raises(ValueError, match=r"SECTION one of \['model', 'data', 'train', 'parallel', 'lora'\]"):
         apply_overrides(base, {"lr": "1"})

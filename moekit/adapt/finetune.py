@@ -39,14 +39,18 @@ def parameter_group(name: str) -> str:
     raise ValueError(f"parameter {name!r} belongs to no parameter group")
 
 
-def freeze(model: nn.Module, trainable: str) -> tuple[int, int]:
-    """Set ``requires_grad`` by ``trainable`` (see ``TrainConfig.trainable``). Returns
-    ``(trainable parameters, all parameters)``; a choice that selects nothing is an error."""
-    groups = set(check_trainable(trainable))
+def freeze(model: nn.Module, trainable: str | None) -> tuple[int, int]:
+    """Set ``requires_grad`` by ``trainable`` (see ``TrainConfig.trainable``: ``None`` is
+    everything, or the adapters alone when the model has LoRA adapters, which always train).
+    Returns ``(trainable parameters, all parameters)``; a choice that selects nothing is an
+    error."""
+    names = [name for name, _ in model.named_parameters()]
+    adapted = any(".adapters." in name for name in names)
+    groups = set(check_trainable(trainable if trainable is not None else "none" if adapted else "all"))
     on = total = 0
     seen = set()
     for name, p in model.named_parameters():
-        train = parameter_group(name) in groups
+        train = ".adapters." in name or parameter_group(name) in groups
         p.requires_grad_(train)
         if id(p) not in seen:
             seen.add(id(p))
@@ -84,7 +88,6 @@ def source_of(path: str | Path) -> tuple[ModelConfig, Any, str]:
 def load_init_weights(model: nn.Module, path: str | Path) -> None:
     """Copy the weights of the moekit run or Hugging Face directory ``path`` into ``model``
     (whose config must be the source's: a ValueError names every tensor that differs)."""
-    from moekit.checkpoint import latest_checkpoint, load_weights
     from moekit.interop.hf import is_hf_dir, read_hf_config
     from moekit.interop.hf_config import family_of
     from moekit.interop.hf_weights import from_hf
@@ -92,7 +95,10 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
 
     path = Path(path)
     if not is_hf_dir(path):
-        load_weights(model, latest_checkpoint(path))
+        from moekit.checkpoint import load_trained
+
+        source, _, _ = load_trained(path)  # a LoRA run's adapters come merged
+        model.load_state_dict(source.state_dict(), strict=True)
         return
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = from_hf(SafetensorsDir(path), model.config, family_of(read_hf_config(path)), shapes)
@@ -136,7 +142,7 @@ def finetune_config(init: str | Path, base: RunConfig | None = None,
                              "(< 256): moekit cannot read text for it")
     data = replace(base.data, tokenizer=tokenizer_kind)
     train = replace(base.train, init=str(init), seq_len=min(base.train.seq_len, model.max_seq_len))
-    config = RunConfig(model=model, data=data, train=train, parallel=base.parallel).to_dict()
+    config = RunConfig(model=model, data=data, train=train, parallel=base.parallel, lora=base.lora).to_dict()
     if model_overrides:
         config = apply_overrides(config, {f"model.{k}": v for k, v in model_overrides.items()})
     return RunConfig.from_dict(config)

@@ -79,7 +79,7 @@ class Decoder:
         which inline in torch ops, which as their modules."""
         attn, ffn = block.attn, block.ffn
         attn_weights = None  # q/k norms or clamping: the module
-        if attn.qk_norm is None and attn.clip_qkv is None:
+        if attn.qk_norm is None and attn.clip_qkv is None and not attn.adapters:  # adapters: the module
             w_qkv, b_qkv = attn.qkv_weights()  # (a copy for this generation when not prepared)
             attn_weights = (w_qkv.t(), b_qkv, attn.wo.weight.t(), attn.wo.bias, attn.sliding_window)
         # moe: None runs the ffn module (a dense layer, or an MoE under another dispatcher, as
@@ -100,6 +100,7 @@ class Decoder:
                 k_attn = kernels.AttentionStep(self.lib, norm.weight, norm.eps, w_qkv.t(), b_qkv, heads, k_cache,
                                                v_cache, w_o.t(), b_o)
         if (self.lib is not None and moe and ffn.shared_experts is None and type(ffn.experts) is SwiGLUExperts
+                and not ffn.experts.adapters
                 and _norm_ok(block.ffn_norm)
                 and kernels.moe_token_ok(block.ffn_norm.weight, ffn.router.gate.weight, ffn.router.gate.bias,
                                          *ffn.experts.weights())):

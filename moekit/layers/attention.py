@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import QK_NORMS
+from moekit.layers.lora import adapted_linear
 from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import apply_rotary
 
@@ -52,6 +53,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
         self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.adapters = nn.ModuleDict()  # LoRA on wq/wk/wv/wo (moekit.adapt.lora); empty: none
         self.q_norm = self.k_norm = None
         if qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(head_dim, norm_eps), RMSNorm(head_dim, norm_eps)
@@ -88,6 +90,8 @@ class Attention(nn.Module):
         return torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]), bias
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.adapters:
+            return tuple(adapted_linear(getattr(self, n), self.adapters, n, x) for n in ("wq", "wk", "wv"))
         if torch.is_grad_enabled() or not self._fused_is_live():
             return self.wq(x), self.wk(x), self.wv(x)
         fused = self.fused_qkv
@@ -140,7 +144,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # mask None here: one new token sees every cached one
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(B, S, -1))  # [B, H, S, hd] -> [B, S, H*hd]
+        return adapted_linear(self.wo, self.adapters, "wo", y.transpose(1, 2).reshape(B, S, -1))  # [B, H, S, hd] -> [B, S, H*hd]
 
     def _mask(self, past: int, S: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
         """Boolean ``[S, past+S]`` or ``[B, 1, S, past+S]`` mask (True = attend), or None when

@@ -24,6 +24,7 @@ from torch import nn
 
 from moekit import kernels, ops
 from moekit.config import MoEConfig
+from moekit.layers.lora import adapted_linear, swiglu_with_adapters
 from moekit.layers.thresholds import threshold
 from moekit.ops.swiglu import grouped_matmul, segments
 from moekit.registry import register_expert
@@ -166,6 +167,7 @@ class SwiGLUExperts(GroupedExperts):
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.fused_gate_up: torch.Tensor | None = None
+        self.adapters = nn.ModuleDict()  # LoRA on w1/w3/w2 (moekit.adapt.lora); empty: none
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -188,7 +190,16 @@ class SwiGLUExperts(GroupedExperts):
           ``"grouped_op"`` where ``F.grouped_mm`` takes the rows.
         - inference: ``"fused"`` when :meth:`fuse_gate_up` ran.
         - else ``"grouped"`` or ``"loop"`` (:meth:`GroupedExperts.choose_path`).
+
+        With LoRA adapters: ``"lora_grouped"`` where ``F.grouped_mm`` takes the rows, the
+        weights and the adapters' rank, else ``"lora_loop"`` (the reference, a segment at a time).
         """
+        if self.adapters:
+            grouped = self.use_grouped_mm
+            if grouped is None:
+                rank = next(iter(self.adapters.values())).rank
+                grouped = grouped_mm_qualifies(x, weights[0], True) and rank % (16 // x.element_size()) == 0
+            return "lora_grouped" if grouped and _HAS_GROUPED_MM else "lora_loop"
         if self.use_grouped_mm is None and x.device.type == "cpu":
             rows, kernels_on = x.shape[0], kernels.for_tensors(x) is not None
             kernel_ok = (kernels_on and self.d_out == self.d_model and kernels.swiglu_ok(*weights)
@@ -219,6 +230,8 @@ class SwiGLUExperts(GroupedExperts):
             return ops.swiglu_grouped(x, *weights, tokens_per_expert)
         if path == "fused":
             return self._fused_run(x, tokens_per_expert)
+        if path in ("lora_grouped", "lora_loop"):
+            return swiglu_with_adapters(x, weights, self.adapters, tokens_per_expert, path == "lora_grouped")
         return super().run_path(path, x, tokens_per_expert, weights)
 
     def _fused_is_live(self, w1: torch.Tensor) -> bool:
@@ -253,12 +266,22 @@ class SwiGLUExperts(GroupedExperts):
         return torch.mm(ops.silu_mul(gate, x @ w3, out=gate), w2, out=out)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.adapters:
+            ad = self.adapters
+
+            def proj(name: str, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                return rows @ w[e] + ad[name].expert(e, rows) if name in ad else rows @ w[e]
+
+            return proj("w2", self.w2, F.silu(proj("w1", self.w1, x)) * proj("w3", self.w3, x))
         if self._fused_is_live(self.w1):
             gate, up = (x @ self.fused_gate_up[e]).chunk(2, dim=-1)  # [n, d] -> [n, 2f] -> 2 x [n, f]
             return (F.silu(gate) * up) @ self.w2[e]
         return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
 
     def expert_add_(self, e: int, x: torch.Tensor, out: torch.Tensor, weight: float) -> None:
+        if self.adapters:
+            out.add_(self.expert_forward(e, x), alpha=weight)
+            return
         if self._one_row_kernel(x, out):  # the whole expert in one C call
             kernels.swiglu_add(kernels.load(), x[0], self.w1[e], self.w3[e], self.w2[e], out[0], weight)
             return
@@ -381,8 +404,15 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(d_model, d_ff, bias=False)
         self.w3 = nn.Linear(d_model, d_ff, bias=False) if kind == "swiglu" else None
         self.w2 = nn.Linear(d_ff, d_model, bias=False)
+        self.adapters = nn.ModuleDict()  # LoRA on w1/w3/w2 (moekit.adapt.lora); empty: none
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapters:
+            ad = self.adapters
+            if self.w3 is None:
+                return adapted_linear(self.w2, ad, "w2", F.gelu(adapted_linear(self.w1, ad, "w1", x)))
+            hidden = F.silu(adapted_linear(self.w1, ad, "w1", x)) * adapted_linear(self.w3, ad, "w3", x)
+            return adapted_linear(self.w2, ad, "w2", hidden)
         if self.w3 is None:
             return self.w2(F.gelu(self.w1(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

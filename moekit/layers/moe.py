@@ -217,7 +217,7 @@ class MoE(nn.Module):
             return "reference"
         router = self.router
         if (flat.shape[0] == 1 and not (return_expert_outputs or compute_aux) and not torch.is_grad_enabled()
-                and type(router) is TopKRouter and type(self.experts) is SwiGLUExperts
+                and type(router) is TopKRouter and type(self.experts) is SwiGLUExperts and not self.experts.adapters
                 and kernels.for_tensors(flat) is not None and not torch.is_autocast_enabled("cpu")
                 and not (router.training and router.jitter > 0) and self.shared_experts is None
                 and cfg.capacity_factor is None

@@ -298,7 +298,12 @@ class Trainer:
         from moekit.adapt.finetune import check_init_model, freeze, source_of
 
         with torch.device("meta"):  # a trainable choice that selects nothing fails before anything is written
-            freeze(Transformer(config.model), t.trainable)
+            probe = Transformer(config.model)
+            if config.lora.rank:
+                from moekit.adapt.lora import attach_lora
+
+                attach_lora(probe, config.lora)
+            freeze(probe, t.trainable)
         init = None if resume else t.init  # a resumed run's weights are its own checkpoint's
         init_tokenizer = None
         if init is not None:  # so does a source that does not fit
@@ -327,6 +332,10 @@ class Trainer:
             m = config.model.moe
             log(f"fine-tuning {kind} weights from {init}" + ("" if config.model.dense else
                 f"; balancing: aux_loss_coef {m.aux_loss_coef}, z_loss_coef {m.z_loss_coef} (aux_loss is logged)"))
+        if config.lora.rank:
+            from moekit.adapt.lora import attach_lora
+
+            attach_lora(self.model, config.lora)
         self.counts = self.model.num_params()
 
         self.step_count, self.tokens_seen, self.train_s = 0, 0, 0.0
@@ -340,8 +349,10 @@ class Trainer:
         if self.dist is not None:
             self.dist.shard(self.model)
         self.trainable, _ = freeze(self.model, t.trainable)
-        if t.trainable != "all":
-            log(f"trainable: {t.trainable}: {self.trainable / 1e6:.2f}M of {self.counts.total / 1e6:.2f}M parameters")
+        if t.trainable is not None or config.lora.rank:
+            what = f"LoRA rank {config.lora.rank} on {config.lora.targets}" if config.lora.rank else ""
+            what += f"{' + ' if what else ''}{t.trainable or ''}" if t.trainable else ""
+            log(f"trainable: {what}: {self.trainable / 1e6:.2f}M of {self.counts.total / 1e6:.2f}M parameters")
         self.optimizer = build_optimizer(self.model, t)
         if state is not None:
             load_optimizer_state(self.optimizer, self.model, state["optimizer"],
@@ -500,6 +511,10 @@ class Trainer:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         last = self.save(step)
+        if self.config.lora.rank and self.main:  # the adapters alone too, to load onto the base model
+            from moekit.adapt.lora import ADAPTER_FILE, save_adapters
+
+            save_adapters(self.model, self.out_dir / ADAPTER_FILE, self.config.lora)
         summary = {
             "val_loss": val_loss,
             "train_loss": self.window.last_loss,
