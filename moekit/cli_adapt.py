@@ -21,7 +21,17 @@ def cmd_upcycle(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def cmd_compose(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from moekit.adapt import compose_to
+
+    _no_fields("compose", overrides)
+    print(compose_to(args.base, args.expert or [], args.dst, args.prompts, args.top_k, args.gate, args.attention,
+                     args.seed, args.overwrite))
+    return 0
+
+
 def add_commands(sub) -> None:
+    from moekit.adapt.compose import ATTENTION, GATES
     from moekit.adapt.upcycle import ROUTER_INITS
 
     u = sub.add_parser("upcycle", help="turn a dense model into an MoE that starts from its weights")
@@ -39,3 +49,18 @@ def add_commands(sub) -> None:
     u.add_argument("--seed", type=int, default=0)
     u.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
     u.set_defaults(func=cmd_upcycle)
+
+    c = sub.add_parser("compose", help="compose an MoE from several dense models (frankenMoE, Branch-Train-MiX)")
+    c.add_argument("dst", help="the moekit run directory to write")
+    c.add_argument("--base", required=True, help="the dense model giving attention, norms and embeddings")
+    c.add_argument("--expert", action="append", metavar="MODEL", help="a dense model whose FFNs become one expert "
+                   "(repeat: one per expert, each followed by its --prompts)")
+    c.add_argument("--prompts", action="append", metavar="FILE", help="text of the expert named before it")
+    c.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    c.add_argument("--gate", choices=GATES, default="hidden", help="router rows: the base's hidden states on each "
+                   "expert's prompts (default), their token embeddings, or random")
+    c.add_argument("--attention", choices=ATTENTION, default="base",
+                   help="attention, norms and embeddings from the base, or averaged over the experts (BTX)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
+    c.set_defaults(func=cmd_compose)
