@@ -146,3 +146,31 @@ def finetune_config(init: str | Path, base: RunConfig | None = None,
     if model_overrides:
         config = apply_overrides(config, {f"model.{k}": v for k, v in model_overrides.items()})
     return RunConfig.from_dict(config)
+
+
+def check_start(config: RunConfig, init: str | Path | None) -> tuple[Any, str]:
+    """What the trainer checks before it writes anything: that ``train.trainable`` selects
+    something, that the LoRA targets exist (and are not sharded experts), and that ``init``
+    fits ``config.model``. Returns the source's tokenizer (moekit's bytes when it has none)
+    and its kind (``None``, ``""`` without ``init``)."""
+    from moekit.data import ByteTokenizer
+    from moekit.models import Transformer
+    from moekit.models.lora import attach_lora
+
+    with torch.device("meta"):
+        probe = Transformer(config.model)
+        if config.lora.rank:
+            if config.parallel.ep > 1 and "experts" in config.lora.target_list():
+                raise ValueError("LoRA on experts with expert parallelism (parallel.ep > 1) is not supported: the "
+                                 "adapters are not sharded with the experts; use ep 1 or lora.targets attention")
+            attach_lora(probe, config.lora)
+        freeze(probe, config.train.trainable)
+    if init is None:
+        return None, ""
+    check_init_model(config.model, init)
+    _, tokenizer, kind = source_of(init)
+    tokenizer = tokenizer or ByteTokenizer()
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"train.init {init}: its tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocabulary of {config.model.vocab_size}: they do not belong together")
+    return tokenizer, kind

@@ -295,21 +295,10 @@ class Trainer:
         if not resume and not overwrite and ckpt.holds_run(out_dir):  # every process refuses alike
             raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, choose "
                              "another --out, or pass --overwrite to replace it")
-        from moekit.adapt.finetune import check_init_model, freeze, source_of
+        from moekit.adapt.finetune import check_start, freeze
 
-        with torch.device("meta"):  # a trainable choice that selects nothing fails before anything is written
-            probe = Transformer(config.model)
-            if config.lora.rank:
-                from moekit.adapt.lora import attach_lora
-
-                attach_lora(probe, config.lora)
-            freeze(probe, t.trainable)
         init = None if resume else t.init  # a resumed run's weights are its own checkpoint's
-        init_tokenizer = None
-        if init is not None:  # so does a source that does not fit
-            check_init_model(config.model, init)
-            _, init_tokenizer, kind = source_of(init)
-            init_tokenizer = init_tokenizer or build_tokenizer("byte")
+        init_tokenizer, kind = check_start(config, init)  # before anything is written
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.main:  # one writer per run directory, and a clean start
             self.lock.acquire()
@@ -318,9 +307,6 @@ class Trainer:
                 ckpt.clear_run(out_dir)
         torch.manual_seed(t.seed)
         self.tokenizer, self.splits = prepare_data(config, out_dir, resume, log, init_tokenizer)
-        if t.init is not None and self.tokenizer.vocab_size > config.model.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, the model's vocabulary "
-                             f"{config.model.vocab_size}: they do not belong together")
         if t.init is None and self.tokenizer.vocab_size != config.model.vocab_size:
             config = replace(config, model=replace(config.model, vocab_size=self.tokenizer.vocab_size))
         self.config, self.t = config, t
@@ -333,7 +319,7 @@ class Trainer:
             log(f"fine-tuning {kind} weights from {init}" + ("" if config.model.dense else
                 f"; balancing: aux_loss_coef {m.aux_loss_coef}, z_loss_coef {m.z_loss_coef} (aux_loss is logged)"))
         if config.lora.rank:
-            from moekit.adapt.lora import attach_lora
+            from moekit.models.lora import attach_lora
 
             attach_lora(self.model, config.lora)
         self.counts = self.model.num_params()
