@@ -27,6 +27,7 @@ import torch
 
 from moekit.adapt.upcycle import calibration_tokens, ffn_inputs
 from moekit.config import ModelConfig
+from moekit.interop.hf import build_from_state
 from moekit.models import Transformer
 
 GATES = ("hidden", "cheap_embed", "random")
@@ -141,13 +142,7 @@ def compose(base: Transformer, experts: list[Transformer], prompts: list[torch.T
         for name in ("w1", "w3", "w2"):
             state[f"{b}experts.{name}"] = torch.stack([s[f"{b}{name}.weight"].t() for s in sources]).contiguous()
         state[b + "router.gate.weight"] = rows[layer].to(rest[b + "w1.weight"].dtype)
-    with torch.device("meta"):
-        out = Transformer(config)
-    out.load_state_dict(state, strict=True, assign=True)
-    out.rope = type(out.rope)(config.dim_per_head, config.max_seq_len, config.rope_theta)
-    if config.tie_embeddings:
-        out.lm_head.weight = out.embed.weight
-    return out.eval()
+    return build_from_state(config, state)
 
 
 def compose_to(base: str | Path, experts: list[str | Path], dst: str | Path, prompts: list[str | Path] | None = None,

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import ModelConfig
+from moekit.interop.hf import build_from_state
 from moekit.models import Transformer
 
 ROUTER_INITS = ("random", "hidden")
@@ -133,13 +134,7 @@ def upcycle(model: Transformer, num_experts: int = 8, top_k: int = 2, granularit
         rows = (torch.randn(replicas, config.d_model, generator=gen) * config.init_std if router_init == "random"
                 else centroids(features[i], replicas, gen))
         state[b + "router.gate.weight"] = rows.repeat_interleave(routed, dim=0).to(w1)  # [E, d]: a row per replica
-    with torch.device("meta"):
-        out = Transformer(config)
-    out.load_state_dict(state, strict=True, assign=True)
-    out.rope = type(out.rope)(config.dim_per_head, config.max_seq_len, config.rope_theta)
-    if config.tie_embeddings:
-        out.lm_head.weight = out.embed.weight
-    return out.to(next(model.parameters()).device).eval()
+    return build_from_state(config, state, next(model.parameters()).device)
 
 
 @torch.no_grad()
