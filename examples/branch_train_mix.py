@@ -61,6 +61,12 @@ def config(path: Path, steps: int, **train_fields):
                                train=dataclasses.replace(c.train, **fields))
 
 
+def windows(text: str) -> torch.Tensor:
+    """``text`` as bytes in ``[B, 64]`` windows (what the byte-tokenised tiny models read)."""
+    ids = torch.as_tensor(ByteTokenizer().encode(text).astype("int64"))
+    return ids[: ids.numel() // 64 * 64].view(-1, 64)  # [N] -> [B, 64]
+
+
 def report(tag: str, model, held: dict[str, torch.Tensor]) -> None:
     parts = []
     for expert, (name, tokens) in enumerate(held.items()):
@@ -85,8 +91,7 @@ def main() -> None:
         texts = {name: load_text(str(path), max_chars=400_000) for name, path in domains.items()}
         mix = root / "mix.txt"
         mix.write_text("\n\n".join(t[: 400_000 // len(texts)] for t in texts.values()))
-        tok = ByteTokenizer()
-        held = {n: torch.as_tensor(tok.encode(t[-8192:]).astype("int64")).view(-1, 64) for n, t in texts.items()}
+        held = {n: windows(t[-8192:]) for n, t in texts.items()}  # in each domain's validation split
         seed = config(mix, args.steps)
         train(dataclasses.replace(seed, model=dataclasses.replace(seed.model, dense=True)), root / "seed",
               log=lambda _: None)
@@ -95,7 +100,7 @@ def main() -> None:
             branch = config(Path(path), args.steps, lr=3e-3, warmup_steps=5, trainable="experts")
             train(finetune_config(root / "seed", branch), root / name, log=lambda _: None)
             report(f"branch {name}", load_model(root / name).model, held)
-        prompts = [torch.as_tensor(tok.encode(t[:4096]).astype("int64")).view(-1, 64) for t in texts.values()]
+        prompts = [windows(t[:4096]) for t in texts.values()]
         seed_model = load_model(root / "seed")
         moe = compose(seed_model.model, [load_model(root / n).model for n in domains], prompts, top_k=2)
         report("composed (hidden gate)", moe, held)

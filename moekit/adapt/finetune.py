@@ -95,8 +95,13 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
 
     path = Path(path)
     if not is_hf_dir(path):
-        from moekit.checkpoint import load_trained
+        from moekit.checkpoint import CONFIG_FILE, latest_checkpoint, load_config, load_trained, load_weights
 
+        where = latest_checkpoint(path)
+        run_dir = path if (path / CONFIG_FILE).is_file() else where.parent
+        if not load_config(run_dir).lora.rank:  # straight from the file: no second model in memory
+            load_weights(model, where)
+            return
         source, _, _ = load_trained(path)  # a LoRA run's adapters come merged
         model.load_state_dict(source.state_dict(), strict=True)
         return
