@@ -1,5 +1,5 @@
-"""The ``moekit`` commands that start from models that exist: ``upcycle`` and ``compose``
-(``train --init`` and ``--lora.*`` live with ``train``). Thin, like ``cli.py``: each parses
+"""The ``moekit`` commands that start from models that exist: ``upcycle``, ``compose`` and
+``prune`` (``train --init`` and ``--lora.*`` live with ``train``). Thin, like ``cli.py``: each parses
 its arguments and calls one library function."""
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ def cmd_compose(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     _no_fields("compose", overrides)
     print(compose_to(args.base, args.expert or [], args.dst, args.prompts, args.top_k, args.gate, args.attention,
                      args.seed, args.overwrite))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from moekit.shrink import prune_to
+
+    _no_fields("prune", overrides)
+    print(prune_to(args.src, args.dst, args.keep, args.by, args.data, args.top_k, args.overwrite))
     return 0
 
 
@@ -64,3 +72,16 @@ def add_commands(sub) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
     c.set_defaults(func=cmd_compose)
+
+    from moekit.shrink.prune import METHODS
+
+    p = sub.add_parser("prune", help="keep the N most important experts of each MoE layer")
+    p.add_argument("src", help="a moekit run or a Hugging Face MoE directory")
+    p.add_argument("dst", help="the moekit run directory to write")
+    p.add_argument("--keep", type=int, required=True, metavar="N", help="experts kept per layer")
+    p.add_argument("--by", choices=METHODS, default="frequency",
+                   help="score: how often chosen, mean routing weight, or REAP (weight x output norm)")
+    p.add_argument("--data", required=True, metavar="FILE", help="calibration text the experts are scored on")
+    p.add_argument("--top-k", type=int, help="experts per token after pruning (default: unchanged)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
+    p.set_defaults(func=cmd_prune)
