@@ -185,6 +185,10 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     try:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         loaded = load_model(args.model, dtype=dtype)
+        if args.skip_below:
+            from moekit.shrink import set_skip_below
+
+            set_skip_below(loaded.model, args.skip_below)
         tokenizer = loaded.tokenizer
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.json: moekit cannot turn --prompt into ids")
@@ -371,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and compute dtype")
     g.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s and peak memory")
+    g.add_argument("--skip-below", type=float, default=0.0, metavar="W",
+                   help="do not compute a chosen expert whose routing weight is below W (default 0: all)")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="routing statistics, specialisation, plots and an HTML report")

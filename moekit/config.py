@@ -104,6 +104,10 @@ class MoEConfig:
     """``"fast"`` (sort and grouped matmul) or ``"reference"`` (slow dense loop, for tests)."""
     check_inputs: bool = False
     """Debug mode: validate input width and finiteness on every forward (costs a sync)."""
+    skip_below: float = 0.0
+    """Inference only: a chosen expert whose weight is below this is not computed, and the
+    other chosen experts' weights are scaled up to the same total (dynamic skipping; the
+    likeliest expert is always kept). 0 computes every chosen expert."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k", "sinkhorn_iters", "n_groups", "topk_groups"):
@@ -130,6 +134,8 @@ class MoEConfig:
         for name in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate"):
             _non_negative(name, getattr(self, name))
         _positive("routed_scaling_factor", self.routed_scaling_factor, float)
+        if not (isinstance(self.skip_below, (int, float)) and 0 <= self.skip_below < 1):
+            raise ValueError(f"skip_below must be in [0, 1), got {self.skip_below!r}")
         if not (isinstance(self.router_jitter, (int, float)) and 0 <= self.router_jitter < 1):
             raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter!r}")
         ROUTERS[self.router].check_config(self)  # each router's own rules (top-1 for switch, groups...)

@@ -85,7 +85,7 @@ class Decoder:
         # moe: None runs the ffn module (a dense layer, or an MoE under another dispatcher, as
         # expert parallelism sets); () calls the router as a module; else the top-k router inline
         moe = None
-        if block.is_moe and ffn.dispatcher is None:
+        if block.is_moe and ffn.dispatcher is None and ffn.config.skip_below == 0:  # skipping: the module
             router = ffn.router
             lean_router = type(router) is TopKRouter and {router.gate.weight.dtype, block.ffn_norm.weight.dtype,
                                                            self.dtype} == {torch.float32}

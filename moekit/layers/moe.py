@@ -26,6 +26,21 @@ from moekit.layers.losses import load_balancing_loss, sequence_balance_loss, z_l
 from moekit.layers.router import Router, RouterOutput, TopKRouter, build_router
 
 
+def skip_light_experts(routing: RouterOutput, below: float) -> RouterOutput:
+    """Dynamic skipping: slots whose weight is under ``below`` stop existing (their ``mask``
+    is False, so the dispatch computes nothing for them) and each token's remaining weights
+    are scaled to the total it had; every token keeps its heaviest slot."""
+    w = routing.weights
+    keep = (w >= below) | (torch.arange(w.shape[1], device=w.device) == w.argmax(-1, keepdim=True))  # [T, k]
+    if routing.mask is not None:
+        keep = keep & routing.mask
+    kept = torch.where(keep, w, torch.zeros_like(w))
+    total = torch.where(routing.mask, w, torch.zeros_like(w)).sum(-1, keepdim=True) if routing.mask is not None \
+        else w.sum(-1, keepdim=True)
+    weights = kept * (total / kept.sum(-1, keepdim=True).clamp_min(1e-12))
+    return RouterOutput(weights, routing.indices, routing.logits, routing.probs, keep)
+
+
 @dataclass
 class MoEStats:
     """Routing statistics of one forward (detached).
@@ -173,6 +188,8 @@ class MoE(nn.Module):
             seq = lead[-1] if len(lead) else 1
             positions = torch.arange(seq, device=x.device).repeat(flat.shape[0] // max(seq, 1))
         routing = self.router(flat, token_ids=flat_ids, positions=positions)
+        if cfg.skip_below > 0 and not self.training and self.router.token_choice:
+            routing = skip_light_experts(routing, cfg.skip_below)
 
         capacity = None
         if cfg.capacity_factor is not None and self.router.token_choice:
@@ -218,6 +235,7 @@ class MoE(nn.Module):
         router = self.router
         if (flat.shape[0] == 1 and not (return_expert_outputs or compute_aux) and not torch.is_grad_enabled()
                 and type(router) is TopKRouter and type(self.experts) is SwiGLUExperts and not self.experts.adapters
+                and cfg.skip_below == 0
                 and kernels.for_tensors(flat) is not None and not torch.is_autocast_enabled("cpu")
                 and not (router.training and router.jitter > 0) and self.shared_experts is None
                 and cfg.capacity_factor is None
