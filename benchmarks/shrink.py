@@ -1,9 +1,10 @@
 """Shrinking a trained MoE at inference: validation loss against experts kept for each
-pruning score, and loss and speed against the dynamic-skipping threshold.
+pruning score and for merging, and loss and speed against the dynamic-skipping threshold.
 
 Prunes a trained moekit run (default: train the ``small`` preset for 600 steps first) to
 8, 6, 4 and 2 experts per layer, scoring the experts by frequency, mean routing weight and
-REAP on calibration text from the training split, and evaluates each on held-out windows
+REAP on calibration text from the training split, merges them into as many
+(``moekit.shrink.merge_experts``, the same calibration text), and evaluates each on held-out windows
 of the validation split (the last 10% of the corpus, as training splits it). Then skips
 chosen experts whose weight is below 0, 0.1, 0.2, 0.3 and reports the loss, the share of
 expert slots computed and the forward tokens/s over the same windows (one window of
@@ -23,7 +24,7 @@ import torch
 from moekit.checkpoint import load_config
 from moekit.data import load_text
 from moekit.interop import load_model
-from moekit.shrink import expert_scores, prune_experts, set_skip_below
+from moekit.shrink import expert_scores, merge_experts, prune_experts, set_skip_below
 
 
 def windows(ids: torch.Tensor, count: int, seq: int) -> torch.Tensor:
@@ -57,7 +58,7 @@ def main() -> None:
     full = loss(model)
     results = {"full": full}
     print(f"full model ({E} experts, top-{model.config.moe.top_k}): val loss {full:.4f}")
-    print(f"{'kept':>5}{'params':>10}" + "".join(f"{by:>12}" for by in ("frequency", "gate", "reap")))
+    print(f"{'kept':>5}{'params':>10}" + "".join(f"{by:>12}" for by in ("frequency", "gate", "reap", "merged")))
     scores = {by: expert_scores(model, calib, by) for by in ("frequency", "gate", "reap")}
     for keep in (int(k) for k in args.keep.split(",")):
         row = {}
@@ -65,8 +66,9 @@ def main() -> None:
             pruned = prune_experts(model, keep, s, top_k=min(keep, model.config.moe.top_k))
             row[by] = loss(pruned)
             params = pruned.num_params().total
+        row["merged"] = loss(merge_experts(model, keep, calib, top_k=min(keep, model.config.moe.top_k)))
         results[keep] = {**row, "params": params}
-        print(f"{keep:>5}{params / 1e6:>9.2f}M" + "".join(f"{row[by]:>12.4f}" for by in scores))
+        print(f"{keep:>5}{params / 1e6:>9.2f}M" + "".join(f"{row[by]:>12.4f}" for by in (*scores, "merged")))
     import time
 
     from moekit.analysis.collect import moe_layers

@@ -1,6 +1,6 @@
-"""The ``moekit`` commands that start from models that exist: ``upcycle``, ``compose`` and
-``prune`` (``train --init`` and ``--lora.*`` live with ``train``). Thin, like ``cli.py``: each parses
-its arguments and calls one library function."""
+"""The ``moekit`` commands that start from models that exist: ``upcycle``, ``compose``,
+``prune`` and ``merge-experts`` (``train --init`` and ``--lora.*`` live with ``train``).
+Thin, like ``cli.py``: each parses its arguments and calls one library function."""
 
 from __future__ import annotations
 
@@ -35,6 +35,14 @@ def cmd_prune(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
     _no_fields("prune", overrides)
     print(prune_to(args.src, args.dst, args.keep, args.by, args.data, args.top_k, args.overwrite))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from moekit.shrink import merge_to
+
+    _no_fields("merge-experts", overrides)
+    print(merge_to(args.src, args.dst, args.into, args.data, args.top_k, args.overwrite))
     return 0
 
 
@@ -85,3 +93,12 @@ def add_commands(sub) -> None:
     p.add_argument("--top-k", type=int, help="experts per token after pruning (default: unchanged)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
     p.set_defaults(func=cmd_prune)
+
+    g = sub.add_parser("merge-experts", help="merge each MoE layer's experts into N (grouped, aligned, averaged)")
+    g.add_argument("src", help="a moekit run or a Hugging Face MoE directory")
+    g.add_argument("dst", help="the moekit run directory to write")
+    g.add_argument("--into", type=int, required=True, metavar="N", help="experts per layer after merging")
+    g.add_argument("--data", required=True, metavar="FILE", help="calibration text (usage, similarity, alignment)")
+    g.add_argument("--top-k", type=int, help="experts per token after merging (default: unchanged, capped at N)")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
+    g.set_defaults(func=cmd_merge)
