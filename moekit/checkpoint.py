@@ -262,6 +262,14 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         raise ValueError(f"{path} cannot be read as a moekit training state ({exc})") from None
 
 
+def run_dir_of(path: str | Path) -> tuple[Path, Path]:
+    """``(run directory, checkpoint folder)`` of a run directory or one of its ``step_*``
+    folders (the checkpoint: the latest one of a run directory)."""
+    path = Path(path)
+    where = latest_checkpoint(path)
+    return (path if (path / CONFIG_FILE).is_file() else where.parent), where
+
+
 def load_trained(path: str | Path, device: str | torch.device = "cpu"):
     """A trained model ready for inference, from a run directory or one of its ``step_*``
     folders (a LoRA run's adapters merged into the weights). Returns ``(model, tokenizer,
@@ -272,8 +280,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu"):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    where = latest_checkpoint(path)
-    run_dir = path if (path / CONFIG_FILE).is_file() else where.parent  # a run dir, or one of its step_* folders
+    run_dir, where = run_dir_of(path)
     config = load_config(run_dir)
     model = Transformer(config.model)
     if config.lora.rank:  # a LoRA run: its checkpoints hold the adapters, merged for use

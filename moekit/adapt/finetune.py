@@ -65,7 +65,7 @@ def freeze(model: nn.Module, trainable: str | None) -> tuple[int, int]:
 def source_of(path: str | Path) -> tuple[ModelConfig, Any, str]:
     """``(model config, tokenizer or None, kind)`` of a moekit run or a Hugging Face directory,
     without reading its weights; ``kind`` is ``"moekit"`` or the ``model_type``."""
-    from moekit.checkpoint import CONFIG_FILE, latest_checkpoint, load_config
+    from moekit.checkpoint import load_config, run_dir_of
     from moekit.data import load_tokenizer
     from moekit.interop.hf import is_hf_dir, load_hf_tokenizer, read_hf_config
     from moekit.interop.hf_config import config_from_hf
@@ -78,8 +78,7 @@ def source_of(path: str | Path) -> tuple[ModelConfig, Any, str]:
         return config_from_hf(hf), load_hf_tokenizer(path), hf["model_type"]
     if not path.is_dir():
         raise ValueError(f"train.init: {path} is not a folder (give a moekit run or a Hugging Face directory)")
-    where = latest_checkpoint(path)
-    run_dir = path if (path / CONFIG_FILE).is_file() else where.parent
+    run_dir, _ = run_dir_of(path)
     config = load_config(run_dir)
     return config.model, load_tokenizer(config.data.tokenizer, run_dir), "moekit"
 
@@ -88,17 +87,13 @@ def source_of(path: str | Path) -> tuple[ModelConfig, Any, str]:
 def load_init_weights(model: nn.Module, path: str | Path) -> None:
     """Copy the weights of the moekit run or Hugging Face directory ``path`` into ``model``
     (whose config must be the source's: a ValueError names every tensor that differs)."""
-    from moekit.interop.hf import is_hf_dir, read_hf_config
-    from moekit.interop.hf_config import family_of
-    from moekit.interop.hf_weights import from_hf
-    from moekit.interop.safetensors_io import SafetensorsDir
+    from moekit.interop.hf import is_hf_dir, read_hf_config, read_hf_state
 
     path = Path(path)
     if not is_hf_dir(path):
-        from moekit.checkpoint import CONFIG_FILE, latest_checkpoint, load_config, load_trained, load_weights
+        from moekit.checkpoint import load_config, load_trained, load_weights, run_dir_of
 
-        where = latest_checkpoint(path)
-        run_dir = path if (path / CONFIG_FILE).is_file() else where.parent
+        run_dir, where = run_dir_of(path)
         if not load_config(run_dir).lora.rank:  # straight from the file: no second model in memory
             load_weights(model, where)
             return
@@ -106,17 +101,14 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
         model.load_state_dict(source.state_dict(), strict=True)
         return
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = from_hf(SafetensorsDir(path), model.config, family_of(read_hf_config(path)), shapes)
-    if model.config.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(read_hf_state(path, read_hf_config(path), model.config, shapes), strict=True)
 
 
-def check_init_model(config: ModelConfig, path: str | Path) -> None:
-    """Refuse a ``config.model`` whose weights differ in name or shape from the source's."""
+def check_init_model(config: ModelConfig, source: ModelConfig, path: str | Path) -> None:
+    """Refuse a ``config`` whose weights differ in name or shape from those of ``source``,
+    the model config of ``train.init`` ``path``."""
     from moekit.models import Transformer
 
-    source, _, _ = source_of(path)
     with torch.device("meta"):
         ours = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
         theirs = {k: tuple(v.shape) for k, v in Transformer(source).state_dict().items()}
@@ -172,8 +164,8 @@ def check_start(config: RunConfig, init: str | Path | None) -> tuple[Any, str]:
         freeze(probe, config.train.trainable)
     if init is None:
         return None, ""
-    check_init_model(config.model, init)
-    _, tokenizer, kind = source_of(init)
+    source, tokenizer, kind = source_of(init)
+    check_init_model(config.model, source, init)
     tokenizer = tokenizer or ByteTokenizer()
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"train.init {init}: its tokenizer has {tokenizer.vocab_size} tokens, more than the model's "

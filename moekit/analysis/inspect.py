@@ -48,10 +48,9 @@ def _corpus(path: Path, loaded, data: str | None, max_tokens: int):
     from moekit.data.corpus import load_text
 
     if data is None and loaded.source == "moekit":
-        from moekit.checkpoint import load_config
+        from moekit.checkpoint import load_config, run_dir_of
 
-        run_dir = path if (path / "config.json").is_file() else path.parent
-        cfg = load_config(run_dir).data
+        cfg = load_config(run_dir_of(path)[0]).data
         text = load_text(cfg.path, cfg.suffixes, max_chars=max_tokens * 8)
         where = cfg.path or "the Python standard library"
     elif data is None:

@@ -93,7 +93,6 @@ def load_hf(
     caps the RoPE tables (default: the config's ``max_position_embeddings``).
     """
     hf_config = read_hf_config(path)
-    family = family_of(hf_config)
     config = config_from_hf(hf_config, max_seq_len)
     from moekit.budget import check_fits
     from moekit.models import count_model_params
@@ -102,10 +101,17 @@ def load_hf(
     check_fits(f"loading {path} ({params:,} parameters as {dtype})", params * dtype.itemsize, str(device))
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
-    state = from_hf(SafetensorsDir(path), config, family, shapes, dtype)
+    return build_from_state(config, read_hf_state(path, hf_config, config, shapes, dtype), device)
+
+
+def read_hf_state(path: str | Path, hf_config: dict[str, Any], config: ModelConfig,
+                  shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """moekit's state dict of the Hugging Face directory ``path`` (tensor by tensor from its
+    safetensors, checked against ``shapes``; a tied head shares the embedding)."""
+    state = from_hf(SafetensorsDir(path), config, family_of(hf_config), shapes, dtype)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
-    return build_from_state(config, state, device)
+    return state
 
 
 def save_hf(

@@ -78,11 +78,9 @@ def prepare_data(config: RunConfig, out_dir: Path, resume: bool, log: Callable[[
     t0 = time.perf_counter()
     d = config.data
     text = load_text(d.path, d.suffixes, d.max_chars)
-    if tokenizer is not None:
-        pass
-    elif resume or d.tokenizer == "byte":
+    if tokenizer is None and (resume or d.tokenizer == "byte"):
         tokenizer = load_tokenizer(d.tokenizer, out_dir)
-    else:
+    elif tokenizer is None:
         log(f"training a BPE tokenizer with {d.bpe_vocab_size} tokens on {len(text) / 1e6:.1f}M characters...")
         tokenizer = build_tokenizer("bpe", text, d.bpe_vocab_size)
     tokens = tokenizer.encode(text).astype(token_dtype(tokenizer.vocab_size), copy=False)
@@ -335,10 +333,10 @@ class Trainer:
         if self.dist is not None:
             self.dist.shard(self.model)
         self.trainable, _ = freeze(self.model, t.trainable)
-        if t.trainable is not None or config.lora.rank:
-            what = f"LoRA rank {config.lora.rank} on {config.lora.targets}" if config.lora.rank else ""
-            what += f"{' + ' if what else ''}{t.trainable or ''}" if t.trainable else ""
-            log(f"trainable: {what}: {self.trainable / 1e6:.2f}M of {self.counts.total / 1e6:.2f}M parameters")
+        what = ([f"LoRA rank {config.lora.rank} on {config.lora.targets}"] if config.lora.rank else []) + \
+            ([t.trainable] if t.trainable else [])
+        if what:
+            log(f"trainable: {' + '.join(what)}: {self.trainable / 1e6:.2f}M of {self.counts.total / 1e6:.2f}M parameters")
         self.optimizer = build_optimizer(self.model, t)
         if state is not None:
             load_optimizer_state(self.optimizer, self.model, state["optimizer"],
