@@ -24,7 +24,7 @@ from torch import nn
 
 from moekit import kernels, ops
 from moekit.config import MoEConfig
-from moekit.layers.lora import adapted_linear, swiglu_with_adapters
+from moekit.layers.lora import adapted_linear, expert_projection, swiglu_with_adapters
 from moekit.layers.thresholds import threshold
 from moekit.ops.swiglu import grouped_matmul, segments
 from moekit.registry import register_expert
@@ -44,10 +44,7 @@ def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> 
     per-expert views of a 3-D weight cost a full-size gradient each. Without gradients, a
     per-segment loop is faster once segments are long (``loop_inference_min_rows``).
     """
-    if not _HAS_GROUPED_MM or x.dtype != w.dtype:
-        return False
-    align = 16 // x.element_size()  # rows must start on 16-byte boundaries, on CPU and CUDA alike
-    if x.shape[-1] % align or w.shape[-1] % align:
+    if not _HAS_GROUPED_MM or x.dtype != w.dtype or not rows_aligned(x, x.shape[-1], w.shape[-1]):
         return False
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16
@@ -56,6 +53,13 @@ def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> 
     if x.dtype == torch.float32 and torch.compiler.is_compiling():
         return False  # torch.compile's fake kernel for grouped_mm accepts bfloat16 only
     return needs_grad or x.shape[0] < threshold("loop_inference_min_rows") * w.shape[0]
+
+
+def rows_aligned(x: torch.Tensor, *widths: int) -> bool:
+    """Whether rows of these widths in ``x``'s dtype start on 16-byte boundaries, as
+    ``F.grouped_mm`` needs on CPU and CUDA alike."""
+    align = 16 // x.element_size()
+    return all(w % align == 0 for w in widths)
 
 
 def _init_uniform(t: torch.Tensor, fan_in: int) -> None:
@@ -198,7 +202,7 @@ class SwiGLUExperts(GroupedExperts):
             grouped = self.use_grouped_mm
             if grouped is None:
                 rank = next(iter(self.adapters.values())).rank
-                grouped = grouped_mm_qualifies(x, weights[0], True) and rank % (16 // x.element_size()) == 0
+                grouped = grouped_mm_qualifies(x, weights[0], True) and rows_aligned(x, rank)
             return "lora_grouped" if grouped and _HAS_GROUPED_MM else "lora_loop"
         if self.use_grouped_mm is None and x.device.type == "cpu":
             rows, kernels_on = x.shape[0], kernels.for_tensors(x) is not None
@@ -268,11 +272,8 @@ class SwiGLUExperts(GroupedExperts):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.adapters:
             ad = self.adapters
-
-            def proj(name: str, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-                return rows @ w[e] + ad[name].expert(e, rows) if name in ad else rows @ w[e]
-
-            return proj("w2", self.w2, F.silu(proj("w1", self.w1, x)) * proj("w3", self.w3, x))
+            hidden = F.silu(expert_projection(ad, "w1", self.w1, e, x)) * expert_projection(ad, "w3", self.w3, e, x)
+            return expert_projection(ad, "w2", self.w2, e, hidden)
         if self._fused_is_live(self.w1):
             gate, up = (x @ self.fused_gate_up[e]).chunk(2, dim=-1)  # [n, d] -> [n, 2f] -> 2 x [n, f]
             return (F.silu(gate) * up) @ self.w2[e]

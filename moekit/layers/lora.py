@@ -68,6 +68,12 @@ class ExpertAdapter(nn.Module):
         return torch.bmm(self.a, self.b) * self.scale
 
 
+def expert_projection(adapters: nn.ModuleDict, name: str, w: torch.Tensor, e: int, rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ w[e]`` plus expert ``e``'s adapter on weight ``name`` when there is one."""
+    y = rows @ w[e]
+    return y + adapters[name].expert(e, rows) if name in adapters else y
+
+
 def adapted_linear(linear: nn.Linear, adapters: nn.ModuleDict, name: str, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)`` plus its adapter ``adapters[name]`` when there is one."""
     y = linear(x)
@@ -79,15 +85,13 @@ def swiglu_with_adapters(x: torch.Tensor, weights: tuple[torch.Tensor, ...], ada
     """SwiGLU experts with adapters on any of ``w1``/``w3``/``w2``: rows ``x [N, d]`` sorted
     by expert -> ``[N, d]``, all segments at once (``grouped``) or one segment at a time."""
     w1, w3, w2 = weights
+    segs = None if grouped else segments(tokens_per_expert)  # one host sync for the three projections
 
     def project(name: str, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if grouped:
             y = grouped_matmul(rows, w, tokens_per_expert)
             return y + adapters[name].grouped(rows, tokens_per_expert) if name in adapters else y
-        outs = []
-        for e, lo, hi in segments(tokens_per_expert):
-            y = rows[lo:hi] @ w[e]
-            outs.append(y + adapters[name].expert(e, rows[lo:hi]) if name in adapters else y)
+        outs = [expert_projection(adapters, name, w, e, rows[lo:hi]) for e, lo, hi in segs]
         return torch.cat(outs) if outs else rows.new_zeros(0, w.shape[-1])
 
     hidden = F.silu(project("w1", w1, x)) * project("w3", w3, x)  # [N, d] -> [N, f]

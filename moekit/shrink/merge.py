@@ -73,8 +73,8 @@ def merge_experts(model: Transformer, into: int, tokens: torch.Tensor, top_k: in
     k = min(m.top_k, into) if top_k is None else top_k
     if not 1 <= k <= into:
         raise ValueError(f"top_k ({k}) must be in 1..{into} (the experts after merging)")
-    usage = expert_scores(model, tokens, "frequency")
     hidden = ffn_inputs(model, tokens)
+    usage = expert_scores(model, tokens, "frequency", hidden)
     state = {name: t.detach().clone() for name, t in model.state_dict().items()}
     for i, count in usage.items():
         experts = model.blocks[i].ffn.experts

@@ -28,15 +28,17 @@ PRUNABLE_ROUTERS = ("topk", "switch")  # a gate and nothing else per expert
 
 
 @torch.no_grad()
-def expert_scores(model: Transformer, tokens: torch.Tensor, by: str = "frequency") -> dict[int, torch.Tensor]:
-    """``{layer: [E] scores}`` of every MoE layer on calibration ``tokens`` ``[B, S]``."""
+def expert_scores(model: Transformer, tokens: torch.Tensor, by: str = "frequency",
+                  hidden: list[torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """``{layer: [E] scores}`` of every MoE layer on calibration ``tokens`` ``[B, S]``
+    (``hidden``: each layer's FFN inputs on them, when the caller has them already)."""
     from moekit.adapt.upcycle import ffn_inputs
 
     if by not in METHODS:
         raise ValueError(f"by must be one of {list(METHODS)}, got {by!r}")
     if tokens.numel() == 0:
         raise ValueError("the calibration tokens are empty")
-    hidden = ffn_inputs(model, tokens)  # per layer [N, d]
+    hidden = ffn_inputs(model, tokens) if hidden is None else hidden  # per layer [N, d]
     was_training = model.training
     model.eval()
     out = {}
