@@ -32,10 +32,9 @@ def worker(size: str, mode: str, root: Path, steps: int) -> dict:
     import torch
 
     from moekit.adapt import finetune_config
-    from moekit.checkpoint import write_run
     from moekit.config import LoRAConfig, ModelConfig
     from moekit.data import ByteTokenizer
-    from moekit.interop.hf import run_config_for
+    from moekit.interop.hf import save_run
     from moekit.models import Transformer
     from moekit.presets import preset
     from moekit.training import train
@@ -45,7 +44,7 @@ def worker(size: str, mode: str, root: Path, steps: int) -> dict:
         model_fields = {**preset("small").model.to_dict(), **SIZES[size]}
         torch.manual_seed(0)
         model = Transformer(ModelConfig.from_dict(model_fields))
-        write_run(base, run_config_for(model.config, ByteTokenizer()), model, ByteTokenizer(), {})
+        save_run(base, model, ByteTokenizer(), {})
         del model
     c = preset("finetune")
     fields = dict(max_steps=steps, progress=False, eval_every=10**9, checkpoint_every=10**9, eval_batches=1,

@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 from moekit.adapt import finetune_config, upcycle
-from moekit.checkpoint import write_run
 from moekit.interop import load_model
-from moekit.interop.hf import run_config_for
+from moekit.interop.hf import save_run
 from moekit.models import count_model_params
 from moekit.presets import preset
 from moekit.training import train
@@ -101,7 +100,7 @@ def main() -> None:
         for i, (name, kw) in enumerate(variants.items()):
             start = root / f"variant{i}" / "start"
             model = source.model if kw is None else upcycle(source.model, **kw)
-            write_run(start, run_config_for(model.config, source.tokenizer), model, source.tokenizer, {})
+            save_run(start, model, source.tokenizer, {})
             cfg = finetune_config(start, dataclasses.replace(base, train=continuation))
             steps = max(1, round(extra_compute / flops_per_step(cfg)))
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps),

@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 
 from moekit.adapt import compose, finetune_config
-from moekit.checkpoint import write_run
 from moekit.data import ByteTokenizer, load_text
 from moekit.interop import load_model
-from moekit.interop.hf import run_config_for
+from moekit.interop.hf import save_run
 from moekit.presets import tiny
 from moekit.training import train
 
@@ -104,7 +103,7 @@ def main() -> None:
         seed_model = load_model(root / "seed")
         moe = compose(seed_model.model, [load_model(root / n).model for n in domains], prompts, top_k=2)
         report("composed (hidden gate)", moe, held)
-        write_run(root / "btx", run_config_for(moe.config, None), moe, None, {})
+        save_run(root / "btx", moe, None, {})
         mixing = config(mix, args.steps, lr=1e-2, warmup_steps=5, trainable="router")
         train(finetune_config(root / "btx", mixing), root / "tuned", log=lambda _: None)
         report("router trained on the mix", load_model(root / "tuned").model, held)

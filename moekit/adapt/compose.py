@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from moekit.adapt.upcycle import calibration_tokens, ffn_inputs
+from moekit.analysis.collect import ffn_inputs
+from moekit.data.corpus import calibration_tokens
 from moekit.config import ModelConfig
 from moekit.interop.hf import build_from_state
 from moekit.models import Transformer
@@ -151,9 +152,9 @@ def compose_to(base: str | Path, experts: list[str | Path], dst: str | Path, pro
     """``moekit compose``: the models at ``base`` and ``experts`` (moekit runs or Hugging Face
     directories) composed into a moekit run at ``dst``, the prompts read from text files with
     the base's tokenizer. Everything is checked before ``dst`` is touched."""
-    from moekit.checkpoint import check_destination, write_run
+    from moekit.checkpoint import check_destination
     from moekit.interop import load_model
-    from moekit.interop.hf import run_config_for
+    from moekit.interop.hf import save_run
 
     paths = [Path(base), *map(Path, experts)]
     for p in paths + [Path(f) for f in prompts or []]:
@@ -173,6 +174,6 @@ def compose_to(base: str | Path, experts: list[str | Path], dst: str | Path, pro
         warnings.simplefilter("always")
         model = compose(loaded[0].model, [m.model for m in loaded[1:]], tokens, top_k, gate, attention, seed)
     info = {"composed_from": [str(p) for p in paths], "gate": gate, "attention": attention}
-    write_run(dst, run_config_for(model.config, loaded[0].tokenizer), model, loaded[0].tokenizer, info)
+    save_run(dst, model, loaded[0].tokenizer, info)
     notes = "".join(f"\nwarning: {w.message}" for w in caught)
     return f"wrote an MoE of {len(experts)} experts (top-{top_k}, gate {gate}) to {dst}{notes}"

@@ -100,6 +100,8 @@ def upcycle(model: Transformer, num_experts: int = 8, top_k: int = 2, granularit
     if router_init == "hidden":
         if calibration is None or calibration.numel() == 0:
             raise ValueError("router_init='hidden' needs calibration tokens (a [batch, seq] tensor of ids)")
+        from moekit.analysis.collect import ffn_inputs
+
         features = ffn_inputs(model, calibration)
     gen = torch.Generator().manual_seed(seed)
     routed = granularity - shared_experts
@@ -137,29 +139,6 @@ def upcycle(model: Transformer, num_experts: int = 8, top_k: int = 2, granularit
     return build_from_state(config, state, next(model.parameters()).device)
 
 
-@torch.no_grad()
-def ffn_inputs(model: Transformer, tokens: torch.Tensor, batch: int = 8) -> list[torch.Tensor]:
-    """Each layer's feed-forward input (after its norm) on ``tokens`` ``[B, S]``:
-    one ``[B*S, d_model]`` float32 tensor per layer."""
-    if tokens.dim() != 2:
-        raise ValueError(f"calibration tokens must be [batch, seq] ids, got shape {tuple(tokens.shape)}")
-    captured: list[list[torch.Tensor]] = [[] for _ in model.blocks]
-    hooks = [block.ffn_norm.register_forward_hook(
-        lambda _m, _i, out, i=i: captured[i].append(out.reshape(-1, out.shape[-1]).float()))
-        for i, block in enumerate(model.blocks)]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for start in range(0, tokens.shape[0], batch):
-            model(tokens[start:start + batch].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return [torch.cat(c) for c in captured]
-
-
 def centroids(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 10) -> torch.Tensor:
     """``k`` unit-length router rows from the points ``x`` ``[N, d]``: k-means on the centred
     points (farthest-point seeding from a seeded first point, then Lloyd steps); one row, the
@@ -186,30 +165,15 @@ def centroids(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 10) ->
     return centres / centres.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def calibration_tokens(path: str | Path, tokenizer, seq_len: int, max_tokens: int = 16384) -> torch.Tensor:
-    """The text file ``path`` as ``[B, seq_len]`` token ids (at most ``max_tokens``), for
-    the ``hidden`` router init. An empty file or one too short for a window is an error."""
-    from moekit.data import load_text
-
-    if tokenizer is None:
-        raise ValueError("the source model has no tokenizer.json: moekit cannot read calibration text for it")
-    text = load_text(str(path))  # names a missing, empty or non-UTF-8 file
-    ids = torch.as_tensor(tokenizer.encode(text)[:max_tokens].astype("int64"))
-    if ids.numel() < 2:
-        raise ValueError(f"the calibration text {path} gives {ids.numel()} token(s); give a few hundred at least")
-    seq_len = min(seq_len, ids.numel())
-    return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)  # [N] -> [B, seq_len]
-
-
 def upcycle_to(src: str | Path, dst: str | Path, num_experts: int = 8, top_k: int = 2, granularity: int = 1,
                shared_experts: int = 0, router_init: str = "random", noise: float = 0.0,
                calibration: str | Path | None = None, seed: int = 0, overwrite: bool = False) -> str:
     """``moekit upcycle``: the dense model at ``src`` (a moekit run or a Hugging Face
     directory of a dense family) upcycled into a moekit run at ``dst``. Everything is checked
     before ``dst`` is touched. Returns a one-line description."""
-    from moekit.checkpoint import check_destination, write_run
+    from moekit.checkpoint import check_destination
     from moekit.interop import load_model
-    from moekit.interop.hf import run_config_for
+    from moekit.interop.hf import save_run
 
     src = Path(src)
     if not src.exists():
@@ -221,11 +185,13 @@ def upcycle_to(src: str | Path, dst: str | Path, num_experts: int = 8, top_k: in
         raise ValueError("--router-init hidden needs --calibration FILE (text the router rows are fitted to)")
     tokens = None
     if calibration is not None:
+        from moekit.data.corpus import calibration_tokens
+
         tokens = calibration_tokens(calibration, loaded.tokenizer, min(256, loaded.model.config.max_seq_len))
     model = upcycle(loaded.model, num_experts, top_k, granularity, shared_experts, router_init, noise, tokens, seed)
     info = {"upcycled_from": str(src), "num_experts": num_experts, "top_k": top_k, "granularity": granularity,
             "shared_experts": shared_experts, "router_init": router_init, "noise": noise}
-    write_run(dst, run_config_for(model.config, loaded.tokenizer), model, loaded.tokenizer, info)
+    save_run(dst, model, loaded.tokenizer, info)
     exact = "starts as the dense model's function" if function_preserving(model.config) and not noise else \
         "does not start exactly at the dense function (noise, or top_k not a multiple of the routed slices)"
     counts = model.num_params()

@@ -1,5 +1,6 @@
 """Running a model over a corpus and collecting routing statistics, the token-level view,
-routing consistency, expert similarity and training dynamics.
+routing consistency, expert similarity, training dynamics, and each layer's FFN inputs
+(what upcycling, composition, pruning and merging fit to).
 
 Everything hooks the :class:`moekit.MoE` modules of the model (so any model holding them
 works, a Hugging Face checkpoint loaded by moekit included) and keeps running sums only.
@@ -243,3 +244,26 @@ def windows(stream: torch.Tensor, labels: torch.Tensor | None, seq_len: int, bat
         toks = torch.stack([stream[r * seq_len:(r + 1) * seq_len] for r in rows])
         labs = None if labels is None else torch.stack([labels[r * seq_len:(r + 1) * seq_len] for r in rows])
         yield toks.long(), labs
+
+
+@torch.no_grad()
+def ffn_inputs(model: nn.Module, tokens: torch.Tensor, batch: int = 8) -> list[torch.Tensor]:
+    """Each layer's feed-forward input (after its norm) on ``tokens`` ``[B, S]``:
+    one ``[B*S, d_model]`` float32 tensor per layer."""
+    if tokens.dim() != 2:
+        raise ValueError(f"calibration tokens must be [batch, seq] ids, got shape {tuple(tokens.shape)}")
+    captured: list[list[torch.Tensor]] = [[] for _ in model.blocks]
+    hooks = [block.ffn_norm.register_forward_hook(
+        lambda _m, _i, out, i=i: captured[i].append(out.reshape(-1, out.shape[-1]).float()))
+        for i, block in enumerate(model.blocks)]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, tokens.shape[0], batch):
+            model(tokens[start:start + batch].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [torch.cat(c) for c in captured]

@@ -1,10 +1,12 @@
 """Text corpora: the running Python's standard library sources by default, or any text
-file or folder of text files."""
+file or folder of text files; and calibration text cut into windows of token ids."""
 
 from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+
+import torch
 
 SEPARATOR = "\n\n"
 
@@ -60,3 +62,17 @@ def load_text(path: str | None = None, suffixes: str = ".txt,.md,.py,.rst", max_
     if not text.strip():
         raise ValueError(f"the corpus {path or 'stdlib'} is empty")
     return text
+
+
+def calibration_tokens(path: str | Path, tokenizer, seq_len: int, max_tokens: int = 16384) -> torch.Tensor:
+    """The calibration text file ``path`` (upcycling's router init, composition, pruning,
+    merging) as ``[B, seq_len]`` ids of ``tokenizer``, at most ``max_tokens``. A missing
+    tokenizer, or a file that is empty or too short for a window, is an error."""
+    if tokenizer is None:
+        raise ValueError("the source model has no tokenizer.json: moekit cannot read calibration text for it")
+    text = load_text(str(path))  # names a missing, empty or non-UTF-8 file
+    ids = torch.as_tensor(tokenizer.encode(text)[:max_tokens].astype("int64"))
+    if ids.numel() < 2:
+        raise ValueError(f"the calibration text {path} gives {ids.numel()} token(s); give a few hundred at least")
+    seq_len = min(seq_len, ids.numel())
+    return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)  # [N] -> [B, seq_len]

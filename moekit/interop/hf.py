@@ -231,7 +231,7 @@ def convert(src: str | Path, dst: str | Path, model_type: str | None = None, ove
     """``moekit convert``: a moekit run -> a Hugging Face directory, or a Hugging Face
     directory -> a moekit run directory (config.json + one checkpoint). Returns a one-line
     description of what was written."""
-    from moekit.checkpoint import check_destination, write_run
+    from moekit.checkpoint import check_destination
 
     src = Path(src)
     if not src.exists():
@@ -243,8 +243,7 @@ def convert(src: str | Path, dst: str | Path, model_type: str | None = None, ove
         return f"wrote a {written} Hugging Face directory to {dst}"
     if model_type is not None:
         raise ValueError("model_type applies to moekit -> Hugging Face conversions only")
-    config = run_config_for(loaded.model.config, loaded.tokenizer)
-    write_run(dst, config, loaded.model, loaded.tokenizer, {"converted_from": str(src)})
+    save_run(dst, loaded.model, loaded.tokenizer, {"converted_from": str(src)})
     return f"wrote a moekit run directory ({loaded.source} weights) to {dst}"
 
 
@@ -257,3 +256,11 @@ def run_config_for(model_config: ModelConfig, tokenizer: Any):
         getattr(tokenizer, "kind", None) == "bpe" else {}
     train = TrainConfig(seq_len=min(TrainConfig.seq_len, model_config.max_seq_len))
     return RunConfig(model=model_config, data=DataConfig(**data), train=train)
+
+
+def save_run(dst: str | Path, model: Transformer, tokenizer: Any, info: dict[str, Any]) -> None:
+    """``model`` (read or made from elsewhere) as a moekit run at ``dst``, with the config of
+    :func:`run_config_for` (see :func:`moekit.checkpoint.write_run`; check ``dst`` first)."""
+    from moekit.checkpoint import write_run
+
+    write_run(Path(dst), run_config_for(model.config, tokenizer), model, tokenizer, info)

@@ -58,7 +58,7 @@ def merge_experts(model: Transformer, into: int, tokens: torch.Tensor, top_k: in
     and align experts). ``top_k`` (default: the model's, capped at ``into``)."""
     from dataclasses import replace
 
-    from moekit.adapt.upcycle import ffn_inputs
+    from moekit.analysis.collect import ffn_inputs
     from moekit.interop.hf import build_from_state
     from moekit.layers.experts import SwiGLUExperts
 
@@ -115,10 +115,10 @@ def merge_to(src: str | Path, dst: str | Path, into: int, data: str | Path, top_
              overwrite: bool = False) -> str:
     """``moekit merge-experts``: the model at ``src`` with its experts merged into ``into``
     per layer on the calibration text ``data``, written as a moekit run at ``dst``."""
-    from moekit.adapt.upcycle import calibration_tokens
-    from moekit.checkpoint import check_destination, write_run
+    from moekit.data.corpus import calibration_tokens
+    from moekit.checkpoint import check_destination
     from moekit.interop import load_model
-    from moekit.interop.hf import run_config_for
+    from moekit.interop.hf import save_run
 
     src = Path(src)
     if not src.exists():
@@ -127,7 +127,7 @@ def merge_to(src: str | Path, dst: str | Path, into: int, data: str | Path, top_
     loaded = load_model(src)
     tokens = calibration_tokens(data, loaded.tokenizer, min(256, loaded.model.config.max_seq_len))
     model = merge_experts(loaded.model, into, tokens, top_k)
-    write_run(dst, run_config_for(model.config, loaded.tokenizer), model, loaded.tokenizer,
+    save_run(dst, model, loaded.tokenizer,
               {"merged_from": str(src), "into": into})
     before, after = loaded.model.num_params().total, model.num_params().total
     return (f"wrote a model with {into} merged experts per layer to {dst}: {after / 1e6:.2f}M parameters, "

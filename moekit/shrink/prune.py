@@ -32,7 +32,7 @@ def expert_scores(model: Transformer, tokens: torch.Tensor, by: str = "frequency
                   hidden: list[torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
     """``{layer: [E] scores}`` of every MoE layer on calibration ``tokens`` ``[B, S]``
     (``hidden``: each layer's FFN inputs on them, when the caller has them already)."""
-    from moekit.adapt.upcycle import ffn_inputs
+    from moekit.analysis.collect import ffn_inputs
 
     if by not in METHODS:
         raise ValueError(f"by must be one of {list(METHODS)}, got {by!r}")
@@ -120,10 +120,10 @@ def prune_to(src: str | Path, dst: str | Path, keep: int, by: str = "frequency",
     """``moekit prune``: the model at ``src`` (a moekit run or a Hugging Face MoE directory)
     pruned to ``keep`` experts per layer, scored on the text ``data``, written as a moekit run
     at ``dst``. Everything is checked before ``dst`` is touched."""
-    from moekit.adapt.upcycle import calibration_tokens
-    from moekit.checkpoint import check_destination, write_run
+    from moekit.data.corpus import calibration_tokens
+    from moekit.checkpoint import check_destination
     from moekit.interop import load_model
-    from moekit.interop.hf import run_config_for
+    from moekit.interop.hf import save_run
 
     if by not in METHODS:
         raise ValueError(f"--by must be one of {list(METHODS)}, got {by!r}")
@@ -142,7 +142,7 @@ def prune_to(src: str | Path, dst: str | Path, keep: int, by: str = "frequency",
     tokens = calibration_tokens(data, loaded.tokenizer, min(256, loaded.model.config.max_seq_len))
     scores = expert_scores(loaded.model, tokens, by) if not loaded.model.config.dense else None
     model = prune_experts(loaded.model, keep, scores, top_k)
-    write_run(dst, run_config_for(model.config, loaded.tokenizer), model, loaded.tokenizer,
+    save_run(dst, model, loaded.tokenizer,
               {"pruned_from": str(src), "by": by, "keep": keep})
     before, after = loaded.model.num_params().total, model.num_params().total
     return (f"wrote a model with {keep} of {m.num_experts} experts per layer (by {by}) to {dst}: "

@@ -123,10 +123,9 @@ def test_experts_are_the_branches_ffns_and_the_rest_is_the_base(btx):
 def test_branch_train_mix_router_training_sharpens_the_routing(btx, tmp_path):
     d, m, held, prompts = btx
     composed = compose(m["seed"], [m["code"], m["prose"]], prompts, top_k=2, gate="hidden")
-    from moekit.checkpoint import write_run
-    from moekit.interop.hf import run_config_for
+    from moekit.interop.hf import save_run
 
-    write_run(tmp_path / "composed", run_config_for(composed.config, None), composed, None, {})
+    save_run(tmp_path / "composed", composed, None, {})
     mix = finetune_config(tmp_path / "composed", config(d / "mix.txt", 300, lr=1e-2, warmup_steps=5,
                                                       trainable="router"))
     train(mix, tmp_path / "mixed", log=lambda _: None)
