@@ -38,3 +38,26 @@ def check_fits(what: str, needed: int, device: str = "cpu") -> None:
     if free is not None and needed > free:
         raise MemoryError(f"{what} needs about {gb(needed)} but {device} has {gb(free)} available; "
                           "choose smaller sizes")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_bytes(text: str | int, what: str = "size") -> int:
+    """Bytes from ``"4GB"``, ``"1.5 GiB"``, ``"512M"`` (K/M/G/T alone: binary) or a plain
+    number of bytes. Raises ValueError naming ``what`` and the units it takes."""
+    import re
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"{what} {text!r} is not a size: write a number with an optional unit, e.g. 4GB, "
+                             f"1.5GiB, 512M (units: {', '.join(u for u in _UNITS if u)})")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"{what} must be more than 0 bytes, got {text!r}")
+    return value

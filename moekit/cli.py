@@ -184,7 +184,11 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         raise _fail("generate", ValueError(f"config fields cannot be set here: {sorted(overrides)}"))
     try:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-        loaded = load_model(args.model, dtype=dtype)
+        offload = {} if args.expert_memory is None else {"expert_memory": args.expert_memory,
+                                                             "policy": args.offload_policy, "prefetch": not args.no_prefetch}
+        if args.expert_memory is None and (args.offload_policy != "lru" or args.no_prefetch):
+            raise ValueError("--offload-policy and --no-prefetch apply with --expert-memory only")
+        loaded = load_model(args.model, dtype=dtype, **offload)
         if args.skip_below:
             from moekit.shrink import set_skip_below
 
@@ -377,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s and peak memory")
     g.add_argument("--skip-below", type=float, default=0.0, metavar="W",
                    help="do not compute a chosen expert whose routing weight is below W (default 0: all)")
+    g.add_argument("--expert-memory", metavar="SIZE",
+                   help="leave the routed experts in their files and hold at most SIZE of them in memory (e.g. 4GB)")
+    g.add_argument("--offload-policy", choices=["lru", "lfu"], default="lru",
+                   help="which cached expert --expert-memory evicts first (default lru)")
+    g.add_argument("--no-prefetch", action="store_true",
+                   help="with --expert-memory: do not read the next layer's likely experts ahead")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="routing statistics, specialisation, plots and an HTML report")

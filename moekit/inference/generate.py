@@ -9,6 +9,7 @@ token; ``on_token`` streams each step's ids.
 
 from __future__ import annotations
 
+import copy
 import resource
 import sys
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit.inference.decode import Decoder
+from moekit.inference.expert_cache import OffloadStats
 from moekit.inference.kv_cache import KVCache
 from moekit.inference.sampling import check_sampling, sample_next
 
@@ -35,6 +37,8 @@ class GenerationStats:
         decode_steps: decode forwards (the first new token comes from the prefill).
         peak_memory_bytes: the process's peak resident memory (CPU), or the peak allocated
             CUDA memory when the model is on a GPU.
+        offload: with offloaded experts (``load_model(..., expert_memory=...)``), the expert
+            cache's counters over the decode steps (hit rate, prefetch accuracy, bytes read).
     """
 
     batch: int
@@ -44,6 +48,7 @@ class GenerationStats:
     decode_s: float
     decode_steps: int
     peak_memory_bytes: int
+    offload: OffloadStats | None = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -57,7 +62,8 @@ class GenerationStats:
     def summary(self) -> str:
         return (f"prefill {self.prompt_tokens} tokens in {self.prefill_s:.3f}s ({self.prefill_tokens_per_s:,.0f} tok/s); "
                 f"decode {self.decode_steps} steps x batch {self.batch} in {self.decode_s:.3f}s "
-                f"({self.decode_tokens_per_s:,.1f} tok/s); peak memory {self.peak_memory_bytes / 2**20:,.0f} MiB")
+                f"({self.decode_tokens_per_s:,.1f} tok/s); peak memory {self.peak_memory_bytes / 2**20:,.0f} MiB"
+                + (f"\n{self.offload.summary(self.decode_steps * self.batch)}" if self.offload is not None else ""))
 
 
 @dataclass
@@ -162,6 +168,8 @@ def generate_batch(
         logits = model(tokens, kv_cache=cache, positions=positions, key_mask=real[:, :S] if padded else None,
                        last_only=True).logits[:, -1]
         prefill_s = time.perf_counter() - t0
+        offload = getattr(model, "expert_offload", None)
+        offload_start = copy.copy(offload.stats) if offload is not None else None
         t0 = time.perf_counter()
         decoder = Decoder(model, cache)
         history = tokens  # equal-length prompts only: the context to restart from
@@ -192,7 +200,7 @@ def generate_batch(
         model.train(was_training)
     rows = [[t for t in row if t >= 0] for row in out.tolist()]
     stats = GenerationStats(B, sum(len(p) for p in prompts), sum(map(len, rows)), prefill_s, decode_s, steps,
-                            _peak_memory(device))
+                            _peak_memory(device), None if offload is None else offload.stats - offload_start)
     return GenerationOutput(rows, stats)
 
 

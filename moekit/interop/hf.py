@@ -8,6 +8,7 @@ The state-dict and config mappings are pure functions in ``hf_weights.py`` and
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,11 +68,15 @@ def is_hf_dir(path: str | Path) -> bool:
         return False
 
 
-def build_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> Transformer:
+def build_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                     edit: Callable[[Transformer], Any] | None = None) -> Transformer:
     """A :class:`Transformer` that takes ``state``'s tensors as its weights (no copy, no
-    random init: the model is built on the meta device first)."""
+    random init: the model is built on the meta device first; ``edit`` changes it there,
+    e.g. offloads its experts)."""
     with torch.device("meta"):
         model = Transformer(config)
+    if edit is not None:
+        edit(model)
     model.load_state_dict(state, strict=True, assign=True)
     model.rope = type(model.rope)(config.dim_per_head, config.max_seq_len, config.rope_theta)
     if config.tie_embeddings:
@@ -104,11 +109,14 @@ def load_hf(
     return build_from_state(config, read_hf_state(path, hf_config, config, shapes, dtype), device)
 
 
-def read_hf_state(path: str | Path, hf_config: dict[str, Any], config: ModelConfig,
-                  shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def read_hf_state(path: str | Path | SafetensorsDir, hf_config: dict[str, Any], config: ModelConfig,
+                  shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32,
+                  routed_experts: bool = True) -> dict[str, torch.Tensor]:
     """moekit's state dict of the Hugging Face directory ``path`` (tensor by tensor from its
-    safetensors, checked against ``shapes``; a tied head shares the embedding)."""
-    state = from_hf(SafetensorsDir(path), config, family_of(hf_config), shapes, dtype)
+    safetensors, checked against ``shapes``; a tied head shares the embedding; without
+    ``routed_experts`` the routed experts stay unread)."""
+    files = path if isinstance(path, SafetensorsDir) else SafetensorsDir(path)
+    state = from_hf(files, config, family_of(hf_config), shapes, dtype, routed_experts)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     return state
@@ -209,22 +217,103 @@ def _eos_ids(hf_config: dict[str, Any], path: Path) -> list[int]:
 
 def load_model(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    max_seq_len: int | None = None,
+    max_seq_len: int | None = None, expert_memory: str | int | None = None, **offload: Any,
 ) -> LoadedModel:
     """A moekit run directory (or one of its ``step_*`` folders) or a Hugging Face directory,
-    ready for inference (:func:`moekit.inference.prepare_for_inference`)."""
+    ready for inference (:func:`moekit.inference.prepare_for_inference`).
+
+    ``expert_memory`` (bytes, or ``"4GB"``): leave the routed experts in their files and
+    hold at most this much of them in memory (:mod:`moekit.inference.offload`); ``offload``
+    passes ``policy``, ``prefetch`` and ``counts`` to
+    :func:`~moekit.inference.offload.offload_experts`.
+    """
     from moekit.inference import prepare_for_inference
     from moekit.checkpoint import load_trained
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
+    if expert_memory is not None:
+        return _load_offloaded(path, dtype, device, max_seq_len, expert_memory, offload)
+    if offload:
+        raise ValueError(f"{sorted(offload)} apply with expert_memory only")
     if is_hf_dir(path):
         hf_config = read_hf_config(path)
         model = prepare_for_inference(load_hf(path, dtype, device, max_seq_len))
         return LoadedModel(model, load_hf_tokenizer(path), _eos_ids(hf_config, path), hf_config["model_type"])
     model, tokenizer, _ = load_trained(path, device)
     return LoadedModel(prepare_for_inference(model.to(dtype)), tokenizer, [], "moekit")
+
+
+def _load_offloaded(path: Path, dtype: torch.dtype, device: str | torch.device, max_seq_len: int | None,
+                    expert_memory: str | int, offload: dict[str, Any]) -> LoadedModel:
+    """:func:`load_model` with the routed experts left in their files."""
+    from moekit.budget import parse_bytes
+    from moekit.checkpoint import WEIGHTS_FILE, load_config, run_dir_of
+    from moekit.data import load_tokenizer
+    from moekit.inference import prepare_for_inference
+    from moekit.inference.offload import ExpertSource, check_offloadable, offload_experts
+
+    parse_bytes(expert_memory, "expert memory")  # a bad budget fails before any file is read
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"expert offloading runs on the CPU; got device={device!r}")
+    if is_hf_dir(path):
+        hf_config = read_hf_config(path)
+        config, family, files = config_from_hf(hf_config, max_seq_len), family_of(hf_config), SafetensorsDir(path)
+        check_offloadable(config, path)
+        source = ExpertSource.for_hf(files, config, family, dtype)
+        state = read_hf_state(files, hf_config, config, _resident_shapes(config), dtype, routed_experts=False)
+        tokenizer, eos, kind = load_hf_tokenizer(path), _eos_ids(hf_config, path), hf_config["model_type"]
+    else:
+        run_dir, where = run_dir_of(path)
+        run = load_config(run_dir)
+        config = run.model
+        check_offloadable(config, path)
+        if run.lora.rank:
+            raise ValueError(f"{path} is a LoRA run: write it merged first (moekit convert {path} DIR), then offload "
+                             "DIR's experts")
+        source = ExpertSource.for_run(where / WEIGHTS_FILE, config, dtype)
+        state = _read_run_state(where / WEIGHTS_FILE, config, dtype)
+        tokenizer, eos, kind = load_tokenizer(run.data.tokenizer, run_dir), [], "moekit"
+    model = build_from_state(config, state, device, edit=lambda m: offload_experts(m, source, expert_memory, **offload))
+    return LoadedModel(prepare_for_inference(model), tokenizer, eos, kind)
+
+
+def _resident_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``Transformer(config)``'s state dict but the routed experts (no memory)."""
+    with torch.device("meta"):
+        state = Transformer(config).state_dict()
+    return {k: tuple(v.shape) for k, v in state.items() if ".ffn.experts." not in k}
+
+
+def _read_run_state(file: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of a moekit checkpoint file but the routed experts (left unread), each
+    checked against the model's shapes; a tied head shares the embedding."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = _resident_shapes(config)
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight")  # stored once, as the embedding
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{file} is not a readable safetensors file ({exc}); the checkpoint is damaged") from None
+    keys = set(handle.keys())
+    missing = sorted(set(shapes) - keys)
+    unexpected = sorted(k for k in keys - set(shapes) if ".ffn.experts." not in k)
+    problems = [f"missing {missing}"] if missing else []
+    problems += [f"unexpected {unexpected}"] if unexpected else []
+    state = {}
+    for k in sorted(keys & set(shapes)):
+        t = handle.get_tensor(k)
+        if tuple(t.shape) != shapes[k]:
+            problems.append(f"{k}: checkpoint {tuple(t.shape)} vs model {shapes[k]}")
+        state[k] = t.to(dtype) if t.is_floating_point() else t
+    if problems:
+        raise ValueError(f"{file} does not match the model: " + "; ".join(problems))
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    return state
 
 
 def convert(src: str | Path, dst: str | Path, model_type: str | None = None, overwrite: bool = False) -> str:

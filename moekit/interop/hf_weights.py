@@ -68,6 +68,7 @@ def from_hf(
     family: Family,
     shapes: Mapping[str, tuple[int, ...]],
     dtype: torch.dtype | None = torch.float32,
+    routed_experts: bool = True,
 ) -> dict[str, torch.Tensor]:
     """moekit's state dict from a Hugging Face one.
 
@@ -78,6 +79,8 @@ def from_hf(
         family: the checkpoint's family.
         shapes: moekit parameter name -> shape (``Transformer(config)``'s state dict shapes).
         dtype: convert every tensor to this (``None``: keep the file's dtype).
+        routed_experts: ``False`` leaves the routed experts in ``hf`` unread (expert
+            offloading reads them itself, :mod:`moekit.inference.offload`).
 
     Raises ValueError naming every missing, unexpected or mis-shaped tensor.
     """
@@ -110,7 +113,10 @@ def from_hf(
             continue
         mp = moe_prefix(hf, i, family)
         same(b + "ffn.router.gate.weight", mp + ".gate.weight")
-        out.update(_read_experts(r, mp + ".experts", b + "ffn.experts.", shapes, family.expert_names))
+        if routed_experts:
+            out.update(_read_experts(r, mp + ".experts", b + "ffn.experts.", shapes, family.expert_names))
+        else:
+            r.used.update(k for k in hf if k.startswith(mp + ".experts."))
         if config.moe.num_shared_experts:
             for ours, theirs in zip(_FFN, ("gate_proj", "up_proj", "down_proj")):
                 same(f"{b}ffn.shared_experts.ffn.{ours}.weight", f"{mp}.shared_expert.{theirs}.weight")

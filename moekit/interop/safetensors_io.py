@@ -83,6 +83,10 @@ class SafetensorsDir(Mapping):
         except Exception as exc:  # a truncated file fails here, after a valid header
             raise ValueError(f"cannot read tensor {key} from {self.directory / name} ({exc}); the file is damaged") from None
 
+    def file_of(self, key: str) -> Path:
+        """The file holding tensor ``key``."""
+        return self.directory / self._where[key]
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
 

@@ -32,7 +32,7 @@ from moekit.registry import register_expert
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 __all__ = ["GELUExperts", "GroupedExperts", "ModuleExperts", "SharedExperts", "SwiGLUExperts", "FeedForward",
-           "build_experts", "grouped_matmul", "grouped_mm_qualifies", "segments"]
+           "build_experts", "grouped_matmul", "grouped_mm_qualifies", "segments", "swiglu", "swiglu_add_"]
 
 
 def grouped_mm_qualifies(x: torch.Tensor, w: torch.Tensor, needs_grad: bool) -> bool:
@@ -161,6 +161,35 @@ class GroupedExperts(nn.Module):
         out.add_(self.expert_forward(e, x), alpha=weight)
 
 
+def swiglu(w: tuple[torch.Tensor, ...], x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One SwiGLU expert ``w = (w1 [d, f], w3 [d, f], w2 [f, d_out])`` on rows ``x [n, d]``;
+    writes into ``out`` when given (no grad: one buffer for the activation)."""
+    w1, w3, w2 = w
+    if out is None:
+        return (F.silu(x @ w1) * (x @ w3)) @ w2
+    gate = x @ w1
+    return torch.mm(ops.silu_mul(gate, x @ w3, out=gate), w2, out=out)
+
+
+def swiglu_add_(w: tuple[torch.Tensor, ...], x: torch.Tensor, out: torch.Tensor, weight: float,
+                layout: tuple[torch.Tensor, ...] | None = None) -> None:
+    """No grad: ``out += weight * swiglu(w, x)``; one row in one C call where the kernels read
+    the weights (``layout``: the 3-D tensors ``w`` are slices of, whose layout the kernel
+    checks; default ``w`` itself), else the down projection adds straight into ``out``."""
+    w1, w3, w2 = w
+    if _one_row_kernel(x, out, layout if layout is not None else tuple(t.unsqueeze(0) for t in w)):
+        kernels.swiglu_add(kernels.load(), x[0], w1, w3, w2, out[0], weight)
+        return
+    out.addmm_(F.silu(x @ w1).mul_(x @ w3), w2, alpha=weight)
+
+
+def _one_row_kernel(x: torch.Tensor, out: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
+    """Whether :func:`moekit.kernels.swiglu_add` runs this one row: float32 on the CPU,
+    contiguous, no autograd, weights it reads."""
+    return (x.shape[0] == 1 and kernels.for_tensors(x, out) is not None and x.is_contiguous()
+            and out.is_contiguous() and not torch.is_grad_enabled() and kernels.swiglu_ok(*weights))
+
+
 @register_expert("swiglu")
 class SwiGLUExperts(GroupedExperts):
     """``w2(silu(x w1) * (x w3))`` per expert (Mixtral, Llama)."""
@@ -263,11 +292,7 @@ class SwiGLUExperts(GroupedExperts):
         return self.w1, self.w3, self.w2
 
     def segment(self, w, x, out=None):
-        w1, w3, w2 = w
-        if out is None:
-            return (F.silu(x @ w1) * (x @ w3)) @ w2
-        gate = x @ w1  # no grad: reuse the buffer, one pass for the activation
-        return torch.mm(ops.silu_mul(gate, x @ w3, out=gate), w2, out=out)
+        return swiglu(w, x, out)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.adapters:
@@ -283,20 +308,11 @@ class SwiGLUExperts(GroupedExperts):
         if self.adapters:
             out.add_(self.expert_forward(e, x), alpha=weight)
             return
-        if self._one_row_kernel(x, out):  # the whole expert in one C call
-            kernels.swiglu_add(kernels.load(), x[0], self.w1[e], self.w3[e], self.w2[e], out[0], weight)
-            return
-        if self._fused_is_live(self.w1):
+        if self._fused_is_live(self.w1) and not _one_row_kernel(x, out, self.weights()):
             gate, up = (x @ self.fused_gate_up[e]).chunk(2, dim=-1)  # [n, d] -> [n, 2f] -> 2 x [n, f]
-        else:
-            gate, up = x @ self.w1[e], x @ self.w3[e]
-        out.addmm_(F.silu(gate).mul_(up), self.w2[e], alpha=weight)  # the down projection adds in, scaled
-
-    def _one_row_kernel(self, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Whether :func:`moekit.kernels.swiglu_add` runs this one row: float32 on the CPU,
-        contiguous, no autograd, weights it reads."""
-        return (x.shape[0] == 1 and kernels.for_tensors(x, out) is not None and x.is_contiguous()
-                and out.is_contiguous() and not torch.is_grad_enabled() and kernels.swiglu_ok(*self.weights()))
+            out.addmm_(F.silu(gate).mul_(up), self.w2[e], alpha=weight)  # the down projection adds in, scaled
+            return
+        swiglu_add_((self.w1[e], self.w3[e], self.w2[e]), x, out, weight, self.weights())
 
     @torch.no_grad()
     def fuse_gate_up(self) -> None:

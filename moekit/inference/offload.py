@@ -1,0 +1,254 @@
+"""Expert offloading: run a model whose routed experts do not all fit in memory.
+
+Everything but the routed experts loads as usual; the experts stay in their safetensors
+files (a moekit run's ``model.safetensors``, or a Hugging Face directory's shards in the
+per-expert or the fused layout) and are read one expert at a time (:class:`ExpertSource`)
+into an :class:`~moekit.inference.expert_cache.ExpertCache` that never holds more than the
+budget. Each MoE layer's experts become :class:`OffloadedExperts`, which compute exactly
+what :class:`~moekit.layers.experts.SwiGLUExperts` computes, with weights taken from the
+cache. Prefetch guesses the next layer's experts while a layer runs: a pre-hook on block
+``L``'s FFN norm applies block ``L+1``'s norm and router to the residual stream and
+starts reading the experts it picks (Mixtral-offloading's speculative prefetch), so the
+read overlaps block ``L``'s experts and block ``L+1``'s attention.
+
+The figures (hit rate, prefetch accuracy, tokens/s against the resident model) come from
+``benchmarks/offload.py``; docs/shrink.md has them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moekit.budget import parse_bytes
+from moekit.config import ModelConfig
+from moekit.inference.expert_cache import ExpertCache, OffloadStats
+from moekit.interop.safetensors_ranges import TensorLocation, read_tensor, tensor_locations
+from moekit.layers.experts import swiglu, swiglu_add_
+from moekit.ops.swiglu import segments
+
+# one projection of one expert: (where, index into its first dim, rows of what that gives, transpose)
+_Piece = tuple[TensorLocation, "int | None", "tuple[int, int] | None", bool]
+
+
+class ExpertSource:
+    """Where each routed SwiGLU expert of a model lies in safetensors files.
+
+    ``locate(layer, e)`` gives the three pieces (gate ``w1``, up ``w3``, down ``w2``);
+    :meth:`read` returns them as moekit holds them (``w1``/``w3`` ``[d_model, d_ff]``,
+    ``w2 [d_ff, d_model]``, contiguous, in ``dtype``). Build one with :meth:`for_run` or
+    :meth:`for_hf`, which check every tensor's shape first.
+    """
+
+    def __init__(self, locate: Callable[[int, int], tuple[_Piece, _Piece, _Piece]], layers: list[int],
+                 num_experts: int, d_model: int, d_ff: int, dtype: torch.dtype):
+        self.locate, self.layers, self.num_experts = locate, layers, num_experts
+        self.d_model, self.d_ff, self.dtype = d_model, d_ff, dtype
+        self.expert_bytes = 3 * d_model * d_ff * dtype.itemsize
+        self._fds: dict[Path, int] = {}
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.layers) * self.num_experts * self.expert_bytes
+
+    def read(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = []
+        for loc, index, rows, transpose in self.locate(layer, e):
+            fd = self._fds.get(loc.file)
+            if fd is None:
+                fd = self._fds[loc.file] = os.open(loc.file, os.O_RDONLY)
+            t = read_tensor(fd, loc, index, rows)
+            if transpose:  # Hugging Face's [out, in] -> moekit's [in, out]
+                t = t.t()
+            out.append(t if t.dtype == self.dtype and t.is_contiguous()
+                       else torch.empty(t.shape, dtype=self.dtype).copy_(t))
+        return tuple(out)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    @classmethod
+    def for_run(cls, file: Path, config: ModelConfig, dtype: torch.dtype) -> ExpertSource:
+        """The experts of a moekit checkpoint ``file`` (``blocks.{i}.ffn.experts.w1`` etc.,
+        ``[E, in, out]``)."""
+        locs, E, d, f = tensor_locations(file), config.moe.num_experts, config.d_model, config.moe.d_ff
+        layers = _moe_layers(config)
+        pieces = {}
+        for i in layers:
+            names = [f"blocks.{i}.ffn.experts.{w}" for w in ("w1", "w3", "w2")]
+            pieces[i] = [_located(locs, n, shape, file) for n, shape in zip(names, ((E, d, f), (E, d, f), (E, f, d)))]
+        return cls(lambda i, e: tuple((loc, e, None, False) for loc in pieces[i]), layers, E, d, f, dtype)
+
+    @classmethod
+    def for_hf(cls, files, config: ModelConfig, family, dtype: torch.dtype) -> ExpertSource:
+        """The experts of a Hugging Face directory (``files``: its
+        :class:`~moekit.interop.safetensors_io.SafetensorsDir`), per-expert
+        (``experts.{e}.w1.weight [d_ff, d_model]``) or fused (``experts.gate_up_proj``)."""
+        from moekit.interop.hf_weights import moe_prefix
+
+        E, d, f = config.moe.num_experts, config.d_model, config.moe.d_ff
+        layers, by_file = _moe_layers(config), {}
+
+        def loc(key: str, shape: tuple[int, ...]) -> TensorLocation:
+            if key not in files:
+                raise ValueError(f"{files.directory}: missing {key} (expected shape {list(shape)})")
+            file = files.file_of(key)
+            if file not in by_file:
+                by_file[file] = tensor_locations(file)
+            return _located(by_file[file], key, shape, file)
+
+        pieces = {}
+        for i in layers:
+            p = moe_prefix(files, i, family) + ".experts"
+            if p + ".gate_up_proj" in files:
+                gate_up, down = loc(p + ".gate_up_proj", (E, 2 * f, d)), loc(p + ".down_proj", (E, d, f))
+                pieces[i] = ("fused", gate_up, down)
+            else:
+                shapes = ((f, d), (f, d), (d, f))
+                pieces[i] = ("split", [[loc(f"{p}.{e}.{name}.weight", s) for name, s in zip(family.expert_names, shapes)]
+                                       for e in range(E)])
+
+        def locate(i: int, e: int):
+            kind, *where = pieces[i]
+            if kind == "fused":
+                gate_up, down = where
+                return (gate_up, e, (0, f), True), (gate_up, e, (f, 2 * f), True), (down, e, None, True)
+            return tuple((piece, None, None, True) for piece in where[0][e])
+
+        return cls(locate, layers, E, d, f, dtype)
+
+
+def _moe_layers(config: ModelConfig) -> list[int]:
+    return [i for i in range(config.n_layers) if config.is_moe_layer(i)]
+
+
+def _located(locs: dict[str, TensorLocation], name: str, shape: tuple[int, ...], file: Path) -> TensorLocation:
+    loc = locs.get(name)
+    if loc is None:
+        raise ValueError(f"{file}: missing {name} (expected shape {list(shape)})")
+    if loc.shape != tuple(shape) or not loc.dtype.is_floating_point:
+        raise ValueError(f"{file}: {name} is {loc.dtype} {list(loc.shape)}, expected a float tensor of shape "
+                         f"{list(shape)}")
+    return loc
+
+
+class OffloadedExperts(nn.Module):
+    """A layer's SwiGLU experts whose weights live in an :class:`ExpertCache`: the same
+    computation as :class:`~moekit.layers.experts.SwiGLUExperts` on the same weights, each
+    expert taken from the cache (read on a miss) for the span of its rows. Inference only."""
+
+    def __init__(self, cache: ExpertCache, layer: int, num_experts: int, d_model: int, d_ff: int):
+        super().__init__()
+        self.cache, self.layer = cache, layer
+        self.num_experts, self.d_model, self.d_ff, self.d_out = num_experts, d_model, d_ff, d_model
+        self.adapters = nn.ModuleDict()  # none: LoRA needs the weights in memory
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}"
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """``x [N, d_model]`` sorted by expert -> ``[N, d_model]``."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("offloaded experts run inference only (their weights are not parameters); load the "
+                               "model without expert_memory to train it")
+        out = x.new_empty(x.shape[0], self.d_out)
+        for e, a, b in segments(tokens_per_expert):
+            with self.cache.expert(self.layer, e) as w:
+                swiglu(w, x[a:b], out[a:b])
+        return out
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        with self.cache.expert(self.layer, e) as w:
+            return swiglu(w, x)
+
+    def expert_add_(self, e: int, x: torch.Tensor, out: torch.Tensor, weight: float) -> None:
+        with self.cache.expert(self.layer, e) as w:
+            swiglu_add_(w, x, out, weight)
+
+
+class ExpertOffload:
+    """The offloaded experts of one model: the cache, its source and the prefetch hooks.
+    :func:`offload_experts` makes one and sets it as ``model.expert_offload``; generation
+    reports its counters (:attr:`moekit.inference.GenerationStats.offload`)."""
+
+    def __init__(self, model: nn.Module, source: ExpertSource, cache: ExpertCache):
+        self.model, self.source, self.cache = model, source, cache
+        self._hooks = []
+        if cache.prefetching:
+            blocks = model.blocks
+            for i in source.layers:
+                if i > 0 and blocks[i].ffn.router.learned:  # a hash router needs the token ids
+                    hook = blocks[i - 1].ffn_norm.register_forward_pre_hook(self._prefetcher(i))
+                    self._hooks.append(hook)
+
+    @property
+    def stats(self) -> OffloadStats:
+        return self.cache.stats
+
+    def _prefetcher(self, layer: int):
+        block = self.model.blocks[layer]
+        E = block.ffn.config.num_experts
+
+        def hook(_module, args):
+            flat = args[0].detach().reshape(-1, args[0].shape[-1])  # [..., d] -> [T, d]
+            with torch.no_grad():
+                h = block.ffn_norm.forward(flat)  # .forward: not this norm's own prefetch hook
+                chosen = block.ffn.router(h).indices.reshape(-1)  # [T, k] -> [T*k]
+            counts = torch.bincount(chosen, minlength=E)
+            likeliest = torch.argsort(counts, descending=True, stable=True)[: int((counts > 0).sum())]
+            self.cache.prefetch(layer, likeliest.tolist(), keep_layers=(layer - 1,))
+
+        return hook
+
+    def close(self) -> None:
+        """Remove the hooks, finish reads under way and close the files."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.cache.close()
+        self.source.close()
+
+
+def offload_experts(model: nn.Module, source: ExpertSource, expert_memory: str | int, policy: str = "lru",
+                    prefetch: bool = True, counts: Iterable[Iterable[float]] | None = None) -> ExpertOffload:
+    """Replace every MoE layer's routed experts of ``model`` (a :class:`moekit.Transformer`,
+    possibly built on the meta device) by :class:`OffloadedExperts` reading from ``source``
+    under ``expert_memory`` (bytes, or ``"4GB"``). ``counts[layer][expert]``: LFU's starting
+    counts (routing statistics of the model). Returns the :class:`ExpertOffload`, also set
+    as ``model.expert_offload``."""
+    budget = parse_bytes(expert_memory, "expert memory")
+    config = model.config
+    top_k = config.moe.top_k
+    if budget >= source.total_bytes:
+        warnings.warn(f"the expert memory ({budget:,} bytes) holds all {len(source.layers) * source.num_experts} "
+                      f"experts ({source.total_bytes:,} bytes): nothing is offloaded, every expert stays once read",
+                      stacklevel=2)
+    cache = ExpertCache(source.read, source.expert_bytes, budget, min_experts=top_k, policy=policy,
+                        prefetch=prefetch, counts=_layer_counts(counts, config) if counts is not None else None)
+    for i in source.layers:
+        model.blocks[i].ffn.experts = OffloadedExperts(cache, i, source.num_experts, source.d_model, source.d_ff)
+    model.expert_offload = ExpertOffload(model, source, cache)
+    return model.expert_offload
+
+
+def _layer_counts(counts, config: ModelConfig) -> list[list[float]]:
+    rows = [[float(n) for n in row] for row in counts]
+    if len(rows) != config.n_layers or any(len(r) != config.moe.num_experts for r in rows):
+        raise ValueError(f"counts must be [n_layers={config.n_layers}][num_experts={config.moe.num_experts}], "
+                         f"got {len(rows)} rows of lengths {sorted({len(r) for r in rows})}")
+    return rows
+
+
+def check_offloadable(config: ModelConfig, where: str | Path) -> None:
+    """Raise ValueError unless ``config``'s routed experts can be offloaded."""
+    if not _moe_layers(config):
+        raise ValueError(f"{where} is a dense model: it has no routed experts to offload")
+    if config.moe.expert != "swiglu":
+        raise ValueError(f"{where} has {config.moe.expert!r} experts; expert offloading reads SwiGLU experts")
