@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moekit.budget import parse_bytes
@@ -30,6 +31,7 @@ from moekit.config import ModelConfig
 from moekit.inference.expert_cache import ExpertCache, OffloadStats
 from moekit.interop.safetensors_ranges import TensorLocation, read_tensor, tensor_locations
 from moekit.layers.experts import swiglu, swiglu_add_
+from moekit.layers.router import TopKRouter
 from moekit.ops.swiglu import segments
 
 # one projection of one expert: (where, index into its first dim, rows of what that gives, transpose)
@@ -41,7 +43,8 @@ class ExpertSource:
 
     ``locate(layer, e)`` gives the three pieces (gate ``w1``, up ``w3``, down ``w2``);
     :meth:`read` returns them as moekit holds them (``w1``/``w3`` ``[d_model, d_ff]``,
-    ``w2 [d_ff, d_model]``, contiguous, in ``dtype``). Build one with :meth:`for_run` or
+    ``w2 [d_ff, d_model]``, in ``dtype``; a Hugging Face file's ``[out, in]`` weights as
+    transposed views, not copied). Build one with :meth:`for_run` or
     :meth:`for_hf`, which check every tensor's shape first.
     """
 
@@ -63,10 +66,9 @@ class ExpertSource:
             if fd is None:
                 fd = self._fds[loc.file] = os.open(loc.file, os.O_RDONLY)
             t = read_tensor(fd, loc, index, rows)
-            if transpose:  # Hugging Face's [out, in] -> moekit's [in, out]
+            if transpose:  # Hugging Face's [out, in] as moekit's [in, out]: a view, the matmuls take it as is
                 t = t.t()
-            out.append(t if t.dtype == self.dtype and t.is_contiguous()
-                       else torch.empty(t.shape, dtype=self.dtype).copy_(t))
+            out.append(t if t.dtype == self.dtype else t.to(self.dtype))
         return tuple(out)
 
     def close(self) -> None:
@@ -196,13 +198,18 @@ class ExpertOffload:
         block = self.model.blocks[layer]
         E = block.ffn.config.num_experts
 
+        router, k = block.ffn.router, block.ffn.config.top_k
+
         def hook(_module, args):
             flat = args[0].detach().reshape(-1, args[0].shape[-1])  # [..., d] -> [T, d]
             with torch.no_grad():
                 h = block.ffn_norm.forward(flat)  # .forward: not this norm's own prefetch hook
-                chosen = block.ffn.router(h).indices.reshape(-1)  # [T, k] -> [T*k]
-            counts = torch.bincount(chosen, minlength=E)
-            likeliest = torch.argsort(counts, descending=True, stable=True)[: int((counts > 0).sum())]
+                if flat.shape[0] == 1 and type(router) is TopKRouter:  # decoding: the k largest logits, likeliest first
+                    likeliest = torch.topk(F.linear(h[0], router.gate.weight, router.gate.bias), k).indices
+                else:
+                    chosen = router(h).indices.reshape(-1)  # [T, k] -> [T*k]
+                    counts = torch.bincount(chosen, minlength=E)
+                    likeliest = torch.argsort(counts, descending=True, stable=True)[: int((counts > 0).sum())]
             self.cache.prefetch(layer, likeliest.tolist(), keep_layers=(layer - 1,))
 
         return hook
