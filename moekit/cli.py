@@ -188,6 +188,8 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
                                                              "policy": args.offload_policy, "prefetch": not args.no_prefetch}
         if args.expert_memory is None and (args.offload_policy != "lru" or args.no_prefetch):
             raise ValueError("--offload-policy and --no-prefetch apply with --expert-memory only")
+        if args.quantize:
+            offload["quantize"] = args.quantize
         loaded = load_model(args.model, dtype=dtype, **offload)
         if args.skip_below:
             from moekit.shrink import set_skip_below
@@ -381,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s and peak memory")
     g.add_argument("--skip-below", type=float, default=0.0, metavar="W",
                    help="do not compute a chosen expert whose routing weight is below W (default 0: all)")
+    g.add_argument("--quantize", choices=["bf16", "int8", "int4"],
+                   help="store the routed experts in this format as the model loads (moekit quantize saves one)")
     g.add_argument("--expert-memory", metavar="SIZE",
                    help="leave the routed experts in their files and hold at most SIZE of them in memory (e.g. 4GB)")
     g.add_argument("--offload-policy", choices=["lru", "lfu"], default="lru",

@@ -46,6 +46,14 @@ def cmd_merge(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from moekit.quant import quantize_to
+
+    _no_fields("quantize", overrides)
+    print(quantize_to(args.src, args.dst, args.format, args.group_size, args.overwrite))
+    return 0
+
+
 def add_commands(sub) -> None:
     from moekit.adapt.compose import ATTENTION, GATES
     from moekit.adapt.upcycle import ROUTER_INITS
@@ -102,3 +110,12 @@ def add_commands(sub) -> None:
     g.add_argument("--top-k", type=int, help="experts per token after merging (default: unchanged, capped at N)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
     g.set_defaults(func=cmd_merge)
+
+    q = sub.add_parser("quantize", help="store the routed experts in bf16, int8 or int4")
+    q.add_argument("src", help="a moekit run or a Hugging Face MoE directory")
+    q.add_argument("dst", help="the moekit run directory to write (moekit generate --model DST reads it)")
+    q.add_argument("--format", required=True, choices=["bf16", "int8", "int4"],
+                   help="int8: per output channel; int4: per group of --group-size weights")
+    q.add_argument("--group-size", type=int, default=32, help="int4: weights per scale (default 32)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
+    q.set_defaults(func=cmd_quantize)

@@ -108,6 +108,11 @@ class MoEConfig:
     """Inference only: a chosen expert whose weight is below this is not computed, and the
     other chosen experts' weights are scaled up to the same total (dynamic skipping; the
     likeliest expert is always kept). 0 computes every chosen expert."""
+    weight_format: str | None = None
+    """Inference only: the routed experts' weights stored in ``"bf16"``, ``"int8"`` or
+    ``"int4"`` (:mod:`moekit.quant`; ``moekit quantize`` sets it). ``None``: the model's dtype."""
+    weight_group_size: int = 32
+    """``int4``: weights sharing one scale along the input width (must divide it)."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k", "sinkhorn_iters", "n_groups", "topk_groups"):
@@ -129,6 +134,15 @@ class MoEConfig:
             raise ValueError(f"expert must be one of {experts}, got {self.expert!r}")
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {self.implementation!r}")
+        if self.weight_format is not None:
+            from moekit.quant.formats import get_format
+
+            fmt = get_format(self.weight_format)
+            if self.expert != "swiglu":
+                raise ValueError(f"weight_format={self.weight_format!r} applies to SwiGLU experts, not {self.expert!r}")
+            _positive("weight_group_size", self.weight_group_size)
+            for shape in ((self.d_ff, self.d_model), (self.d_model, self.d_ff)):
+                fmt.check(shape, self.weight_group_size)
         if self.capacity_factor is not None:
             _positive("capacity_factor", self.capacity_factor, float)
         for name in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate"):

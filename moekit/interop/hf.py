@@ -225,7 +225,8 @@ def load_model(
     ``expert_memory`` (bytes, or ``"4GB"``): leave the routed experts in their files and
     hold at most this much of them in memory (:mod:`moekit.inference.offload`); ``offload``
     passes ``policy``, ``prefetch`` and ``counts`` to
-    :func:`~moekit.inference.offload.offload_experts`.
+    :func:`~moekit.inference.offload.offload_experts`. ``quantize="int8"`` (or ``"int4"``,
+    ``"bf16"``): store the routed experts in that format as they load (:mod:`moekit.quant`).
     """
     from moekit.inference import prepare_for_inference
     from moekit.checkpoint import load_trained
@@ -233,16 +234,26 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
+    quantize = offload.pop("quantize", None)
     if expert_memory is not None:
+        if quantize is not None:
+            raise ValueError("quantize and expert_memory do not combine yet: offload a quantized run instead")
         return _load_offloaded(path, dtype, device, max_seq_len, expert_memory, offload)
     if offload:
         raise ValueError(f"{sorted(offload)} apply with expert_memory only")
     if is_hf_dir(path):
         hf_config = read_hf_config(path)
-        model = prepare_for_inference(load_hf(path, dtype, device, max_seq_len))
-        return LoadedModel(model, load_hf_tokenizer(path), _eos_ids(hf_config, path), hf_config["model_type"])
-    model, tokenizer, _ = load_trained(path, device)
-    return LoadedModel(prepare_for_inference(model.to(dtype)), tokenizer, [], "moekit")
+        loaded = LoadedModel(load_hf(path, dtype, device, max_seq_len), load_hf_tokenizer(path),
+                             _eos_ids(hf_config, path), hf_config["model_type"])
+    else:
+        model, tokenizer, _ = load_trained(path, device)
+        loaded = LoadedModel(model.to(dtype), tokenizer, [], "moekit")
+    if quantize is not None:
+        from moekit.quant import quantize_model
+
+        quantize_model(loaded.model, quantize)
+    prepare_for_inference(loaded.model)
+    return loaded
 
 
 def _load_offloaded(path: Path, dtype: torch.dtype, device: str | torch.device, max_seq_len: int | None,

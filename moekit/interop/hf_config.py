@@ -122,6 +122,9 @@ def check_expressible(config: ModelConfig, family: Family) -> None:
         raise ValueError(f"this model cannot be saved as {family.model_type}: {what} is saved as one of {kinds}")
     problems = [] if family.dense else moe_problems(config.moe)
     problems += family.problems(config)
+    if not config.dense and config.moe.weight_format is not None:
+        problems.append(f"experts stored as {config.moe.weight_format} (Hugging Face families hold float experts: "
+                        "convert the model it was quantized from)")
     if problems:
         raise ValueError(f"this model cannot be saved as {family.model_type}: " + "; ".join(problems))
 

@@ -254,6 +254,9 @@ class Trainer:
         if not distributed and launched_distributed():
             raise ValueError(f"this process is one of {os.environ['WORLD_SIZE']} started by torchrun, but "
                              "distributed=False: pass distributed=True (moekit train does) or run one process")
+        if config.model.moe.weight_format is not None:
+            raise ValueError(f"the experts are stored as {config.model.moe.weight_format} (moekit quantize), which is for "
+                             "inference: train the float model, then quantize it")
         self.wall0 = time.perf_counter()
         self.out_dir = out_dir = Path(out_dir)
         if out_dir.exists() and not out_dir.is_dir():

@@ -1,0 +1,138 @@
+"""Low-precision weight formats: one class each, registered by name in :data:`FORMATS`.
+
+A format turns a float weight ``w [N, K]`` (``nn.Linear``'s ``[out, in]``) into named
+parts (:meth:`WeightFormat.quantize`), back into floats (:meth:`WeightFormat.dequantize`:
+the reference every fast product is tested against) and multiplies rows by it
+(:meth:`WeightFormat.matmul`, ``x [M, K] -> [M, N]``), through a C kernel where
+:mod:`moekit.kernels` has one for the format, else dequantise-then-matmul.
+
+- ``bf16``: the weight in bfloat16 (2 bytes a weight); products accumulate in float32.
+- ``int8``: symmetric, one float32 scale per output channel, ``w ~ q * scale`` with
+  ``q`` in -127..127 (1 byte a weight plus 4 per row). Per-channel rather than llama.cpp's
+  per-32 blocks: one scale per row keeps the kernel's inner loop a plain integer dot.
+- ``int4``: symmetric, one float32 scale per group of ``group_size`` weights along ``K``,
+  ``q`` in -8..7 stored as ``q + 8`` two to a byte (low nibble first): 0.5 byte a weight
+  plus 4 per group.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+FORMATS: dict[str, WeightFormat] = {}
+
+
+def register_format(cls):
+    FORMATS[cls.name] = cls()
+    return cls
+
+
+def get_format(name: str) -> WeightFormat:
+    if name not in FORMATS:
+        raise ValueError(f"unknown weight format {name!r}; formats: {sorted(FORMATS)}")
+    return FORMATS[name]
+
+
+class WeightFormat:
+    """Base of the formats. ``parts``: the tensor names :meth:`quantize` returns, each
+    stored as a buffer named ``{weight}_{part}``."""
+
+    name: ClassVar[str]
+    parts: ClassVar[tuple[str, ...]]
+
+    def check(self, shape: tuple[int, ...], group_size: int) -> None:
+        """Raise ValueError when weights of ``shape`` (``[..., N, K]``) cannot take this format."""
+
+    def part_shapes(self, shape: tuple[int, ...], group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The shape and dtype of each part for a float weight of ``shape`` (``[..., N, K]``)."""
+        raise NotImplementedError
+
+    def quantize(self, w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dequantize(self, parts: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor, parts: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+        """``x [M, K] @ w.T -> [M, N]`` in ``x``'s dtype (the reference: dequantise, then matmul)."""
+        return x @ self.dequantize(parts, group_size).to(x.dtype).t()
+
+    def bits_per_weight(self, group_size: int) -> float:
+        raise NotImplementedError
+
+
+@register_format
+class BF16(WeightFormat):
+    name, parts = "bf16", ("w",)
+
+    def part_shapes(self, shape, group_size):
+        return {"w": (tuple(shape), torch.bfloat16)}
+
+    def quantize(self, w, group_size):
+        return {"w": w.to(torch.bfloat16)}
+
+    def dequantize(self, parts, group_size):
+        return parts["w"].float()
+
+    def matmul(self, x, parts, group_size):
+        return (x.to(torch.bfloat16) @ parts["w"].t()).to(x.dtype)
+
+    def bits_per_weight(self, group_size):
+        return 16.0
+
+
+@register_format
+class Int8(WeightFormat):
+    name, parts = "int8", ("q", "scale")
+
+    def part_shapes(self, shape, group_size):
+        return {"q": (tuple(shape), torch.int8), "scale": (tuple(shape[:-1]), torch.float32)}
+
+    def quantize(self, w, group_size):
+        w = w.float()
+        scale = w.abs().amax(-1) / 127  # [..., N]
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale
+        q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+        return {"q": q, "scale": scale}
+
+    def dequantize(self, parts, group_size):
+        return parts["q"].float() * parts["scale"][..., None]
+
+    def bits_per_weight(self, group_size):
+        return 8.0
+
+
+@register_format
+class Int4(WeightFormat):
+    name, parts = "int4", ("q", "scale")
+
+    def check(self, shape, group_size):
+        K = shape[-1]
+        if group_size < 2 or group_size % 2 or K % group_size:
+            raise ValueError(f"int4 groups of {group_size} weights do not divide the input width {K}: choose an "
+                             f"even group size that divides it (32 and 64 are usual)")
+
+    def part_shapes(self, shape, group_size):
+        *lead, N, K = shape
+        return {"q": ((*lead, N, K // 2), torch.uint8), "scale": ((*lead, N, K // group_size), torch.float32)}
+
+    def quantize(self, w, group_size):
+        self.check(tuple(w.shape), group_size)
+        *lead, N, K = w.shape
+        groups = w.float().reshape(*lead, N, K // group_size, group_size)
+        scale = groups.abs().amax(-1) / 7  # [..., N, K/g]; -8 stays unused, so the grid is symmetric
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = (torch.round(groups / scale[..., None]).clamp_(-8, 7) + 8).to(torch.uint8).reshape(*lead, N, K)
+        packed = q[..., 0::2] | (q[..., 1::2] << 4)  # [..., N, K] -> [..., N, K/2], low nibble first
+        return {"q": packed, "scale": scale}
+
+    def dequantize(self, parts, group_size):
+        packed, scale = parts["q"], parts["scale"]
+        *lead, N, half = packed.shape
+        q = torch.stack([packed & 15, packed >> 4], -1).reshape(*lead, N, 2 * half).float() - 8  # [..., N, K]
+        return (q.reshape(*lead, N, -1, group_size) * scale[..., None]).reshape(*lead, N, 2 * half)
+
+    def bits_per_weight(self, group_size):
+        return 4.0 + 32.0 / group_size
