@@ -20,6 +20,7 @@ SIGNATURES: dict[str, tuple[list, type | None]] = {
     "moekit_topk_softmax_backward": ([P, P, P, P, P, L, L, I, I, F, P, I], I),
     "moekit_gather_rows": ([P, L, P, P, L, L, P, I], I),
     "moekit_combine_backward": ([P, P, L, P, P, L, P, P, I], I),
+    "moekit_rows_lowp": ([I, P, P, L, L, L, P, L, P, F, I, I], I),
 }
 
 

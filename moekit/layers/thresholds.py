@@ -31,6 +31,11 @@ THRESHOLDS: dict[str, Threshold] = {
         256, "benchmarks/moe_layer.py",
         "training from here: the segment loop with its hand-written backward (ops.swiglu_segments); "
         "below it grouped_mm with the one-pass activation (ops.swiglu_grouped)"),
+    # low-precision experts (moekit.quant), rows per product
+    "lowp_kernel_max_rows": Threshold(
+        16, "benchmarks/quantize.py",
+        "up to here moekit.kernels.rows_lowp (weights dequantised in registers, read once for all rows); "
+        "from here dequantise the weight once and matmul"),
     # the dispatch, inference: (token, slot) pairs in one call
     "unsorted_max_slots": Threshold(
         4, "benchmarks/generate.py",

@@ -65,7 +65,9 @@ class QuantizedExperts(nn.Module):
         return mm(hidden, self.parts("w2", e), g)  # [n, d]
 
     def expert_add_(self, e: int, x: torch.Tensor, out: torch.Tensor, weight: float) -> None:
-        out.add_(self.expert_forward(e, x), alpha=weight)
+        mm, g = self.format.matmul, self.group_size
+        hidden = F.silu(mm(x, self.parts("w1", e), g)).mul_(mm(x, self.parts("w3", e), g))  # [n, f]
+        mm(hidden, self.parts("w2", e), g, out=out, alpha=weight)  # the down projection adds into out
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """``x [N, d_model]`` sorted by expert -> ``[N, d_model]``."""

@@ -11,8 +11,10 @@ the reference every fast product is tested against) and multiplies rows by it
   ``q`` in -127..127 (1 byte a weight plus 4 per row). Per-channel rather than llama.cpp's
   per-32 blocks: one scale per row keeps the kernel's inner loop a plain integer dot.
 - ``int4``: symmetric, one float32 scale per group of ``group_size`` weights along ``K``,
-  ``q`` in -8..7 stored as ``q + 8`` two to a byte (low nibble first): 0.5 byte a weight
-  plus 4 per group.
+  ``q`` in -8..7 stored as ``q + 8`` two to a byte: in each group, byte ``j`` holds code
+  ``j`` (low nibble) and code ``j + group_size/2`` (high nibble), llama.cpp's q4_0 order, so
+  a kernel multiplies both halves with contiguous activations. 0.5 byte a weight plus 4 per
+  group.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+
+from moekit import kernels
+from moekit.layers.thresholds import threshold
 
 FORMATS: dict[str, WeightFormat] = {}
 
@@ -55,9 +60,28 @@ class WeightFormat:
     def dequantize(self, parts: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def matmul(self, x: torch.Tensor, parts: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-        """``x [M, K] @ w.T -> [M, N]`` in ``x``'s dtype (the reference: dequantise, then matmul)."""
-        return x @ self.dequantize(parts, group_size).to(x.dtype).t()
+    def matmul(self, x: torch.Tensor, parts: dict[str, torch.Tensor], group_size: int,
+               out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+        """``x [M, K] @ w.T -> [M, N]`` in ``x``'s dtype; with ``out``: ``out += alpha *`` that.
+        A few float32 rows on the CPU go through ``moekit.kernels.rows_lowp`` (each weight read
+        once, dequantised in registers), others dequantise then matmul (the reference)."""
+        lib = kernels.for_tensors(x)
+        if lib is not None and x.shape[0] <= threshold("lowp_kernel_max_rows"):
+            w = parts[self.parts[0]]
+            if out is None:
+                out = x.new_empty(x.shape[0], w.shape[0])
+                alpha, accumulate = 1.0, False
+            else:
+                accumulate = True
+            return kernels.rows_lowp(lib, self.name, w, parts.get("scale"), group_size, x.contiguous(), out, alpha,
+                                     accumulate)
+        return self.reference(x, parts, group_size, out, alpha)
+
+    def reference(self, x: torch.Tensor, parts: dict[str, torch.Tensor], group_size: int,
+                  out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+        """:meth:`matmul` in torch ops: dequantise, then matmul."""
+        y = x @ self.dequantize(parts, group_size).to(x.dtype).t()
+        return y if out is None else out.add_(y, alpha=alpha)
 
     def bits_per_weight(self, group_size: int) -> float:
         raise NotImplementedError
@@ -76,8 +100,6 @@ class BF16(WeightFormat):
     def dequantize(self, parts, group_size):
         return parts["w"].float()
 
-    def matmul(self, x, parts, group_size):
-        return (x.to(torch.bfloat16) @ parts["w"].t()).to(x.dtype)
 
     def bits_per_weight(self, group_size):
         return 16.0
@@ -124,15 +146,17 @@ class Int4(WeightFormat):
         groups = w.float().reshape(*lead, N, K // group_size, group_size)
         scale = groups.abs().amax(-1) / 7  # [..., N, K/g]; -8 stays unused, so the grid is symmetric
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = (torch.round(groups / scale[..., None]).clamp_(-8, 7) + 8).to(torch.uint8).reshape(*lead, N, K)
-        packed = q[..., 0::2] | (q[..., 1::2] << 4)  # [..., N, K] -> [..., N, K/2], low nibble first
-        return {"q": packed, "scale": scale}
+        q = (torch.round(groups / scale[..., None]).clamp_(-8, 7) + 8).to(torch.uint8)  # [..., N, K/g, g]
+        half = group_size // 2
+        packed = q[..., :half] | (q[..., half:] << 4)  # byte j: code j (low nibble), code j + g/2 (high)
+        return {"q": packed.reshape(*lead, N, K // 2), "scale": scale}
 
     def dequantize(self, parts, group_size):
         packed, scale = parts["q"], parts["scale"]
-        *lead, N, half = packed.shape
-        q = torch.stack([packed & 15, packed >> 4], -1).reshape(*lead, N, 2 * half).float() - 8  # [..., N, K]
-        return (q.reshape(*lead, N, -1, group_size) * scale[..., None]).reshape(*lead, N, 2 * half)
+        *lead, N, half_k = packed.shape
+        groups = packed.reshape(*lead, N, -1, group_size // 2)  # [..., N, K/g, g/2]
+        q = torch.cat([groups & 15, groups >> 4], -1).float() - 8  # [..., N, K/g, g]
+        return (q * scale[..., None]).reshape(*lead, N, 2 * half_k)
 
     def bits_per_weight(self, group_size):
         return 4.0 + 32.0 / group_size

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from moekit import kernels
 from moekit.config import ModelConfig, MoEConfig
 from moekit.data import ByteTokenizer
 from moekit.inference import Decoder, KVCache, generate_batch
@@ -38,11 +39,11 @@ def test_int8_and_int4_codes_are_within_half_a_step():
     assert (err <= q4["scale"][..., None] / 2 + 1e-6).all()
 
 
-def test_int4_packs_two_codes_a_byte_low_nibble_first():
+def test_int4_packs_code_j_and_j_plus_half_a_group_in_one_byte():
     w = torch.tensor([[-7.0, 7.0, 0.0, 1.0]])  # scale 1 (group of 4): codes -7, 7, 0, 1 stored +8
     parts = get_format("int4").quantize(w, 4)
     assert parts["scale"].tolist() == [[1.0]]
-    assert parts["q"].tolist() == [[1 | (15 << 4), 8 | (9 << 4)]]
+    assert parts["q"].tolist() == [[1 | (8 << 4), 15 | (9 << 4)]]  # bytes (code 0, code 2), (code 1, code 3)
     assert torch.equal(get_format("int4").dequantize(parts, 4), w)
 
 
@@ -56,13 +57,34 @@ def test_quantizing_the_dequantized_weights_changes_nothing(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_products_equal_dequantize_then_matmul(fmt):
+@pytest.mark.parametrize("rows", [1, 5, 40])  # the kernel's few rows, and the dequantising path
+@pytest.mark.parametrize("group", [32, 64])
+def test_products_equal_dequantize_then_matmul(fmt, rows, group):
     f = get_format(fmt)
-    parts = f.quantize(torch.randn(48, 64), 32)
-    x = torch.randn(5, 64)
-    ref = x @ f.dequantize(parts, 32).t()
-    tol = 2e-2 if fmt == "bf16" else 1e-4  # bf16 rounds the activations too
-    assert (f.matmul(x, parts, 32) - ref).abs().max().item() < tol * ref.abs().max().item()
+    parts = f.quantize(torch.randn(48, 128), group)
+    x = torch.randn(rows, 128)
+    ref = x @ f.dequantize(parts, group).t()
+    assert (f.matmul(x, parts, group) - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    out = torch.randn(rows, 48)
+    expected = out + 0.5 * ref
+    f.matmul(x, parts, group, out=out, alpha=0.5)  # accumulates in place
+    assert (out - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
+    with kernels.enabled(False):
+        assert (f.matmul(x, parts, group) - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+def test_the_kernel_refuses_what_it_cannot_read():
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip(f"kernels not built here: {kernels.status()}")
+    parts = get_format("int4").quantize(torch.randn(8, 64), 32)
+    out = torch.empty(1, 8)
+    with pytest.raises(ValueError, match="group_size 48"):
+        kernels.rows_lowp(lib, "int4", parts["q"], parts["scale"], 48, torch.randn(1, 64), out)
+    with pytest.raises(ValueError, match="x must have shape"):
+        kernels.rows_lowp(lib, "int4", parts["q"], parts["scale"], 32, torch.randn(1, 63), out)
+    with pytest.raises(ValueError, match="int8 weights must be"):
+        kernels.rows_lowp(lib, "int8", parts["q"], parts["scale"], 32, torch.randn(1, 64), out)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

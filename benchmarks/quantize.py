@@ -1,0 +1,135 @@
+"""Low-precision experts: decode speed against float32 in the same run, and what each
+format costs in validation loss and routing.
+
+Speed: the random-weight Mixtral-format model of ``benchmarks/generate.py`` (vocab 32000,
+d_model 512, 8 layers, 8 experts top-2, d_ff 1408), its experts in float32, bf16, int8 and
+int4 (attention, router and head stay float32), greedy decoding of ``--new-tokens`` after a
+64-token prompt at batch 1 and batch 8, each format timed twice in alternation with
+float32 (faster run kept). Printed: tokens/s, the ratio to float32, bytes of weights read
+per decoded token and that times tokens/s as a fraction of the read bandwidth measured in
+the same run.
+
+Quality (``--run``, a trained moekit run; repeatable): validation loss of each format on
+held-out windows of the validation split, and how often a token's chosen experts (the
+top-k set, per layer) differ from float32's.
+
+    python benchmarks/quantize.py --run runs/moe      # about 3 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import make_model, measure_bandwidth  # noqa: E402
+
+from moekit.inference import generate_batch  # noqa: E402
+from moekit.interop import load_model  # noqa: E402
+
+FORMATS = ["float32", "bf16", "int8", "int4"]
+
+
+def bytes_per_token(model) -> int:
+    """Weights one decoded token reads: everything but the embedding and the routed experts,
+    plus top_k experts per MoE layer (parameters and the quantised experts' buffers)."""
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if ".ffn.experts." not in n and not n.startswith("embed."))
+    for block in model.blocks:
+        if block.is_moe:
+            ex = block.ffn.experts
+            size = sum(t.numel() * t.element_size() for t in [*ex.parameters(), *ex.buffers()])
+            total += block.ffn.config.top_k * size // ex.num_experts
+    return total
+
+
+def load(path: Path, fmt: str):
+    return load_model(path, quantize=None if fmt == "float32" else fmt).model
+
+
+def speed(path: Path, new: int, batches: list[int], bandwidth: float) -> list[dict]:
+    models = {fmt: load(path, fmt) for fmt in FORMATS}
+    rows = []
+    for batch in batches:
+        prompts = torch.randint(0, 32000, (batch, 64), generator=torch.Generator().manual_seed(batch)).tolist()
+        best = dict.fromkeys(FORMATS, 0.0)
+        for _ in range(2):
+            for fmt in FORMATS:
+                stats = generate_batch(models[fmt], prompts, new, temperature=0).stats
+                best[fmt] = max(best[fmt], stats.decode_tokens_per_s)
+        for fmt in FORMATS:
+            read = bytes_per_token(models[fmt])
+            steps_per_s = best[fmt] / batch  # each step reads the weights once for the whole batch
+            rows.append({"batch": batch, "format": fmt, "tok_s": best[fmt], "ratio": best[fmt] / best["float32"],
+                         "mb_per_token": read / 1e6, "bandwidth_fraction": read * steps_per_s / 1e9 / bandwidth})
+    print(f"decode, {new} new tokens (read bandwidth {bandwidth:.1f} GB/s)")
+    print(f"  {'batch':>5} {'format':>8} {'tok/s':>8} {'vs fp32':>8} {'MB/step':>8} {'of bandwidth':>12}")
+    for r in rows:
+        print(f"  {r['batch']:>5} {r['format']:>8} {r['tok_s']:>8.1f} {r['ratio']:>7.2f}x {r['mb_per_token']:>8.1f} "
+              f"{r['bandwidth_fraction']:>12.0%}")
+    return rows
+
+
+def quality(run: str, windows: int) -> list[dict]:
+    from moekit.checkpoint import load_config
+    from moekit.data import load_text
+
+    config = load_config(run)
+    base = load(Path(run), "float32")
+    tokenizer = load_model(run).tokenizer
+    text = load_text(config.data.path, config.data.suffixes, config.data.max_chars)
+    ids = torch.as_tensor(tokenizer.encode(text).astype("int64"))
+    val, seq = ids[int(ids.numel() * (1 - config.data.val_fraction)):], config.train.seq_len
+    step = (val.numel() - seq - 1) // windows
+    held = torch.stack([val[i * step: i * step + seq + 1] for i in range(windows)])  # [windows, seq + 1]
+
+    def evaluate(model):
+        chosen = []
+        hooks = [b.ffn.router.register_forward_hook(lambda m, a, out: chosen.append(out.indices.sort(-1).values))
+                 for b in model.blocks if b.is_moe]
+        with torch.no_grad():
+            loss = float(sum(model(w[None, :-1], w[None, 1:]).loss for w in held) / len(held))
+        for h in hooks:
+            h.remove()
+        return loss, torch.cat([c.reshape(-1, c.shape[-1]) for c in chosen])
+
+    ref_loss, ref_chosen = evaluate(base)
+    rows = []
+    for fmt in FORMATS:
+        loss, chosen = (ref_loss, ref_chosen) if fmt == "float32" else evaluate(load(Path(run), fmt))
+        changed = (chosen != ref_chosen).any(-1).float().mean().item()
+        rows.append({"format": fmt, "val_loss": loss, "ppl_increase": (torch.tensor(loss - ref_loss).exp().item() - 1),
+                     "routing_changed": changed})
+    print(f"quality of {run} ({windows} validation windows of {seq} tokens)")
+    print(f"  {'format':>8} {'val loss':>9} {'ppl vs fp32':>11} {'routing changed':>15}")
+    for r in rows:
+        print(f"  {r['format']:>8} {r['val_loss']:>9.4f} {r['ppl_increase']:>+10.2%} {r['routing_changed']:>15.2%}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", action="append", default=[], help="a trained moekit run to measure quality on")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--model-dir", help="where the random Mixtral-format model is kept (default: a temporary folder)")
+    ap.add_argument("--out", default="quantize.json")
+    args = ap.parse_args()
+    results = {"threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.model_dir or tmp) / "mixtral-mini"
+        make_model(path)
+        results["speed"] = speed(path, args.new_tokens, [int(b) for b in args.batches.split(",")], measure_bandwidth())
+    results["quality"] = {run: quality(run, args.windows) for run in args.run}
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
