@@ -32,8 +32,8 @@ def rows_lowp(lib: ctypes.CDLL, fmt: str, w: torch.Tensor, scale: torch.Tensor |
     if fmt == "int8":
         ck.tensor("scale", scale, numel=N)
     elif fmt == "int4":
-        if group_size <= 0 or group_size % 2 or K % group_size:
-            raise ValueError(f"group_size {group_size} must be even and divide the width {K}")
+        if group_size <= 0 or group_size > 1024 or group_size % 2 or K % group_size:
+            raise ValueError(f"group_size {group_size} must be even, at most 1024, and divide the width {K}")
         ck.tensor("scale", scale, numel=N * (K // group_size))
     check_rc(lib.moekit_rows_lowp(FORMAT_CODES[fmt], w.data_ptr(), None if scale is None else scale.data_ptr(), N, K,
                                   group_size, x.data_ptr(), M, out.data_ptr(), alpha, int(accumulate),

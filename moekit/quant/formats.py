@@ -10,6 +10,10 @@ the reference every fast product is tested against) and multiplies rows by it
 - ``int8``: symmetric, one float32 scale per output channel, ``w ~ q * scale`` with
   ``q`` in -127..127 (1 byte a weight plus 4 per row). Per-channel rather than llama.cpp's
   per-32 blocks: one scale per row keeps the kernel's inner loop a plain integer dot.
+
+For ``int8`` and ``int4`` a product first rounds each row of activations to int8 with one
+scale (:func:`round_rows_int8`, llama.cpp's q8 activations), so that the kernel multiplies
+integers; the reference does the same, and the figures in docs/quantize.md include it.
 - ``int4``: symmetric, one float32 scale per group of ``group_size`` weights along ``K``,
   ``q`` in -8..7 stored as ``q + 8`` two to a byte: in each group, byte ``j`` holds code
   ``j`` (low nibble) and code ``j + group_size/2`` (high nibble), llama.cpp's q4_0 order, so
@@ -40,12 +44,21 @@ def get_format(name: str) -> WeightFormat:
     return FORMATS[name]
 
 
+def round_rows_int8(x: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` with each row rounded to 255 levels, ``round(x / s) * s`` with
+    ``s = max |x| / 127`` (llama.cpp's q8 activations, as ``moekit_rows_lowp`` computes them)."""
+    amax = x.abs().amax(-1, keepdim=True)
+    s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return torch.round(x / s) * s
+
+
 class WeightFormat:
     """Base of the formats. ``parts``: the tensor names :meth:`quantize` returns, each
     stored as a buffer named ``{weight}_{part}``."""
 
     name: ClassVar[str]
     parts: ClassVar[tuple[str, ...]]
+    int8_activations: ClassVar[bool] = False  # products round each row of x to int8 first
 
     def check(self, shape: tuple[int, ...], group_size: int) -> None:
         """Raise ValueError when weights of ``shape`` (``[..., N, K]``) cannot take this format."""
@@ -79,7 +92,10 @@ class WeightFormat:
 
     def reference(self, x: torch.Tensor, parts: dict[str, torch.Tensor], group_size: int,
                   out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
-        """:meth:`matmul` in torch ops: dequantise, then matmul."""
+        """:meth:`matmul` in torch ops: dequantise, then matmul (for the integer formats, with
+        the activations rounded to int8 as the kernel rounds them)."""
+        if self.int8_activations:
+            x = round_rows_int8(x)
         y = x @ self.dequantize(parts, group_size).to(x.dtype).t()
         return y if out is None else out.add_(y, alpha=alpha)
 
@@ -107,7 +123,7 @@ class BF16(WeightFormat):
 
 @register_format
 class Int8(WeightFormat):
-    name, parts = "int8", ("q", "scale")
+    name, parts, int8_activations = "int8", ("q", "scale"), True
 
     def part_shapes(self, shape, group_size):
         return {"q": (tuple(shape), torch.int8), "scale": (tuple(shape[:-1]), torch.float32)}
@@ -128,13 +144,13 @@ class Int8(WeightFormat):
 
 @register_format
 class Int4(WeightFormat):
-    name, parts = "int4", ("q", "scale")
+    name, parts, int8_activations = "int4", ("q", "scale"), True
 
     def check(self, shape, group_size):
         K = shape[-1]
-        if group_size < 2 or group_size % 2 or K % group_size:
+        if group_size < 2 or group_size > 1024 or group_size % 2 or K % group_size:
             raise ValueError(f"int4 groups of {group_size} weights do not divide the input width {K}: choose an "
-                             f"even group size that divides it (32 and 64 are usual)")
+                             f"even group size up to 1024 that divides it (32 and 64 are usual)")
 
     def part_shapes(self, shape, group_size):
         *lead, N, K = shape

@@ -3,6 +3,11 @@ packing, a second quantisation changes nothing), products equal dequantise-then-
 quantised models stay close to float and save, load and decode consistently, and bad
 input is refused by name."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,6 +20,7 @@ from moekit.interop import load_model, save_hf
 from moekit.interop.hf import save_run
 from moekit.models import Transformer
 from moekit.quant import get_format, quantize_model, quantize_to
+from moekit.quant.formats import round_rows_int8
 from tests.reliability.conftest import cli
 
 FORMATS = ["bf16", "int8", "int4"]
@@ -63,8 +69,12 @@ def test_products_equal_dequantize_then_matmul(fmt, rows, group):
     f = get_format(fmt)
     parts = f.quantize(torch.randn(48, 128), group)
     x = torch.randn(rows, 128)
-    ref = x @ f.dequantize(parts, group).t()
+    exact = x @ f.dequantize(parts, group).t()
+    ref = (round_rows_int8(x) if fmt != "bf16" else x) @ f.dequantize(parts, group).t()  # int8/int4: q8 activations
+    assert torch.equal(f.reference(x, parts, group), ref)
     assert (f.matmul(x, parts, group) - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    # rounding the activations to 255 levels moves a product by well under 1% of its scale
+    assert (ref - exact).abs().max().item() < 0.01 * exact.abs().max().item()
     out = torch.randn(rows, 48)
     expected = out + 0.5 * ref
     f.matmul(x, parts, group, out=out, alpha=0.5)  # accumulates in place
@@ -154,3 +164,39 @@ def test_bad_input_is_refused(tmp_path, capsys):
     assert code != 0
     code, err = cli(capsys, "quantize", tmp_path / "q", tmp_path / "x", "--format", "int5")
     assert code != 0 and any("int5" in line for line in err)
+
+
+PORTABLE_CHECK = """
+import torch
+from moekit import kernels
+from moekit.quant import get_format
+lib = kernels.load()
+assert lib is not None, kernels.status()
+for fmt in ("bf16", "int8", "int4"):
+    f = get_format(fmt)
+    for group in (32, 6):
+        if fmt == "int4" or group == 32:
+            parts = f.quantize(torch.randn(10, 96), group)
+            x = torch.randn(3, 96)
+            ref = f.reference(x, parts, group)
+            got = kernels.rows_lowp(lib, fmt, parts[f.parts[0]], parts.get("scale"), group, x, torch.empty(3, 10))
+            assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item(), (fmt, group)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="-mno-avx2 is an x86 flag")
+def test_the_portable_loops_give_the_same_numbers(tmp_path):
+    """The plain-C branches of cpu_lowp.c (built without AVX2), and a group size the vector
+    path does not take (6)."""
+    if kernels.load() is None:
+        pytest.skip(f"kernels not built here: {kernels.status()}")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = tmp_path / "cc-no-avx2"
+    cc.write_text(f'#!/bin/sh\nexec "{compiler}" "$@" -mno-avx512f -mno-avx2\n')
+    cc.chmod(0o755)
+    env = dict(os.environ, CC=str(cc), MOEKIT_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], capture_output=True, text=True)  # the native build
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
