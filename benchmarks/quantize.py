@@ -3,7 +3,8 @@ format costs in validation loss and routing.
 
 Speed: the random-weight Mixtral-format model of ``benchmarks/generate.py`` (vocab 32000,
 d_model 512, 8 layers, 8 experts top-2, d_ff 1408), its experts in float32, bf16, int8 and
-int4 (attention, router and head stay float32), greedy decoding of ``--new-tokens`` after a
+int4 (attention, router and head float32), and with ``-all`` the attention projections and
+LM head in the same format (the router stays float32), greedy decoding of ``--new-tokens`` after a
 64-token prompt at batch 1 and batch 8, each format timed twice in alternation with
 float32 (faster run kept). Printed: tokens/s, the ratio to float32, bytes of weights read
 per decoded token and that times tokens/s as a fraction of the read bandwidth measured in
@@ -32,14 +33,14 @@ from generate import make_model, measure_bandwidth  # noqa: E402
 from moekit.inference import generate_batch  # noqa: E402
 from moekit.interop import load_model  # noqa: E402
 
-FORMATS = ["float32", "bf16", "int8", "int4"]
+FORMATS = ["float32", "bf16", "int8", "int4", "bf16-all", "int8-all", "int4-all"]  # -all: attention and head too
 
 
 def bytes_per_token(model) -> int:
     """Weights one decoded token reads: everything but the embedding and the routed experts,
     plus top_k experts per MoE layer (parameters and the quantised experts' buffers)."""
-    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                if ".ffn.experts." not in n and not n.startswith("embed."))
+    total = sum(t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
+                if ".ffn.experts." not in n and not n.startswith(("embed.", "rope.")))
     for block in model.blocks:
         if block.is_moe:
             ex = block.ffn.experts
@@ -49,7 +50,10 @@ def bytes_per_token(model) -> int:
 
 
 def load(path: Path, fmt: str):
-    return load_model(path, quantize=None if fmt == "float32" else fmt).model
+    if fmt == "float32":
+        return load_model(path).model
+    name, _, what = fmt.partition("-")
+    return load_model(path, quantize=name, quantize_what=what or "experts").model
 
 
 def speed(path: Path, new: int, batches: list[int], bandwidth: float) -> list[dict]:

@@ -188,9 +188,10 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
                                                              "policy": args.offload_policy, "prefetch": not args.no_prefetch}
         if args.expert_memory is None and (args.offload_policy != "lru" or args.no_prefetch):
             raise ValueError("--offload-policy and --no-prefetch apply with --expert-memory only")
-        if args.quantize:
-            offload["quantize"] = args.quantize
-        loaded = load_model(args.model, dtype=dtype, **offload)
+        if args.quantize_what != "experts" and not args.quantize:
+            raise ValueError("--quantize-what applies with --quantize only")
+        loaded = load_model(args.model, dtype=dtype, quantize=args.quantize, quantize_what=args.quantize_what,
+                            **offload)
         if args.skip_below:
             from moekit.shrink import set_skip_below
 
@@ -385,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not compute a chosen expert whose routing weight is below W (default 0: all)")
     g.add_argument("--quantize", choices=["bf16", "int8", "int4"],
                    help="store the routed experts in this format as the model loads (moekit quantize saves one)")
+    g.add_argument("--quantize-what", choices=["experts", "all"], default="experts",
+                   help="with --quantize: the experts only (default), or the attention and LM head too")
     g.add_argument("--expert-memory", metavar="SIZE",
                    help="leave the routed experts in their files and hold at most SIZE of them in memory (e.g. 4GB)")
     g.add_argument("--offload-policy", choices=["lru", "lfu"], default="lru",

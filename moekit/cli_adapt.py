@@ -50,7 +50,7 @@ def cmd_quantize(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from moekit.quant import quantize_to
 
     _no_fields("quantize", overrides)
-    print(quantize_to(args.src, args.dst, args.format, args.group_size, args.overwrite))
+    print(quantize_to(args.src, args.dst, args.format, args.group_size, args.overwrite, args.what))
     return 0
 
 
@@ -117,5 +117,7 @@ def add_commands(sub) -> None:
     q.add_argument("--format", required=True, choices=["bf16", "int8", "int4"],
                    help="int8: per output channel; int4: per group of --group-size weights")
     q.add_argument("--group-size", type=int, default=32, help="int4: weights per scale (default 32)")
+    q.add_argument("--what", choices=["experts", "all"], default="experts",
+                   help="experts only (default), or the attention projections and LM head too")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
     q.set_defaults(func=cmd_quantize)

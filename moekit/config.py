@@ -236,6 +236,10 @@ class ModelConfig:
     """Clamp queries, keys and values to ``[-clip_qkv, clip_qkv]`` (OLMoE option)."""
     sliding_window: int | None = None
     """Each token attends to at most this many most recent tokens (Mixtral's option)."""
+    linear_format: str | None = None
+    """Inference only: the attention projections and the (untied) LM head stored in
+    ``"bf16"``, ``"int8"`` or ``"int4"`` (``moekit quantize --what all``; int4 groups of
+    ``moe.weight_group_size``). ``None``: the model's dtype."""
     init_std: float = 0.02
     """Standard deviation of the normal weight init (output projections are scaled by
     ``1/sqrt(2 * n_layers)``, as in GPT-2)."""
@@ -256,6 +260,14 @@ class ModelConfig:
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         _positive("rope_theta", self.rope_theta, float)
+        if self.linear_format is not None:
+            from moekit.quant.formats import get_format
+
+            fmt = get_format(self.linear_format)
+            H, Hkv, hd = self.n_heads, self.n_kv_heads or self.n_heads, self.head_dim or self.d_model // self.n_heads
+            for shape in ((H * hd, self.d_model), (Hkv * hd, self.d_model), (self.d_model, H * hd),
+                          (self.vocab_size, self.d_model)):
+                fmt.check(shape, self.moe.weight_group_size)
         _positive("norm_eps", self.norm_eps, float)
         _positive("init_std", self.init_std, float)
         if not isinstance(self.first_dense_layers, int) or not 0 <= self.first_dense_layers <= self.n_layers:

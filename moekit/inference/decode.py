@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moekit import kernels
 from moekit.layers.dispatch import add_chosen_experts
@@ -71,7 +72,9 @@ class Decoder:
         # one-row steps run their projections through moekit.kernels where it is built
         # (float32 on the CPU): each norm folded into the product that reads it, each
         # Mixtral-style MoE layer in one call
-        self.lib = kernels.for_tensors(model.lm_head.weight) if kernels.rows_ok(model.lm_head.weight) and _norm_ok(model.norm) else None
+        head = model.lm_head  # a quantised head (moekit.quant) is a module call
+        self.lib = (kernels.for_tensors(head.weight) if isinstance(head, nn.Linear) and kernels.rows_ok(head.weight)
+                    and _norm_ok(model.norm) else None)
         self.layers = [self._plan(layer, block) for layer, block in enumerate(model.blocks)]
 
     def _plan(self, layer, block):
@@ -79,7 +82,8 @@ class Decoder:
         which inline in torch ops, which as their modules."""
         attn, ffn = block.attn, block.ffn
         attn_weights = None  # q/k norms or clamping: the module
-        if attn.qk_norm is None and attn.clip_qkv is None and not attn.adapters:  # adapters: the module
+        if (attn.qk_norm is None and attn.clip_qkv is None and not attn.adapters  # adapters: the module
+                and isinstance(attn.wq, nn.Linear)):  # quantised projections: the module
             w_qkv, b_qkv = attn.qkv_weights()  # (a copy for this generation when not prepared)
             attn_weights = (w_qkv.t(), b_qkv, attn.wo.weight.t(), attn.wo.bias, attn.sliding_window)
         # moe: None runs the ffn module (a dense layer, or an MoE under another dispatcher, as

@@ -217,7 +217,8 @@ def _eos_ids(hf_config: dict[str, Any], path: Path) -> list[int]:
 
 def load_model(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    max_seq_len: int | None = None, expert_memory: str | int | None = None, **offload: Any,
+    max_seq_len: int | None = None, expert_memory: str | int | None = None, quantize: str | None = None,
+    quantize_what: str = "experts", **offload: Any,
 ) -> LoadedModel:
     """A moekit run directory (or one of its ``step_*`` folders) or a Hugging Face directory,
     ready for inference (:func:`moekit.inference.prepare_for_inference`).
@@ -226,7 +227,8 @@ def load_model(
     hold at most this much of them in memory (:mod:`moekit.inference.offload`); ``offload``
     passes ``policy``, ``prefetch`` and ``counts`` to
     :func:`~moekit.inference.offload.offload_experts`. ``quantize="int8"`` (or ``"int4"``,
-    ``"bf16"``): store the routed experts in that format as they load (:mod:`moekit.quant`).
+    ``"bf16"``): store the routed experts in that format as they load (:mod:`moekit.quant`;
+    ``quantize_what="all"``: the attention and LM head too).
     """
     from moekit.inference import prepare_for_inference
     from moekit.checkpoint import load_trained
@@ -234,7 +236,6 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
-    quantize = offload.pop("quantize", None)
     if expert_memory is not None:
         if quantize is not None:
             raise ValueError("quantize and expert_memory do not combine yet: offload a quantized run instead")
@@ -251,7 +252,7 @@ def load_model(
     if quantize is not None:
         from moekit.quant import quantize_model
 
-        quantize_model(loaded.model, quantize)
+        quantize_model(loaded.model, quantize, what=quantize_what)
     prepare_for_inference(loaded.model)
     return loaded
 

@@ -1,7 +1,6 @@
 """The C matrix-vector kernels against torch on the same numbers."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from moekit import MoE, MoEConfig, kernels
 from moekit.ops.swiglu import _SwiGLUGrouped, _SwiGLUKernel
 from moekit.layers.norm import RMSNorm
+from tests.kernels.rebuild import run_with_flags
 
 lib = kernels.load()
 needs_lib = pytest.mark.skipif(lib is None, reason=f"kernels not built here: {kernels.status()}")
@@ -515,12 +515,7 @@ print("ok")
 def test_the_build_without_avx512_gives_the_same_numbers(tmp_path):
     """The portable loops (the #else branches of cpu_gemv.c; cpu_rows.c has no others), built
     with AVX-512 turned off."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")  # the one that built lib
-    cc = tmp_path / "cc-no-avx512"
-    cc.write_text(f'#!/bin/sh\nexec "{compiler}" "$@" -mno-avx512f\n')
-    cc.chmod(0o755)
-    env = dict(os.environ, CC=str(cc), MOEKIT_CACHE_DIR=str(tmp_path / "cache"))
-    done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True)
+    done = run_with_flags(tmp_path, "-mno-avx512f", PORTABLE_CHECK)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 

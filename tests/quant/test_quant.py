@@ -4,7 +4,6 @@ quantised models stay close to float and save, load and decode consistently, and
 input is refused by name."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ from moekit.interop.hf import save_run
 from moekit.models import Transformer
 from moekit.quant import get_format, quantize_model, quantize_to
 from moekit.quant.formats import round_rows_int8
+from tests.kernels.rebuild import run_with_flags
 from tests.reliability.conftest import cli
 
 FORMATS = ["bf16", "int8", "int4"]
@@ -98,15 +98,22 @@ def test_the_kernel_refuses_what_it_cannot_read():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_quantized_model_is_close_saves_loads_and_decodes(fmt, tmp_path):
+@pytest.mark.parametrize("what", ["experts", "all"])
+def test_a_quantized_model_is_close_saves_loads_and_decodes(fmt, what, tmp_path):
     model = moe_model()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
     save_run(tmp_path / "run", model, ByteTokenizer(), {})
-    assert "experts in" in quantize_to(tmp_path / "run", tmp_path / fmt, fmt)
+    said = quantize_to(tmp_path / "run", tmp_path / fmt, fmt, what=what)
+    assert said.endswith(f"experts in {fmt}" if what == "experts" else f"experts, attention and head in {fmt}") or "groups" in said
     saved = load_model(tmp_path / fmt).model
-    on_the_fly = load_model(tmp_path / "run", quantize=fmt).model
+    on_the_fly = load_model(tmp_path / "run", quantize=fmt, quantize_what=what).model
+    if what == "all":
+        from moekit.quant.linear import QuantizedLinear
+
+        assert isinstance(saved.lm_head, QuantizedLinear) and isinstance(saved.blocks[2].attn.wo, QuantizedLinear)
+        assert saved.config.linear_format == fmt
     with torch.no_grad():
         got = saved(ids).logits
         assert torch.equal(got, on_the_fly(ids).logits)
@@ -126,7 +133,7 @@ def test_a_quantized_model_is_close_saves_loads_and_decodes(fmt, tmp_path):
         assert (step - saved(ids[:1, :11]).logits[:, -1]).abs().max().item() < 1e-4
     tokens = generate_batch(saved, [ids[0, :8].tolist()], 6, temperature=0).tokens
     assert len(tokens[0]) == 6
-    assert (got - ref).abs().mean().item() < 0.05 * ref.abs().mean().item()
+    assert (got - ref).abs().mean().item() < (0.05 if what == "experts" else 0.15) * ref.abs().mean().item()
 
 
 def test_dtype_moves_keep_codes_and_scales():
@@ -191,12 +198,7 @@ def test_the_portable_loops_give_the_same_numbers(tmp_path):
     path does not take (6)."""
     if kernels.load() is None:
         pytest.skip(f"kernels not built here: {kernels.status()}")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    cc = tmp_path / "cc-no-avx2"
-    cc.write_text(f'#!/bin/sh\nexec "{compiler}" "$@" -mno-avx512f -mno-avx2\n')
-    cc.chmod(0o755)
-    env = dict(os.environ, CC=str(cc), MOEKIT_CACHE_DIR=str(tmp_path / "cache"))
-    done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True)
+    done = run_with_flags(tmp_path, "-mno-avx512f -mno-avx2", PORTABLE_CHECK)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], capture_output=True, text=True)  # the native build
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
