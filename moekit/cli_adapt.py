@@ -47,7 +47,7 @@ def cmd_merge(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from moekit.quant import quantize_to
+    from moekit.shrink.quantize import quantize_to
 
     _no_fields("quantize", overrides)
     print(quantize_to(args.src, args.dst, args.format, args.group_size, args.overwrite, args.what))

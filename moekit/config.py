@@ -110,7 +110,7 @@ class MoEConfig:
     likeliest expert is always kept). 0 computes every chosen expert."""
     weight_format: str | None = None
     """Inference only: the routed experts' weights stored in ``"bf16"``, ``"int8"`` or
-    ``"int4"`` (:mod:`moekit.quant`; ``moekit quantize`` sets it). ``None``: the model's dtype."""
+    ``"int4"`` (:mod:`moekit.layers.quantized`; ``moekit quantize`` sets it). ``None``: the model's dtype."""
     weight_group_size: int = 32
     """``int4``: weights sharing one scale along the input width (must divide it)."""
 
@@ -135,7 +135,7 @@ class MoEConfig:
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {self.implementation!r}")
         if self.weight_format is not None:
-            from moekit.quant.formats import get_format
+            from moekit.ops.lowp import get_format
 
             fmt = get_format(self.weight_format)
             if self.expert != "swiglu":
@@ -261,7 +261,7 @@ class ModelConfig:
                 _positive(name, getattr(self, name))
         _positive("rope_theta", self.rope_theta, float)
         if self.linear_format is not None:
-            from moekit.quant.formats import get_format
+            from moekit.ops.lowp import get_format
 
             fmt = get_format(self.linear_format)
             H, Hkv, hd = self.n_heads, self.n_kv_heads or self.n_heads, self.head_dim or self.d_model // self.n_heads

@@ -72,7 +72,7 @@ class Decoder:
         # one-row steps run their projections through moekit.kernels where it is built
         # (float32 on the CPU): each norm folded into the product that reads it, each
         # Mixtral-style MoE layer in one call
-        head = model.lm_head  # a quantised head (moekit.quant) is a module call
+        head = model.lm_head  # a quantised head (moekit.layers.quantized) is a module call
         self.lib = (kernels.for_tensors(head.weight) if isinstance(head, nn.Linear) and kernels.rows_ok(head.weight)
                     and _norm_ok(model.norm) else None)
         self.layers = [self._plan(layer, block) for layer, block in enumerate(model.blocks)]

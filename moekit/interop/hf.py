@@ -227,7 +227,7 @@ def load_model(
     hold at most this much of them in memory (:mod:`moekit.inference.offload`); ``offload``
     passes ``policy``, ``prefetch`` and ``counts`` to
     :func:`~moekit.inference.offload.offload_experts`. ``quantize="int8"`` (or ``"int4"``,
-    ``"bf16"``): store the routed experts in that format as they load (:mod:`moekit.quant`;
+    ``"bf16"``): store the routed experts in that format as they load (:mod:`moekit.layers.quantized`;
     ``quantize_what="all"``: the attention and LM head too).
     """
     from moekit.inference import prepare_for_inference
@@ -250,7 +250,7 @@ def load_model(
         model, tokenizer, _ = load_trained(path, device)
         loaded = LoadedModel(model.to(dtype), tokenizer, [], "moekit")
     if quantize is not None:
-        from moekit.quant import quantize_model
+        from moekit.models.quantize import quantize_model
 
         quantize_model(loaded.model, quantize, what=quantize_what)
     prepare_for_inference(loaded.model)
@@ -264,7 +264,8 @@ def _load_offloaded(path: Path, dtype: torch.dtype, device: str | torch.device, 
     from moekit.checkpoint import WEIGHTS_FILE, load_config, run_dir_of
     from moekit.data import load_tokenizer
     from moekit.inference import prepare_for_inference
-    from moekit.inference.offload import ExpertSource, check_offloadable, offload_experts
+    from moekit.inference.offload import offload_experts
+    from moekit.interop.expert_files import ExpertSource, check_offloadable
 
     parse_bytes(expert_memory, "expert memory")  # a bad budget fails before any file is read
     if torch.device(device).type != "cpu":

@@ -34,11 +34,11 @@ from moekit.kernels.decode import (
 )
 from moekit.kernels.experts import silu_mul, silu_mul_backward, swiglu_segments, swiglu_segments_backward
 from moekit.kernels.library import cache_dir, enabled, for_tensors, is_enabled, load, status
-from moekit.kernels.lowp import rows_lowp
+from moekit.kernels.lowp import LOWP_MAX_ROWS, rows_lowp
 from moekit.kernels.dispatch import combine_backward, gather_rows, topk_softmax, topk_softmax_backward
 
 __all__ = [
-    "AttentionStep", "MoETokenStep", "attention_ok", "cache_dir", "combine_backward", "enabled", "for_tensors",
+    "LOWP_MAX_ROWS", "AttentionStep", "MoETokenStep", "attention_ok", "cache_dir", "combine_backward", "enabled", "for_tensors",
     "gather_rows", "is_enabled", "load", "moe_token", "moe_token_ok", "rows", "rows_lowp", "rows_ok", "silu_mul",
     "silu_mul_backward", "status", "swiglu_add", "swiglu_ok", "swiglu_segments", "swiglu_segments_backward",
     "topk_softmax", "topk_softmax_backward",

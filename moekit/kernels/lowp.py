@@ -11,6 +11,7 @@ from moekit.kernels import checks as ck
 from moekit.kernels.ffi import check_rc
 
 FORMAT_CODES = {"bf16": 0, "int8": 1, "int4": 2}
+LOWP_MAX_ROWS = 64  # rows of x one call takes (the C side's activation scales)
 
 
 def rows_lowp(lib: ctypes.CDLL, fmt: str, w: torch.Tensor, scale: torch.Tensor | None, group_size: int,
@@ -28,6 +29,8 @@ def rows_lowp(lib: ctypes.CDLL, fmt: str, w: torch.Tensor, scale: torch.Tensor |
     if not x.is_contiguous():
         raise ValueError("x must be contiguous")
     M = x.shape[0]
+    if M > LOWP_MAX_ROWS:
+        raise ValueError(f"x has {M} rows; rows_lowp takes at most {LOWP_MAX_ROWS} a call")
     ck.tensor("out", out, numel=M * N)
     if fmt == "int8":
         ck.tensor("scale", scale, numel=N)

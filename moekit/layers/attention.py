@@ -67,7 +67,7 @@ class Attention(nn.Module):
         ``[(H + 2 Hkv) hd, d_model]`` tensor, so that a forward without gradients runs one
         matmul instead of three (one token reads the weights faster in one long call). The
         parameters stay the same objects, now views of the fused tensor."""
-        if not isinstance(self.wq, nn.Linear):  # quantised projections (moekit.quant): nothing to fuse
+        if not isinstance(self.wq, nn.Linear):  # quantised projections (moekit.layers.quantized): nothing to fuse
             return
         weight, bias = self.qkv_weights()
         start = 0

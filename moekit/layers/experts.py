@@ -455,7 +455,7 @@ def build_experts(config: MoEConfig) -> GroupedExperts:
     from moekit.registry import EXPERTS
 
     if config.weight_format is not None:
-        from moekit.quant.experts import QuantizedExperts
+        from moekit.layers.quantized import QuantizedExperts
 
         return QuantizedExperts(config.num_experts, config.d_model, config.d_ff, config.weight_format,
                                 config.weight_group_size)

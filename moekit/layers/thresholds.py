@@ -31,7 +31,7 @@ THRESHOLDS: dict[str, Threshold] = {
         256, "benchmarks/moe_layer.py",
         "training from here: the segment loop with its hand-written backward (ops.swiglu_segments); "
         "below it grouped_mm with the one-pass activation (ops.swiglu_grouped)"),
-    # low-precision experts (moekit.quant), rows per product
+    # low-precision experts (moekit.layers.quantized), rows per product
     "lowp_kernel_max_rows": Threshold(
         16, "benchmarks/quantize.py",
         "up to here moekit.kernels.rows_lowp (weights dequantised in registers, read once for all rows); "

@@ -81,7 +81,7 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(config.dim_per_head, config.max_seq_len, config.rope_theta)
         self.reset_parameters()
         if config.linear_format is not None:  # a quantised run: its codes come from the checkpoint
-            from moekit.quant.linear import quantize_linears
+            from moekit.layers.quantized import quantize_linears
 
             quantize_linears(self, config.linear_format, config.moe.weight_group_size)
 

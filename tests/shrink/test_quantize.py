@@ -18,8 +18,9 @@ from moekit.inference import Decoder, KVCache, generate_batch
 from moekit.interop import load_model, save_hf
 from moekit.interop.hf import save_run
 from moekit.models import Transformer
-from moekit.quant import get_format, quantize_model, quantize_to
-from moekit.quant.formats import round_rows_int8
+from moekit.models.quantize import quantize_model
+from moekit.ops.lowp import get_format, round_rows_int8
+from moekit.shrink import quantize_to
 from tests.kernels.rebuild import run_with_flags
 from tests.reliability.conftest import cli
 
@@ -110,7 +111,7 @@ def test_a_quantized_model_is_close_saves_loads_and_decodes(fmt, what, tmp_path)
     saved = load_model(tmp_path / fmt).model
     on_the_fly = load_model(tmp_path / "run", quantize=fmt, quantize_what=what).model
     if what == "all":
-        from moekit.quant.linear import QuantizedLinear
+        from moekit.layers.quantized import QuantizedLinear
 
         assert isinstance(saved.lm_head, QuantizedLinear) and isinstance(saved.blocks[2].attn.wo, QuantizedLinear)
         assert saved.config.linear_format == fmt
@@ -176,7 +177,7 @@ def test_bad_input_is_refused(tmp_path, capsys):
 PORTABLE_CHECK = """
 import torch
 from moekit import kernels
-from moekit.quant import get_format
+from moekit.ops.lowp import get_format
 lib = kernels.load()
 assert lib is not None, kernels.status()
 for fmt in ("bf16", "int8", "int4"):

@@ -1,15 +1,14 @@
-"""Low-precision experts: weight formats (:mod:`~moekit.quant.formats`), the experts that
-hold them (:mod:`~moekit.quant.experts`) and turning a float model into one
-(:func:`quantize_model`, ``moekit quantize``)."""
+"""Storing a model's weights in a low-precision format (:mod:`moekit.ops.lowp`):
+:func:`quantize_model` swaps its routed experts (and with ``what="all"`` its attention
+projections and LM head) for :mod:`moekit.layers.quantized` copies and records the formats
+in its config, so that it saves and loads as a quantised run."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-from moekit.quant.experts import QuantizedExperts
-from moekit.quant.formats import FORMATS, WeightFormat, get_format
-
+from moekit.layers.quantized import QuantizedExperts, quantize_linears
+from moekit.ops.lowp import get_format
 
 WHAT = ("experts", "all")
 
@@ -21,7 +20,6 @@ def quantize_model(model, weight_format: str, group_size: int = 32, what: str = 
     norms and embedding stay as they are. The config records the formats, so the model
     saves and loads as a quantised run. Returns ``model``."""
     from moekit.layers.experts import SwiGLUExperts
-    from moekit.quant.linear import quantize_linears
 
     fmt = get_format(weight_format)
     if what not in WHAT:
@@ -51,23 +49,3 @@ def quantize_model(model, weight_format: str, group_size: int = 32, what: str = 
         linear = fmt.name
     model.config = dataclasses.replace(model.config, moe=moe, linear_format=linear)
     return model
-
-
-def quantize_to(src: str | Path, dst: str | Path, weight_format: str, group_size: int = 32,
-                overwrite: bool = False, what: str = "experts") -> str:
-    """``moekit quantize``: the model at ``src`` (a moekit run or a Hugging Face directory)
-    with its experts in ``weight_format``, written as a moekit run at ``dst``."""
-    from moekit.checkpoint import check_destination
-    from moekit.interop import load_model
-    from moekit.interop.hf import save_run
-
-    get_format(weight_format)
-    dst = check_destination(dst, (Path(src),), overwrite)
-    loaded = load_model(src)
-    model = quantize_model(loaded.model, weight_format, group_size, what)
-    save_run(dst, model, loaded.tokenizer, {"quantized_from": str(src), "weight_format": weight_format, "what": what})
-    scope = "experts" if what == "experts" else "experts, attention" + ("" if model.config.tie_embeddings else " and head")
-    return f"wrote {dst}: {scope} in {weight_format}" + (f" (groups of {group_size})" if weight_format == "int4" else "")
-
-
-__all__ = ["FORMATS", "WHAT", "QuantizedExperts", "WeightFormat", "get_format", "quantize_model", "quantize_to"]

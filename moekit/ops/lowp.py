@@ -1,4 +1,5 @@
-"""Low-precision weight formats: one class each, registered by name in :data:`FORMATS`.
+"""Low-precision weight formats: one class each, registered by name in :data:`FORMATS`; the
+ops level of :mod:`moekit.layers.quantized` (a kernel product and its torch reference each).
 
 A format turns a float weight ``w [N, K]`` (``nn.Linear``'s ``[out, in]``) into named
 parts (:meth:`WeightFormat.quantize`), back into floats (:meth:`WeightFormat.dequantize`:
@@ -28,7 +29,6 @@ from typing import ClassVar
 import torch
 
 from moekit import kernels
-from moekit.layers.thresholds import threshold
 
 FORMATS: dict[str, WeightFormat] = {}
 
@@ -74,12 +74,13 @@ class WeightFormat:
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor, parts: dict[str, torch.Tensor], group_size: int,
-               out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+               out: torch.Tensor | None = None, alpha: float = 1.0, kernel: bool = True) -> torch.Tensor:
         """``x [M, K] @ w.T -> [M, N]`` in ``x``'s dtype; with ``out``: ``out += alpha *`` that.
-        A few float32 rows on the CPU go through ``moekit.kernels.rows_lowp`` (each weight read
-        once, dequantised in registers), others dequantise then matmul (the reference)."""
-        lib = kernels.for_tensors(x)
-        if lib is not None and x.shape[0] <= threshold("lowp_kernel_max_rows"):
+        With ``kernel`` (the module's choice, from its rows), float32 rows on the CPU go through
+        ``moekit.kernels.rows_lowp`` (each weight read once, dequantised in registers); else
+        dequantise, then matmul (:meth:`reference`)."""
+        lib = kernels.for_tensors(x) if kernel and x.shape[0] <= kernels.LOWP_MAX_ROWS else None
+        if lib is not None:
             w = parts[self.parts[0]]
             if out is None:
                 out = x.new_empty(x.shape[0], w.shape[0])
