@@ -82,10 +82,13 @@ class Decoder:
         which inline in torch ops, which as their modules."""
         attn, ffn = block.attn, block.ffn
         attn_weights = None  # q/k norms or clamping: the module
-        if (attn.qk_norm is None and attn.clip_qkv is None and not attn.adapters  # adapters: the module
-                and isinstance(attn.wq, nn.Linear)):  # quantised projections: the module
-            w_qkv, b_qkv = attn.qkv_weights()  # (a copy for this generation when not prepared)
-            attn_weights = (w_qkv.t(), b_qkv, attn.wo.weight.t(), attn.wo.bias, attn.sliding_window)
+        if attn.qk_norm is None and attn.clip_qkv is None and not attn.adapters:  # adapters: the module
+            if isinstance(attn.wq, nn.Linear):
+                w_qkv, b_qkv = attn.qkv_weights()  # (a copy for this generation when not prepared)
+                attn_weights = (w_qkv.t(), b_qkv, attn.wo.weight.t(), attn.wo.bias, attn.sliding_window)
+            else:  # quantised projections (moekit.layers.quantized): a product each, the rest inline
+                attn_weights = (lambda h, a=attn: torch.cat([a.wq(h), a.wk(h), a.wv(h)], dim=-1), None,
+                                lambda x, y, wo=attn.wo: x + wo(y), None, attn.sliding_window)
         # moe: None runs the ffn module (a dense layer, or an MoE under another dispatcher, as
         # expert parallelism sets); () calls the router as a module; else the top-k router inline
         moe = None
@@ -96,7 +99,8 @@ class Decoder:
             moe = (router.gate.weight.t(), router.gate.bias, router.renormalize, router.scale) if lean_router else ()
         # one-row steps: this layer's attention and MoE bound to the kernels, where they apply
         k_attn = k_moe = None
-        if self.lib is not None and attn_weights is not None and _norm_ok(block.attn_norm) and self.cache.k.shape[1] == 1:
+        if (self.lib is not None and attn_weights is not None and not callable(attn_weights[0])
+                and _norm_ok(block.attn_norm) and self.cache.k.shape[1] == 1):
             w_qkv, b_qkv, w_o, b_o, _ = attn_weights
             heads, k_cache, v_cache = (self.H, self.Hkv, self.hd), self.k_cache[layer][0], self.v_cache[layer][0]
             if kernels.attention_ok(w_qkv.t(), w_o.t(), heads, k_cache, v_cache, b_qkv, b_o):
@@ -176,7 +180,10 @@ class Decoder:
     def _attention(self, x, h, weights, rotation, layer, pos, mask):
         w_qkv, b_qkv, w_o, b_o, window = weights
         B, H, Hkv, hd = x.shape[0], self.H, self.Hkv, self.hd
-        qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)  # [B, (H+2Hkv) hd]
+        if callable(w_qkv):  # quantised projections
+            qkv = w_qkv(h)
+        else:
+            qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)  # [B, (H+2Hkv) hd]
         qk = qkv[:, : (H + Hkv) * hd].view(B, H + Hkv, hd)
         if qk.dtype == rotation.dtype:
             qk = torch.matmul(qk, rotation)  # RoPE on q and k at once
@@ -191,6 +198,8 @@ class Decoder:
             mask = mask[..., start:]
         y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=mask, enable_gqa=H != Hkv)
         y = y.reshape(B, H * hd)  # [B, H, 1, hd] -> [B, H*hd]
+        if callable(w_o):
+            return w_o(x, y)
         return torch.addmm(x, y, w_o) if b_o is None else torch.addmm(x + b_o, y, w_o)
 
     def _moe(self, x, h, moe_module, moe, tokens):
