@@ -182,3 +182,13 @@ int moekit_rows_lowp(int fmt, const void *w, const float *scale, long N, long K,
     free(xq);
     return 0;
 }
+
+/* Which integer dot products this build has: 1 AVX2 maddubs, 0 the plain C loops (kernels.status() says). */
+int moekit_lowp_simd(void)
+{
+#if defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -21,6 +21,7 @@ SIGNATURES: dict[str, tuple[list, type | None]] = {
     "moekit_gather_rows": ([P, L, P, P, L, L, P, I], I),
     "moekit_combine_backward": ([P, P, L, P, P, L, P, P, I], I),
     "moekit_rows_lowp": ([I, P, P, L, L, L, P, L, P, F, I, I], I),
+    "moekit_lowp_simd": ([], I),
 }
 
 

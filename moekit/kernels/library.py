@@ -108,7 +108,10 @@ def status() -> str:
     load()
     if _built["lib"] is not None and not _switch["on"]:
         return "cpu kernels off: disabled by moekit.kernels.enabled(False)"
-    return ("cpu kernels: " if _built["lib"] is not None else "cpu kernels off: ") + _built["reason"]
+    if _built["lib"] is None:
+        return "cpu kernels off: " + _built["reason"]
+    simd = "AVX2" if _built["lib"].moekit_lowp_simd() else "plain C loops (no AVX2 on this CPU or build)"
+    return f"cpu kernels: {_built['reason']}; int8/int4 products: {simd}"
 
 
 class enabled:
