@@ -230,28 +230,39 @@ def latest_checkpoint(path: str | Path) -> Path:
 def load_weights(model: nn.Module, ckpt: Path) -> None:
     """Load ``ckpt/model.safetensors`` into ``model``; a ValueError names every missing,
     unexpected or mis-shaped tensor, and a damaged file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    expected = {k: tuple(t.shape) for k, t in state_dict_for_save(model).items()}
+    model.load_state_dict(read_weights(Path(ckpt) / WEIGHTS_FILE, expected), strict=False)  # tied weights appear once
 
-    path = Path(ckpt) / WEIGHTS_FILE
+
+def read_weights(path: Path, expected: dict[str, tuple[int, ...]], leave=lambda name: False,
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``expected`` names (name -> shape) from the safetensors file ``path``, each
+    checked; tensors for which ``leave(name)`` holds stay unread (offloaded experts) and
+    ``dtype`` converts floating ones. A ValueError names every missing, unexpected or
+    mis-shaped tensor, and a damaged file."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        tensors = load_file(str(path))
+        handle = safe_open(str(path), framework="pt")
+        keys = set(handle.keys())
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc}); the checkpoint is damaged") from None
-    expected = state_dict_for_save(model)
-    problems = []
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        problems.append(f"missing {missing}")
-    if unexpected:
-        problems.append(f"unexpected {unexpected}")
-    for name in sorted(set(expected) & set(tensors)):
-        if expected[name].shape != tensors[name].shape:
-            problems.append(f"{name}: checkpoint {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}")
+    missing = sorted(set(expected) - keys)
+    unexpected = sorted(k for k in keys - set(expected) if not leave(k))
+    problems = [f"missing {missing}"] if missing else []
+    problems += [f"unexpected {unexpected}"] if unexpected else []
+    state = {}
+    for name in sorted(keys & set(expected)):
+        try:
+            t = handle.get_tensor(name)
+        except Exception as exc:  # a truncated file fails here, after a valid header
+            raise ValueError(f"cannot read tensor {name} from {path} ({exc}); the checkpoint is damaged") from None
+        if tuple(t.shape) != tuple(expected[name]):
+            problems.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(expected[name])}")
+        state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     if problems:
         raise ValueError(f"{path} does not match the model: " + "; ".join(problems))
-    model.load_state_dict(tensors, strict=False)  # tied weights appear once in the file
+    return state
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:

@@ -124,5 +124,8 @@ def check_offloadable(config: ModelConfig, where: str | Path) -> None:
     """Raise ValueError unless ``config``'s routed experts can be offloaded."""
     if not _moe_layers(config):
         raise ValueError(f"{where} is a dense model: it has no routed experts to offload")
+    if config.moe.weight_format is not None:
+        raise ValueError(f"{where} holds its experts as {config.moe.weight_format}; expert offloading reads float "
+                         "experts: offload the model it was quantized from")
     if config.moe.expert != "swiglu":
         raise ValueError(f"{where} has {config.moe.expert!r} experts; expert offloading reads SwiGLU experts")

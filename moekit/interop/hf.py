@@ -238,7 +238,7 @@ def load_model(
         raise FileNotFoundError(f"model path {path} does not exist")
     if expert_memory is not None:
         if quantize is not None:
-            raise ValueError("quantize and expert_memory do not combine yet: offload a quantized run instead")
+            raise ValueError("quantize and expert_memory do not combine yet: offloading reads float experts")
         return _load_offloaded(path, dtype, device, max_seq_len, expert_memory, offload)
     if offload:
         raise ValueError(f"{sorted(offload)} apply with expert_memory only")
@@ -302,28 +302,12 @@ def _resident_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def _read_run_state(file: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors of a moekit checkpoint file but the routed experts (left unread), each
     checked against the model's shapes; a tied head shares the embedding."""
-    from safetensors import SafetensorError, safe_open
+    from moekit.checkpoint import read_weights
 
     shapes = _resident_shapes(config)
     if config.tie_embeddings:
         shapes.pop("lm_head.weight")  # stored once, as the embedding
-    try:
-        handle = safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{file} is not a readable safetensors file ({exc}); the checkpoint is damaged") from None
-    keys = set(handle.keys())
-    missing = sorted(set(shapes) - keys)
-    unexpected = sorted(k for k in keys - set(shapes) if ".ffn.experts." not in k)
-    problems = [f"missing {missing}"] if missing else []
-    problems += [f"unexpected {unexpected}"] if unexpected else []
-    state = {}
-    for k in sorted(keys & set(shapes)):
-        t = handle.get_tensor(k)
-        if tuple(t.shape) != shapes[k]:
-            problems.append(f"{k}: checkpoint {tuple(t.shape)} vs model {shapes[k]}")
-        state[k] = t.to(dtype) if t.is_floating_point() else t
-    if problems:
-        raise ValueError(f"{file} does not match the model: " + "; ".join(problems))
+    state = read_weights(file, shapes, leave=lambda name: ".ffn.experts." in name, dtype=dtype)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     return state

@@ -178,6 +178,13 @@ def test_what_cannot_be_offloaded_is_refused(stored, tmp_path):
     save_run(tmp_path / "dense", moe_model(dense=True), ByteTokenizer(), {})
     with pytest.raises(ValueError, match="dense model"):
         load_model(tmp_path / "dense", expert_memory="1GB")
+    from moekit.shrink import quantize_to
+
+    quantize_to(root / "run", tmp_path / "int8", "int8")
+    with pytest.raises(ValueError, match="holds its experts as int8; expert offloading reads float experts"):
+        load_model(tmp_path / "int8", expert_memory="1GB")
+    with pytest.raises(ValueError, match="do not combine yet"):
+        load_model(root / "run", expert_memory="1GB", quantize="int8")
     broken = tmp_path / "broken"
     broken.mkdir()
     state = load_file(str(root / "hf" / "model.safetensors"))
