@@ -17,7 +17,8 @@ a RAM disk or a fast NVMe drive's cache. ``--cold`` drops each range from the pa
 after reading it (``posix_fadvise``), so every miss reads the disk.
 
     python benchmarks/offload.py                      # ~4 min with the 2.8 GB model
-    python benchmarks/offload.py --run runs/moe       # add a trained run
+    python benchmarks/offload.py --run runs/moe       # add a trained run (--run is repeatable)
+    python benchmarks/offload.py --no-random --run runs/moe --run runs/moe8l   # trained runs only
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from moekit.inference import generate_batch
 from moekit.interop import load_model, save_hf
 from moekit.models import Transformer
 
-CONFIGS = [("lru", True), ("lru", False), ("lfu", True)]
+CONFIGS = [("lru", True), ("lru", 1), ("lru", False), ("lfu", True)]  # prefetch: top_k guesses, the surest one, none
 
 
 def build_random(path: Path, d_model: int, d_ff: int, layers: int, experts: int) -> None:
@@ -88,7 +89,8 @@ def measure(path: Path, prompt: list[int], new: int, fractions: list[float], col
             base += paired
             best = max(runs, key=lambda s: s.decode_tokens_per_s)
             s = best.offload
-            rows.append({"budget": fraction, "policy": policy, "prefetch": prefetch, "tok_s": best.decode_tokens_per_s,
+            rows.append({"budget": fraction, "policy": policy, "prefetch": "top-1" if prefetch is not True and prefetch == 1 else prefetch,
+                         "tok_s": best.decode_tokens_per_s,
                          "resident_tok_s": max(paired),
                          "hit_rate": s.hit_rate, "prefetch_accuracy": s.prefetch_accuracy if prefetch else None,
                          "mib_per_token": s.bytes_read / max(1, best.decode_steps) / 2**20,
@@ -103,7 +105,8 @@ def measure(path: Path, prompt: list[int], new: int, fractions: list[float], col
     for r in rows:
         r["ratio"] = r["tok_s"] / r["resident_tok_s"]  # against the resident runs interleaved with its own
         acc = "-" if r["prefetch_accuracy"] is None else f"{r['prefetch_accuracy']:.1%}"
-        print(f"  {r['budget']:>7.1%} {r['policy']:>6} {'yes' if r['prefetch'] else 'no':>8} {r['tok_s']:>7.1f} "
+        shown = {True: "top-k", False: "no"}.get(r["prefetch"], r["prefetch"])
+        print(f"  {r['budget']:>7.1%} {r['policy']:>6} {shown:>8} {r['tok_s']:>7.1f} "
               f"{r['ratio']:>6.2f} {r['hit_rate']:>8.1%} {acc:>12} {r['mib_per_token']:>9.1f} "
               f"{1000 * r['wait_s_per_token']:>11.2f}")
     return [{"resident_tok_s": resident_tok_s, "expert_bytes": total}, *rows]
@@ -117,32 +120,34 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--budgets", default="0.125,0.25,0.5,1.0", help="fractions of the experts' bytes")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--run", help="also measure this trained moekit run")
+    ap.add_argument("--run", action="append", default=[], help="also measure this trained moekit run (repeatable)")
+    ap.add_argument("--no-random", action="store_true", help="measure the trained runs only")
     ap.add_argument("--cold", action="store_true", help="every miss reads the disk, not the page cache")
     ap.add_argument("--dir", help="where to write the random model (default: a temporary folder)")
     ap.add_argument("--out", default="offload.json")
     args = ap.parse_args()
     fractions = [float(f) for f in args.budgets.split(",")]
     results = {"threads": torch.get_num_threads(), "cold": args.cold}
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        path = Path(tmp) / "mixtral-random"
-        t0 = time.perf_counter()
-        build_random(path, args.d_model, args.d_ff, args.layers, args.experts)
-        print(f"random Mixtral-format model ({args.layers} layers x {args.experts} experts, d_model {args.d_model}, "
-              f"d_ff {args.d_ff}) written in {time.perf_counter() - t0:.0f}s")
-        prompt = torch.randint(0, 32000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
-        results["random"] = measure(path, prompt, args.new_tokens, fractions, args.cold)
-    if args.run:
+    if not args.no_random:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            path = Path(tmp) / "mixtral-random"
+            t0 = time.perf_counter()
+            build_random(path, args.d_model, args.d_ff, args.layers, args.experts)
+            print(f"random Mixtral-format model ({args.layers} layers x {args.experts} experts, d_model "
+                  f"{args.d_model}, d_ff {args.d_ff}) written in {time.perf_counter() - t0:.0f}s")
+            prompt = torch.randint(0, 32000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+            results["random"] = measure(path, prompt, args.new_tokens, fractions, args.cold)
+    for run in args.run:
         from moekit.checkpoint import load_config
         from moekit.data import load_text
 
-        config = load_config(args.run)
-        tokenizer = load_model(args.run).tokenizer
+        config = load_config(run)
+        tokenizer = load_model(run).tokenizer
         text = load_text(config.data.path, config.data.suffixes, config.data.max_chars)
         val = text[int(len(text) * (1 - config.data.val_fraction)):]
         prompt = [int(i) for i in tokenizer.encode(val[1000:1400])][:64]
-        print(f"trained run {args.run}")
-        results["trained"] = measure(Path(args.run), prompt, args.new_tokens, fractions, args.cold)
+        print(f"trained run {run} ({config.model.n_layers} layers)")
+        results[f"trained {run}"] = measure(Path(run), prompt, args.new_tokens, fractions, args.cold)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -184,10 +184,11 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         raise _fail("generate", ValueError(f"config fields cannot be set here: {sorted(overrides)}"))
     try:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        prefetch = False if args.no_prefetch else (True if args.prefetch_top is None else args.prefetch_top)
         offload = {} if args.expert_memory is None else {"expert_memory": args.expert_memory,
-                                                             "policy": args.offload_policy, "prefetch": not args.no_prefetch}
-        if args.expert_memory is None and (args.offload_policy != "lru" or args.no_prefetch):
-            raise ValueError("--offload-policy and --no-prefetch apply with --expert-memory only")
+                                                             "policy": args.offload_policy, "prefetch": prefetch}
+        if args.expert_memory is None and (args.offload_policy != "lru" or prefetch is not True):
+            raise ValueError("--offload-policy, --prefetch-top and --no-prefetch apply with --expert-memory only")
         if args.quantize_what != "experts" and not args.quantize:
             raise ValueError("--quantize-what applies with --quantize only")
         loaded = load_model(args.model, dtype=dtype, quantize=args.quantize, quantize_what=args.quantize_what,
@@ -394,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which cached expert --expert-memory evicts first (default lru)")
     g.add_argument("--no-prefetch", action="store_true",
                    help="with --expert-memory: do not read the next layer's likely experts ahead")
+    g.add_argument("--prefetch-top", type=int, metavar="N",
+                   help="with --expert-memory: read only each token's N likeliest next-layer experts ahead "
+                        "(default top_k; 1 reads the surest guess)")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="routing statistics, specialisation, plots and an HTML report")

@@ -70,8 +70,8 @@ class ExpertOffload:
     :func:`offload_experts` makes one and sets it as ``model.expert_offload``; generation
     reports its counters (:attr:`moekit.inference.GenerationStats.offload`)."""
 
-    def __init__(self, model: nn.Module, source, cache: ExpertCache):
-        self.model, self.source, self.cache = model, source, cache
+    def __init__(self, model: nn.Module, source, cache: ExpertCache, per_token: int):
+        self.model, self.source, self.cache, self.per_token = model, source, cache, per_token
         self._hooks = []
         if cache.prefetching:
             blocks = model.blocks
@@ -88,7 +88,7 @@ class ExpertOffload:
         block = self.model.blocks[layer]
         E = block.ffn.config.num_experts
 
-        router, k = block.ffn.router, block.ffn.config.top_k
+        router, k = block.ffn.router, self.per_token
 
         def hook(_module, args):
             flat = args[0].detach().reshape(-1, args[0].shape[-1])  # [..., d] -> [T, d]
@@ -97,7 +97,7 @@ class ExpertOffload:
                 if flat.shape[0] == 1 and type(router) is TopKRouter:  # decoding: the k largest logits, likeliest first
                     likeliest = torch.topk(F.linear(h[0], router.gate.weight, router.gate.bias), k).indices
                 else:
-                    chosen = router(h).indices.reshape(-1)  # [T, k] -> [T*k]
+                    chosen = router(h).indices[:, :k].reshape(-1)  # [T, top_k] -> [T*k]
                     counts = torch.bincount(chosen, minlength=E)
                     likeliest = torch.argsort(counts, descending=True, stable=True)[: int((counts > 0).sum())]
             self.cache.prefetch(layer, likeliest.tolist(), keep_layers=(layer - 1,))
@@ -114,25 +114,31 @@ class ExpertOffload:
 
 
 def offload_experts(model: nn.Module, source, expert_memory: str | int, policy: str = "lru",
-                    prefetch: bool = True, counts: Iterable[Iterable[float]] | None = None) -> ExpertOffload:
+                    prefetch: bool | int = True, counts: Iterable[Iterable[float]] | None = None) -> ExpertOffload:
     """Replace every MoE layer's routed experts of ``model`` (a :class:`moekit.Transformer`,
     possibly built on the meta device) by :class:`OffloadedExperts` reading from ``source``
-    (an :class:`~moekit.interop.expert_files.ExpertSource`)
-    under ``expert_memory`` (bytes, or ``"4GB"``). ``counts[layer][expert]``: LFU's starting
-    counts (routing statistics of the model). Returns the :class:`ExpertOffload`, also set
-    as ``model.expert_offload``."""
+    (an :class:`~moekit.interop.expert_files.ExpertSource`) under ``expert_memory`` (bytes,
+    or ``"4GB"``). ``prefetch``: read each token's ``top_k`` likeliest next-layer experts
+    ahead (``True``), only the ``n`` likeliest (an int: 1 reads the surest guess, measured in
+    docs/shrink.md), or none (``False``). ``counts[layer][expert]``: LFU's starting counts
+    (routing statistics of the model). Returns the :class:`ExpertOffload`, also set as
+    ``model.expert_offload``."""
     budget = parse_bytes(expert_memory, "expert memory")
     config = model.config
     top_k = config.moe.top_k
+    per_token = top_k if prefetch is True else int(prefetch)
+    if isinstance(prefetch, float) or not 0 <= per_token <= top_k:
+        raise ValueError(f"prefetch must be True, False or a number of experts per token in 0..top_k={top_k}, "
+                         f"got {prefetch!r}")
     if budget >= source.total_bytes:
         warnings.warn(f"the expert memory ({budget:,} bytes) holds all {len(source.layers) * source.num_experts} "
                       f"experts ({source.total_bytes:,} bytes): nothing is offloaded, every expert stays once read",
                       stacklevel=2)
     cache = ExpertCache(source.read, source.expert_bytes, budget, min_experts=top_k, policy=policy,
-                        prefetch=prefetch, counts=_layer_counts(counts, config) if counts is not None else None)
+                        prefetch=per_token > 0, counts=_layer_counts(counts, config) if counts is not None else None)
     for i in source.layers:
         model.blocks[i].ffn.experts = OffloadedExperts(cache, i, source.num_experts, source.d_model, source.d_ff)
-    model.expert_offload = ExpertOffload(model, source, cache)
+    model.expert_offload = ExpertOffload(model, source, cache, per_token)
     return model.expert_offload
 
 

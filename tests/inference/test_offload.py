@@ -66,7 +66,7 @@ def _generate(model, prompts, n=12):
 
 @pytest.mark.parametrize("layout", ["run", "hf", "fused"])
 @pytest.mark.parametrize("experts,policy,prefetch", [(K, "lru", False), (K, "lru", True), (5, "lfu", True),
-                                                     (9, "lru", True), (3 * E, "lru", True)])
+                                                     (9, "lru", 1), (3 * E, "lru", True)])
 def test_offloaded_equals_resident_at_every_budget(stored, layout, experts, policy, prefetch):
     root, model = stored
     ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(1))
@@ -103,6 +103,21 @@ def test_the_budget_changes_nothing_but_speed(stored):
         loaded.expert_offload.close()
     for logits, tokens in outs[1:]:
         assert torch.equal(logits, outs[0][0]) and tokens == outs[0][1]
+
+
+def test_prefetch_reads_as_many_guesses_as_asked(stored):
+    root, _ = stored
+    counts = []
+    for prefetch in (True, 1):
+        loaded = load_model(root / "run", expert_memory=3 * E * EXPERT, prefetch=prefetch).model
+        offload = loaded.expert_offload
+        with torch.no_grad():
+            loaded(torch.tensor([[7]]))  # one token: layers 1 and 2 get that token's guesses
+        offload.close()
+        counts.append(offload.stats.prefetched)
+    assert counts == [2 * K, 2]  # top_k guesses, then the surest one, in each of layers 1 and 2 (nothing cached yet)
+    with pytest.raises(ValueError, match="prefetch must be"):
+        load_model(root / "run", expert_memory="1GB", prefetch=K + 1)
 
 
 def test_generation_reports_the_cache(stored):
