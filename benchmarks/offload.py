@@ -4,8 +4,8 @@ budget, against the same model with every expert resident, in the same run.
 Builds a Mixtral-format model with random weights whose experts are several times the
 smaller budgets (default: 8 layers of 8 experts, d_model 1024, d_ff 3584: 2.8 GB of
 experts), saves it, then greedily decodes the same prompt with the experts resident and
-offloaded under 12.5%, 25%, 50% and 100% of the experts' bytes: LRU with and without
-prefetch, and LFU with prefetch. ``--run`` repeats the measurement on a trained moekit run,
+offloaded under 12.5%, 25%, 50% and 100% of the experts' bytes: LRU with each token's
+top-k guesses prefetched, with only the surest one, without prefetch, and LFU with top-k. ``--run`` repeats the measurement on a trained moekit run,
 whose routing has structure (random weights route almost at random), with a prompt from
 its validation text. Each configuration decodes twice in alternation with the resident
 model; the ratio is its faster run against the faster of those two resident runs (this VM's
