@@ -184,10 +184,13 @@ class ExpertCache:
         return started
 
     def close(self) -> None:
-        """Finish reads under way and stop the prefetch thread."""
+        """Finish reads under way, stop the prefetch thread and drop every cached expert (the
+        memory comes back now, not when a garbage collection breaks the model's cycles)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        with self._lock:
+            self._entries.clear()
 
     def _fill(self, key: tuple[int, int], entry: _Entry) -> None:
         try:

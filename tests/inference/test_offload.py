@@ -172,6 +172,7 @@ def test_prefetch_counters_and_the_layers_it_keeps():
     _use(cache, (1, 5))
     assert cache.stats.hits == 2 and (2, 0) in cache.cached() and sorted(reads) == sorted(set(reads))
     cache.close()
+    assert cache.cached() == [] and cache.held_bytes() == 0  # closing gives the memory back
 
 
 def test_budget_errors_and_warnings(stored, tmp_path):
