@@ -54,6 +54,15 @@ def cmd_quantize(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _from_moe_to_run(sub, name: str, help: str, dst_help: str = "the moekit run directory to write"):
+    """A command reading an MoE (``src``) and writing a moekit run (``dst``, ``--overwrite``)."""
+    c = sub.add_parser(name, help=help)
+    c.add_argument("src", help="a moekit run or a Hugging Face MoE directory")
+    c.add_argument("dst", help=dst_help)
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
+    return c
+
+
 def add_commands(sub) -> None:
     from moekit.adapt.compose import ATTENTION, GATES
     from moekit.adapt.upcycle import ROUTER_INITS
@@ -91,33 +100,25 @@ def add_commands(sub) -> None:
 
     from moekit.shrink.prune import METHODS
 
-    p = sub.add_parser("prune", help="keep the N most important experts of each MoE layer")
-    p.add_argument("src", help="a moekit run or a Hugging Face MoE directory")
-    p.add_argument("dst", help="the moekit run directory to write")
+    p = _from_moe_to_run(sub, "prune", "keep the N most important experts of each MoE layer")
     p.add_argument("--keep", type=int, required=True, metavar="N", help="experts kept per layer")
     p.add_argument("--by", choices=METHODS, default="frequency",
                    help="score: how often chosen, mean routing weight, or REAP (weight x output norm)")
     p.add_argument("--data", required=True, metavar="FILE", help="calibration text the experts are scored on")
     p.add_argument("--top-k", type=int, help="experts per token after pruning (default: unchanged)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
     p.set_defaults(func=cmd_prune)
 
-    g = sub.add_parser("merge-experts", help="merge each MoE layer's experts into N (grouped, aligned, averaged)")
-    g.add_argument("src", help="a moekit run or a Hugging Face MoE directory")
-    g.add_argument("dst", help="the moekit run directory to write")
+    g = _from_moe_to_run(sub, "merge-experts", "merge each MoE layer's experts into N (grouped, aligned, averaged)")
     g.add_argument("--into", type=int, required=True, metavar="N", help="experts per layer after merging")
     g.add_argument("--data", required=True, metavar="FILE", help="calibration text (usage, similarity, alignment)")
     g.add_argument("--top-k", type=int, help="experts per token after merging (default: unchanged, capped at N)")
-    g.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
     g.set_defaults(func=cmd_merge)
 
-    q = sub.add_parser("quantize", help="store the routed experts in bf16, int8 or int4")
-    q.add_argument("src", help="a moekit run or a Hugging Face MoE directory")
-    q.add_argument("dst", help="the moekit run directory to write (moekit generate --model DST reads it)")
+    q = _from_moe_to_run(sub, "quantize", "store the routed experts in bf16, int8 or int4",
+                         "the moekit run directory to write (moekit generate --model DST reads it)")
     q.add_argument("--format", required=True, choices=["bf16", "int8", "int4"],
                    help="int8: per output channel; int4: per group of --group-size weights")
     q.add_argument("--group-size", type=int, default=32, help="int4: weights per scale (default 32)")
     q.add_argument("--what", choices=["experts", "all"], default="experts",
                    help="experts only (default), or the attention projections and LM head too")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty DST that moekit wrote")
     q.set_defaults(func=cmd_quantize)
