@@ -105,13 +105,13 @@ def hf_block(moe: MoE, impl: str) -> nn.Module | None:
     return block
 
 
-def contenders(case: dict) -> dict[str, nn.Module]:
+def contenders(case: dict, transformers: bool = True) -> dict[str, nn.Module]:
     cfg = MoEConfig(d_model=D_MODEL, **case)
     fast = MoE(cfg)
     ref = MoE(MoEConfig(d_model=D_MODEL, implementation="reference", **case))
     ref.load_state_dict(fast.state_dict())
     out = {DENSE: FeedForward(D_MODEL, cfg.top_k * cfg.d_ff), FAST: fast, REFERENCE: ref}
-    for impl in ("eager", "grouped_mm"):
+    for impl in ("eager", "grouped_mm") if transformers else ():
         block = hf_block(fast, impl)
         if block is not None:
             out[f"transformers {impl}"] = block
@@ -151,6 +151,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter time budget per measurement")
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
+    parser.add_argument("--experts", type=int, nargs="*", default=[c["num_experts"] for _, c in CASES],
+                        help="which cases to run, by their number of experts")
+    parser.add_argument("--no-transformers", action="store_true", help="leave transformers' blocks out")
     parser.add_argument("--reference-max-tokens", type=int, default=256,
                         help="skip the slow reference path above this many tokens")
     parser.add_argument("--system-malloc", action="store_true",
@@ -162,7 +165,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"float32, d_model {D_MODEL}, {malloc}")
     for title, case in CASES:
-        modules = contenders(case)
+        if case["num_experts"] not in args.experts:
+            continue
+        modules = contenders(case, transformers=not args.no_transformers)
         hf = [name for name in modules if name.startswith("transformers")]
         print(f"\n## {title}")
         print(f"| T | pass | {' | '.join(modules)} |" + (" moekit vs transformers' best |" if hf else ""))

@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <stdint.h>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -257,6 +257,33 @@ static inline __m512 sigmoid16(__m512 g)
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* exp(x) and sigmoid over 8 lanes: exp16's polynomial, 2^n built in the exponent bits */
+static inline __m256 exp8(__m256 x)
+{
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline __m256 sigmoid8(__m256 g)
+{
+    __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+#endif
+
 /* out[i] = silu(g[i]) * u[i] for i < n (out may be g). */
 static void silu_mul_n(const float *g, const float *u, float *out, long n)
 {
@@ -265,6 +292,11 @@ static void silu_mul_n(const float *g, const float *u, float *out, long n)
     for (; i + 16 <= n; i += 16) {
         __m512 gv = _mm512_loadu_ps(g + i);
         _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), _mm512_loadu_ps(u + i)));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)), _mm256_loadu_ps(u + i)));
     }
 #endif
     for (; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
@@ -283,12 +315,28 @@ static void silu_mul_grad_n(const float *dh, const float *g, const float *u, flo
         _mm512_storeu_ps(dg + i, _mm512_mul_ps(d, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one)));
         _mm512_storeu_ps(du + i, _mm512_mul_ps(dv, _mm512_mul_ps(gv, s)));
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i), dv = _mm256_loadu_ps(dh + i), s = sigmoid8(gv);
+        __m256 d = _mm256_mul_ps(_mm256_mul_ps(dv, _mm256_loadu_ps(u + i)), s);
+        _mm256_storeu_ps(dg + i, _mm256_mul_ps(d, _mm256_fmadd_ps(gv, _mm256_sub_ps(one, s), one)));
+        _mm256_storeu_ps(du + i, _mm256_mul_ps(dv, _mm256_mul_ps(gv, s)));
+    }
 #endif
     for (; i < n; i++) {
         float s = 1.0f / (1.0f + expf(-g[i])), d = dh[i];
         dg[i] = d * u[i] * s * (1.0f + g[i] * (1.0f - s));
         du[i] = d * g[i] * s;
     }
+}
+
+/* One thread's silu_mul_n and silu_mul_grad_n, for cpu_blocks.c. */
+void moekit_silu_mul_rows(const float *g, const float *u, float *out, long n) { silu_mul_n(g, u, out, n); }
+
+void moekit_silu_mul_grad_rows(const float *dh, const float *g, const float *u, float *dg, float *du, long n)
+{
+    silu_mul_grad_n(dh, g, u, dg, du, n);
 }
 
 /* Below this many values, one thread: a parallel region costs a few microseconds. */

@@ -1,6 +1,8 @@
-"""Wrappers of the experts' kernels over many rows (``cpu_gemv.c``): every SwiGLU expert over
-its own rows with each weight read from memory once per pass, forward and backward, and the
-SwiGLU activation in one pass. Tensors and scalars in, tensors out; every argument checked
+"""Wrappers of the experts' kernels over many rows: every SwiGLU expert over its own rows,
+forward and backward, either with each weight read from memory once per pass (a few rows per
+expert, ``cpu_gemv.c``) or as blocked matrix products with the experts shared among threads
+(``blocked=True``: tens of rows per expert and up, ``cpu_blocks.c``); and the SwiGLU
+activation in one pass. Tensors and scalars in, tensors out; every argument checked
 before it reaches C."""
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ def _check_segments(x, tokens_per_expert, w1, w3, w2) -> tuple[torch.Tensor, tor
 
 
 def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor,
-                    w3: torch.Tensor, w2: torch.Tensor, save: tuple[torch.Tensor, torch.Tensor] | None = None
-                    ) -> torch.Tensor:
+                    w3: torch.Tensor, w2: torch.Tensor, save: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    blocked: bool = False) -> torch.Tensor:
     """Every SwiGLU expert (``w1``/``w3`` ``[E, d, f]`` laid out alike, ``w2 [E, f, d_out]``,
     unit stride in a row) over its rows of ``x [N, d]`` (sorted by expert,
     ``tokens_per_expert`` int64 ``[E]`` rows each), each weight read from memory once.
     ``save``: two contiguous ``[N, f]`` tensors that receive the gate and up pre-activations,
-    for :func:`swiglu_segments_backward`. Returns ``[N, d_out]`` (zero past the counts' sum)."""
+    for :func:`swiglu_segments_backward` (called with the same ``blocked``). ``blocked``: each
+    expert's products on one thread, blocked and packed, the experts shared among the threads.
+    Returns ``[N, d_out]`` (zero past the counts' sum)."""
     x, counts, covered = _check_segments(x, tokens_per_expert, w1, w3, w2)
     N, f = x.shape[0], w1.shape[2]
     gate = up = None
@@ -40,18 +44,18 @@ def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.
         gate = ck.tensor("save[0]", save[0], shape=(N, f), contiguous=True).data_ptr()
         up = ck.tensor("save[1]", save[1], shape=(N, f), contiguous=True).data_ptr()
     out = x.new_empty(N, w2.shape[2])
-    check_rc(lib.moekit_swiglu_segments(x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(),
-                                        w3.data_ptr(), w1.stride(0), w1.stride(1), f, w2.data_ptr(), w2.stride(0),
-                                        w2.stride(1), w2.shape[2], out.data_ptr(), gate, up, torch.get_num_threads()),
-             "moekit_swiglu_segments")
+    name = "moekit_swiglu_blocks" if blocked else "moekit_swiglu_segments"
+    check_rc(getattr(lib, name)(x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(),
+                                w3.data_ptr(), w1.stride(0), w1.stride(1), f, w2.data_ptr(), w2.stride(0), w2.stride(1),
+                                w2.shape[2], out.data_ptr(), gate, up, torch.get_num_threads()), name)
     if covered < N:
         out[covered:] = 0
     return out
 
 
 def swiglu_segments_backward(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor,
-                             w3: torch.Tensor, w2: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                             w3: torch.Tensor, w2: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor,
+                             blocked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of :func:`swiglu_segments` (run with ``save=(gate, up)``) for the
     output's gradient ``dy [N, d_out]``: ``dx`` and the three weight gradients (contiguous,
     zero for experts without rows), each weight read once and each gradient written once.
@@ -64,11 +68,11 @@ def swiglu_segments_backward(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_exper
     dy = dy.contiguous()
     dx = torch.empty_like(x)
     dw1, dw3, dw2 = (torch.empty(w.shape, dtype=w.dtype) for w in (w1, w3, w2))
-    check_rc(lib.moekit_swiglu_segments_backward(
+    name = "moekit_swiglu_blocks_backward" if blocked else "moekit_swiglu_segments_backward"
+    check_rc(getattr(lib, name)(
         x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(), w3.data_ptr(), w1.stride(0),
         w1.stride(1), f, w2.data_ptr(), w2.stride(0), w2.stride(1), w2.shape[2], gate.data_ptr(), up.data_ptr(),
-        dy.data_ptr(), dx.data_ptr(), dw1.data_ptr(), dw3.data_ptr(), dw2.data_ptr(), torch.get_num_threads()),
-        "moekit_swiglu_segments_backward")
+        dy.data_ptr(), dx.data_ptr(), dw1.data_ptr(), dw3.data_ptr(), dw2.data_ptr(), torch.get_num_threads()), name)
     if covered < N:
         dx[covered:] = 0
     return dx, dw1, dw3, dw2

@@ -14,6 +14,8 @@ SIGNATURES: dict[str, tuple[list, type | None]] = {
     "moekit_attention_token": ([P, L, P, F, P, P, L, L, L, P, P, P, P, L, L, L, P, L, P, I], I),
     "moekit_swiglu_segments": ([P, L, P, L, P, P, L, L, L, P, L, L, L, P, P, P, I], I),
     "moekit_swiglu_segments_backward": ([P, L, P, L, P, P, L, L, L, P, L, L, L, P, P, P, P, P, P, P, I], I),
+    "moekit_swiglu_blocks": ([P, L, P, L, P, P, L, L, L, P, L, L, L, P, P, P, I], I),
+    "moekit_swiglu_blocks_backward": ([P, L, P, L, P, P, L, L, L, P, L, L, L, P, P, P, P, P, P, P, I], I),
     "moekit_silu_mul": ([P, P, P, L, I], None),
     "moekit_silu_mul_backward": ([P, P, P, P, P, L, I], None),
     "moekit_topk_softmax": ([P, L, L, I, I, F, P, P, P, I], I),
