@@ -219,7 +219,9 @@ class SwiGLUExperts(GroupedExperts):
 
         - ``"kernel"``: up to ``kernel_max_rows`` rows per expert, weights the kernels read;
           in training all three weights must want gradients (the kernel writes all three).
-        - training: ``"segments_op"`` from ``segments_training_min_rows``, else
+        - ``"blocks"``: more rows, up to ``blocks_max_rows`` per expert, the same conditions:
+          the blocked kernel, each expert's products on one thread.
+        - else in training: ``"segments_op"`` from ``segments_training_min_rows``, else
           ``"grouped_op"`` where ``F.grouped_mm`` takes the rows.
         - inference: ``"fused"`` when :meth:`fuse_gate_up` ran.
         - else ``"grouped"`` or ``"loop"`` (:meth:`GroupedExperts.choose_path`).
@@ -235,28 +237,36 @@ class SwiGLUExperts(GroupedExperts):
             return "lora_grouped" if grouped and _HAS_GROUPED_MM else "lora_loop"
         if self.use_grouped_mm is None and x.device.type == "cpu":
             rows, kernels_on = x.shape[0], kernels.for_tensors(x) is not None
-            kernel_ok = (kernels_on and self.d_out == self.d_model and kernels.swiglu_ok(*weights)
-                         and rows <= threshold("kernel_max_rows") * self.num_experts)
+            readable = kernels_on and kernels.swiglu_ok(*weights)
+            few = rows <= threshold("kernel_max_rows") * self.num_experts
+            kernel_ok = readable and few and self.d_out == self.d_model
+            blocks_ok = readable and not few and rows <= threshold("blocks_max_rows") * self.num_experts
             if self.needs_grad(x):
+                all_grads = all(w.requires_grad for w in weights)  # the kernels write all three
+                if kernel_ok and all_grads:
+                    return "kernel"
+                if blocks_ok and all_grads:
+                    return "blocks"
                 if rows >= threshold("segments_training_min_rows") * self.num_experts:
                     return "segments_op"
-                if kernel_ok and all(w.requires_grad for w in weights):
-                    return "kernel"
                 if kernels_on and rows and grouped_mm_qualifies(x, weights[0], True):
                     return "grouped_op"
             else:
                 if kernel_ok:
                     return "kernel"
+                if blocks_ok:
+                    return "blocks"
                 if self._fused_is_live(weights[0]):
                     return "fused"
         return super().choose_path(x, weights)
 
     def run_path(self, path: str, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                  weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if path == "kernel":
+        if path in ("kernel", "blocks"):
+            blocked = path == "blocks"
             if self.needs_grad(x):
-                return ops.swiglu_kernel(x, *weights, tokens_per_expert)
-            return kernels.swiglu_segments(kernels.load(), x, tokens_per_expert, *weights)
+                return ops.swiglu_kernel(x, *weights, tokens_per_expert, blocked=blocked)
+            return kernels.swiglu_segments(kernels.load(), x, tokens_per_expert, *weights, blocked=blocked)
         if path == "segments_op":
             return ops.swiglu_segments(x, *weights, tokens_per_expert)
         if path == "grouped_op":

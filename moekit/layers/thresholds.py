@@ -23,6 +23,10 @@ THRESHOLDS: dict[str, Threshold] = {
         8, "benchmarks/moe_layer.py",
         "up to here moekit.kernels.swiglu_segments (each weight read once per pass) runs the experts, "
         "in inference and in training, ahead of grouped_mm"),
+    "blocks_max_rows": Threshold(
+        1 << 40, "benchmarks/moe_layer.py",
+        "from kernel_max_rows up to here moekit.kernels.swiglu_segments(blocked=True) runs the experts, "
+        "in inference and in training: each expert's products on one thread, the experts shared among threads"),
     "loop_inference_min_rows": Threshold(
         32, "benchmarks/moe_layer.py",
         "inference from here: the segment loop (buffers reused, one segment's activation in cache); "

@@ -5,8 +5,9 @@ Rows arrive sorted by expert (``tokens_per_expert [E]`` rows each); the weights 
 ``w1``/``w3`` ``[E, d, f]`` (gate, up) and ``w2 [E, f, d_out]`` (down). Three ways, each
 the fastest somewhere (which one runs is the experts module's choice, from its table):
 
-- :func:`swiglu_kernel`: a few rows per expert; :func:`moekit.kernels.swiglu_segments`
-  reads each weight once per pass and writes each weight gradient once.
+- :func:`swiglu_kernel`: :func:`moekit.kernels.swiglu_segments`, which with a few rows per
+  expert reads each weight once per pass, and with more (``blocked``) runs each expert's
+  products on one thread, the experts shared among threads; each weight gradient written once.
 - :func:`swiglu_grouped`: tens to hundreds of rows per expert; ``F.grouped_mm``'s matmuls
   with the activation and its gradient in one pass each, and no gradient computed that is
   not asked for.
@@ -149,28 +150,31 @@ def swiglu_segments(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: tor
 
 class _SwiGLUKernel(torch.autograd.Function):
     """:func:`moekit.kernels.swiglu_segments` forward (keeping the gate and up
-    pre-activations) and :func:`~moekit.kernels.swiglu_segments_backward`, each weight read
-    once per pass and each weight gradient written once, idle experts' as zeros."""
+    pre-activations) and :func:`~moekit.kernels.swiglu_segments_backward`, either kernel
+    (``blocked``), each weight gradient written once, idle experts' as zeros."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, tokens_per_expert):
+    def forward(ctx, x, w1, w3, w2, tokens_per_expert, blocked):
         x = x.contiguous()
         gate, up = x.new_empty(x.shape[0], w1.shape[-1]), x.new_empty(x.shape[0], w1.shape[-1])
-        out = kernels.swiglu_segments(lib(), x, tokens_per_expert, w1, w3, w2, save=(gate, up))
+        out = kernels.swiglu_segments(lib(), x, tokens_per_expert, w1, w3, w2, save=(gate, up), blocked=blocked)
         ctx.save_for_backward(x, tokens_per_expert, w1, w3, w2, gate, up)
+        ctx.blocked = blocked
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        grads = kernels.swiglu_segments_backward(lib(), *ctx.saved_tensors, dy)
-        return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None
+        grads = kernels.swiglu_segments_backward(lib(), *ctx.saved_tensors, dy, blocked=ctx.blocked)
+        return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None
 
 
 def swiglu_kernel(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
-                  tokens_per_expert: torch.Tensor) -> torch.Tensor:
+                  tokens_per_expert: torch.Tensor, blocked: bool = False) -> torch.Tensor:
     """:func:`swiglu_reference` in :mod:`moekit.kernels` (float32 on the CPU; it computes all
-    three weight gradients)."""
-    return _SwiGLUKernel.apply(x, w1, w3, w2, tokens_per_expert)
+    three weight gradients): each weight read once per pass (a few rows per expert), or
+    ``blocked``, each expert's products on one thread with the experts shared among threads
+    (tens of rows per expert and up)."""
+    return _SwiGLUKernel.apply(x, w1, w3, w2, tokens_per_expert, blocked)
 
 
 class _SwiGLUGrouped(torch.autograd.Function):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit import MoE, MoEConfig, kernels
+from moekit.layers.thresholds import THRESHOLDS
 from moekit.ops.swiglu import _SwiGLUGrouped, _SwiGLUKernel
 from moekit.layers.norm import RMSNorm
 from tests.kernels.rebuild import run_with_flags
@@ -206,30 +207,51 @@ def test_the_one_token_layer_kernel_is_left_where_it_does_not_apply():
     assert moe.choose_path(flat) != "one_token"  # autograd on
 
 
+def _segment_reference(experts, x, counts):
+    """Each expert on its rows, in torch ops: the output and, through autograd, every gradient."""
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return torch.cat([experts.expert_forward(e, x[a - n : a]) for e, (n, a) in enumerate(zip(counts, ends))])
+
+
+# shapes for both kernels; for the blocked one also a depth over one packed panel (300 >
+# 256), an expert over one task's 192 rows, hidden widths that are and are not whole strips
+SEGMENT_CASES = [(40, 56, [2, 0, 1, 5]), (33, 200, [1, 1, 3, 0, 5]), (512, 224, [2] * 6), (16, 16, [0, 0, 1]),
+                 (300, 40, [250, 0, 7]), (64, 96, [100, 1, 0, 31])]
+
+
 @needs_lib
-@pytest.mark.parametrize("d, f, counts", [(40, 56, [2, 0, 1, 5]), (33, 200, [1, 1, 3, 0, 5]), (512, 224, [2] * 6),
-                                          (16, 16, [0, 0, 1])])
+@pytest.mark.parametrize("d, f, counts", SEGMENT_CASES)
 @pytest.mark.parametrize("prepared", [False, True], ids=["plain", "fused gate/up"])
-def test_swiglu_segments_equal_each_expert_on_its_rows(d, f, counts, prepared, monkeypatch):
+@pytest.mark.parametrize("blocked", [False, True], ids=["rows", "blocked"])
+def test_swiglu_segments_equal_each_expert_on_its_rows(d, f, counts, prepared, blocked):
     torch.manual_seed(d + f)
     experts = MoE(MoEConfig(d_model=d, d_ff=f, num_experts=len(counts), top_k=1)).experts.eval()
     if prepared:
         experts.fuse_gate_up()
     tpe = torch.tensor(counts)
-    x = torch.randn(sum(counts), d)
+    x = torch.randn(sum(counts) + 3, d)  # 3 rows past the counts: zero out
     with torch.inference_mode():
-        got = kernels.swiglu_segments(lib, x, tpe, experts.w1, experts.w3, experts.w2)
-        want = torch.cat([experts.expert_forward(e, x[a - n : a]) for e, (n, a) in
-                          enumerate(zip(counts, torch.tensor(counts).cumsum(0).tolist()))])
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
-        calls = []
-        real = kernels.swiglu_segments
-        monkeypatch.setattr(kernels, "swiglu_segments", lambda *a: calls.append(1) or real(*a))
-        torch.testing.assert_close(experts(x, tpe), want, atol=2e-5, rtol=1e-5)  # the layer takes this path...
-        assert calls == [1]
-        many = torch.randn(9 * len(counts), d)
-        experts(many, torch.full((len(counts),), 9))  # ...up to eight rows per expert on average
-        assert calls == [1]
+        got = kernels.swiglu_segments(lib, x, tpe, experts.w1, experts.w3, experts.w2, blocked=blocked)
+        want = _segment_reference(experts, x, counts)
+        torch.testing.assert_close(got[: sum(counts)], want, atol=2e-5, rtol=1e-5)
+        assert not got[sum(counts):].any()
+
+
+@needs_lib
+def test_the_layer_takes_the_row_kernel_then_the_blocked_kernel(monkeypatch):
+    """Inference: up to eight rows per expert on average the row kernel, above it the blocked
+    one, both equal to each expert on its rows."""
+    torch.manual_seed(3)
+    experts = MoE(MoEConfig(d_model=40, d_ff=56, num_experts=4, top_k=1)).experts.eval()
+    calls = []
+    real = kernels.swiglu_segments
+    monkeypatch.setattr(kernels, "swiglu_segments", lambda *a, **kw: calls.append(kw.get("blocked")) or real(*a, **kw))
+    for counts, path in (([2, 0, 1, 5], False), ([8] * 4, False), ([9] * 4, True), ([30, 0, 2, 10], True)):
+        x, tpe = torch.randn(sum(counts), 40), torch.tensor(counts)
+        with torch.inference_mode():
+            torch.testing.assert_close(experts(x, tpe), _segment_reference(experts, x, counts), atol=2e-5, rtol=1e-5)
+        assert calls == [path]
+        calls.clear()
 
 
 @needs_lib
@@ -252,17 +274,11 @@ def test_silu_mul_and_its_backward_equal_float64_torch(n):
     torch.testing.assert_close(g, got)
 
 
-def _segment_reference(experts, x, counts):
-    """Each expert on its rows, in torch ops: the output and, through autograd, every gradient."""
-    ends = torch.tensor(counts).cumsum(0).tolist()
-    return torch.cat([experts.expert_forward(e, x[a - n : a]) for e, (n, a) in enumerate(zip(counts, ends))])
-
-
 @needs_lib
-@pytest.mark.parametrize("d, f, counts", [(40, 56, [2, 0, 1, 5]), (33, 200, [1, 1, 3, 0, 5]), (512, 224, [2] * 6),
-                                          (16, 16, [0, 0, 1]), (20, 50, [17, 0, 9]), (24, 40, [0, 0])])
+@pytest.mark.parametrize("d, f, counts", SEGMENT_CASES + [(20, 50, [17, 0, 9]), (24, 40, [0, 0])])
 @pytest.mark.parametrize("prepared", [False, True], ids=["plain", "fused gate/up"])
-def test_swiglu_segments_backward_equals_autograd_of_each_expert(d, f, counts, prepared):
+@pytest.mark.parametrize("blocked", [False, True], ids=["rows", "blocked"])
+def test_swiglu_segments_backward_equals_autograd_of_each_expert(d, f, counts, prepared, blocked):
     """The training kernels (forward keeping gate/up, backward in one pass per weight) against
     autograd through each expert: output, input gradient and all three weight gradients,
     idle experts' zeros, an expert with more rows than the kernel's 8-row block, no rows."""
@@ -272,7 +288,7 @@ def test_swiglu_segments_backward_equals_autograd_of_each_expert(d, f, counts, p
         experts.fuse_gate_up()
     x, tpe = torch.randn(sum(counts), d, requires_grad=True), torch.tensor(counts)
     dy = torch.randn(sum(counts), d)
-    got = _SwiGLUKernel.apply(x, experts.w1, experts.w3, experts.w2, tpe)
+    got = _SwiGLUKernel.apply(x, experts.w1, experts.w3, experts.w2, tpe, blocked)
     got.backward(dy)
     params = [x, experts.w1, experts.w3, experts.w2]
     got_grads = [p.grad.clone() for p in params]
@@ -289,14 +305,15 @@ def test_swiglu_segments_backward_equals_autograd_of_each_expert(d, f, counts, p
 
 
 @needs_lib
-def test_training_takes_the_segment_kernels_up_to_eight_rows_per_expert(monkeypatch):
-    """The layer trains through the kernels at few rows per expert (same output and gradients
-    as grouped_mm's autograd) and through grouped_mm above the threshold."""
+def test_training_takes_the_row_kernel_up_to_eight_rows_per_expert_then_the_blocked_kernel(monkeypatch):
+    """The layer trains through the row kernel at few rows per expert and through the blocked
+    kernel above (the same output and gradients as grouped_mm's autograd), and through
+    neither where the experts are frozen (the kernels write every weight's gradient)."""
     torch.manual_seed(0)
     moe = MoE(MoEConfig(d_model=64, d_ff=96, num_experts=8, top_k=2))
     calls = []
     real = _SwiGLUKernel.apply
-    monkeypatch.setattr(_SwiGLUKernel, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(_SwiGLUKernel, "apply", lambda *a: calls.append(a[-1]) or real(*a))
 
     def grads(T, use_grouped_mm):
         moe.experts.use_grouped_mm = use_grouped_mm
@@ -307,18 +324,17 @@ def test_training_takes_the_segment_kernels_up_to_eight_rows_per_expert(monkeypa
         moe.zero_grad()
         return got
 
-    for T in (1, 32):  # 2 and 8 slots per expert on average
+    for T, blocked in ((1, False), (32, False), (40, True), (700, True)):  # 2, 8, 10, 175 slots per expert
         fast = grads(T, None)
-        assert len(calls) == 1
+        assert calls == [blocked]
         calls.clear()
         for a, b in zip(fast, grads(T, True)):
             torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
-    grads(40, None)  # 10 slots per expert: grouped_mm
-    assert calls == []
-    moe.experts.requires_grad_(False)  # frozen experts: the kernel would write their gradients
-    x = torch.randn(4, 64, requires_grad=True)
-    moe(x).output.sum().backward()
-    assert calls == [] and x.grad is not None
+    moe.experts.requires_grad_(False)  # frozen experts: the kernels would write their gradients
+    for T in (4, 40):
+        x = torch.randn(T, 64, requires_grad=True)
+        moe(x).output.sum().backward()
+        assert calls == [] and x.grad is not None
 
 
 @needs_lib
@@ -355,9 +371,11 @@ def test_swiglu_grouped_equals_autograd_of_each_expert(counts, prepared, frozen)
 
 @needs_lib
 def test_training_takes_the_grouped_activation_kernels_between_the_thresholds(monkeypatch):
-    """Above the few-rows kernels and below the segment backward, the layer trains through
-    grouped_mm with the one-pass activation: the same output and gradients as autograd over
-    grouped_mm, in float32; bfloat16 keeps autograd."""
+    """Where the blocked kernel is off (here by its threshold), above the few-rows kernels and
+    below the segment backward, the layer trains through grouped_mm with the one-pass
+    activation: the same output and gradients as autograd over grouped_mm, in float32;
+    bfloat16 keeps autograd."""
+    monkeypatch.setitem(THRESHOLDS, "blocks_max_rows", THRESHOLDS["blocks_max_rows"]._replace(value=0))
     torch.manual_seed(1)
     moe = MoE(MoEConfig(d_model=64, d_ff=96, num_experts=8, top_k=2))
     calls = []
@@ -491,15 +509,20 @@ with torch.inference_mode():
                                torch.cat([ex.expert_forward(0, xs[:3]), ex.expert_forward(2, xs[3:])]), atol=2e-5, rtol=1e-5)
 from moekit.ops.swiglu import _SwiGLUKernel
 xs.requires_grad_(True)
-got = _SwiGLUKernel.apply(xs, ex.w1, ex.w3, ex.w2, tpe)
 dy = torch.randn(4, 50)
-got.backward(dy)
-grads = [p.grad.clone() for p in (xs, ex.w1, ex.w3, ex.w2)]
-xs.grad = None
-ex.zero_grad()
-torch.cat([ex.expert_forward(0, xs[:3]), ex.expert_forward(2, xs[3:])]).backward(dy)
-for g, p in zip(grads, (xs, ex.w1, ex.w3, ex.w2)):
-    torch.testing.assert_close(g, p.grad, atol=5e-5, rtol=1e-5)
+for blocked in (False, True):
+    got = _SwiGLUKernel.apply(xs, ex.w1, ex.w3, ex.w2, tpe, blocked)
+    got.backward(dy)
+    grads = [p.grad.clone() for p in (xs, ex.w1, ex.w3, ex.w2)]
+    xs.grad = None
+    ex.zero_grad()
+    want = torch.cat([ex.expert_forward(0, xs[:3]), ex.expert_forward(2, xs[3:])])
+    want.backward(dy)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    for g, p in zip(grads, (xs, ex.w1, ex.w3, ex.w2)):
+        torch.testing.assert_close(g, p.grad, atol=5e-5, rtol=1e-5)
+    xs.grad = None
+    ex.zero_grad()
 g, u = torch.randn(37) * 3, torch.randn(37)
 torch.testing.assert_close(kernels.silu_mul(lib, g, u), F.silu(g) * u, atol=1e-5, rtol=1e-6)
 dg, du = kernels.silu_mul_backward(lib, u, g, u)
@@ -512,10 +535,10 @@ print("ok")
 
 @needs_lib
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="-mno-avx512f is an x86 flag")
-def test_the_build_without_avx512_gives_the_same_numbers(tmp_path):
-    """The portable loops (the #else branches of cpu_gemv.c; cpu_rows.c has no others), built
-    with AVX-512 turned off."""
-    done = run_with_flags(tmp_path, "-mno-avx512f", PORTABLE_CHECK)
+def test_the_build_without_avx_gives_the_same_numbers(tmp_path):
+    """The portable loops (the #else branches of cpu_gemv.c, cpu_blocks.c's micro-kernel on
+    4-lane vectors; cpu_rows.c has no others), built with AVX and AVX-512 turned off."""
+    done = run_with_flags(tmp_path, "-mno-avx512f -mno-avx", PORTABLE_CHECK)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
