@@ -15,9 +15,13 @@
  * moekit_swiglu_segments_backward (cpu_gemv.c), whose callers pick one or the other. Built
  * with the other kernels by moekit/kernels/library.py; weights with unit stride in a row.
  */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 void moekit_silu_mul_rows(const float *g, const float *u, float *out, long n);                       /* cpu_gemv.c */
 void moekit_silu_mul_grad_rows(const float *dh, const float *g, const float *u, float *dg, float *du, long n);
@@ -38,6 +42,7 @@ typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 #define MC 96       /* rows of A packed at once (MC x KC in L2) */
 #define ROWS 192    /* rows of one expert per task in the row-wise passes */
 #define WROWS 128   /* rows of a weight gradient per task */
+#define STREAM 2    /* gemm's acc: write C once, non-temporally */
 
 static inline vf load(const float *p)
 {
@@ -48,19 +53,50 @@ static inline vf load(const float *p)
 
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
-/* B's KC x n panel as NR-column strips (zero-padded): element (p, j) of B at B[p rbs + j cbs] */
+/* A weight gradient is written once and not read soon: where aligned, a non-temporal store
+ * skips the read of the cache line that a plain store makes first (as cpu_gemv.c's put16). */
+static inline void store_nt(float *p, vf v)
+{
+#if defined(__AVX512F__)
+    if (((uintptr_t)p & 63) == 0) {
+        _mm512_stream_ps(p, (__m512)v);
+        return;
+    }
+#elif defined(__AVX__)
+    if (((uintptr_t)p & 31) == 0) {
+        _mm256_stream_ps(p, (__m256)v);
+        return;
+    }
+#endif
+    store(p, v);
+}
+
+/* after a task's non-temporal stores: ordered before the barrier that hands them over */
+static inline void fence(void)
+{
+#if defined(__AVX__)
+    _mm_sfence();
+#endif
+}
+
+/* B's KC x n panel as NR-column strips (zero-padded): element (p, j) of B at B[p rbs + j cbs].
+ * A transposed weight (rbs 1) is read along its rows, NR of them at once. */
 static void pack_b(const float *B, long rbs, long cbs, long kc, long n, float *bp)
 {
-    for (long j0 = 0; j0 < n; j0 += NR) {
+    for (long j0 = 0; j0 < n; j0 += NR, bp += NR * kc) {
         long nr = n - j0 < NR ? n - j0 : NR;
-        for (long p = 0; p < kc; p++, bp += NR) {
+        if (rbs == 1) { /* nr rows of B^T: each read along, a 64-byte line serving 16 p's */
+            const float *src[NR];
+            for (long j = 0; j < NR; j++) src[j] = B + (j0 + (j < nr ? j : 0)) * cbs;
+            for (long p = 0; p < kc; p++)
+                for (long j = 0; j < NR; j++) bp[p * NR + j] = j < nr ? src[j][p] : 0;
+            continue;
+        }
+        for (long p = 0; p < kc; p++) {
             const float *src = B + p * rbs + j0 * cbs;
             long j = 0;
-            if (cbs == 1)
-                for (; j < nr; j++) bp[j] = src[j];
-            else
-                for (; j < nr; j++) bp[j] = src[j * cbs];
-            for (; j < NR; j++) bp[j] = 0;
+            for (; j < nr; j++) bp[p * NR + j] = src[j * cbs];
+            for (; j < NR; j++) bp[p * NR + j] = 0;
         }
     }
 }
@@ -79,47 +115,75 @@ static void pack_a(const float *A, long ras, long cas, long m, long kc, float *a
     }
 }
 
-/* C[mr, nr] (row stride ldc) = (acc ? C : 0) + a-strip @ b-strip over kc; b's rows ldb apart */
-static void micro(long kc, const float *a, const float *b, long ldb, float *c, long ldc, long mr, long nr, int acc)
+/* C[rows, nr] (row stride ldc) = (acc 1 ? C : 0) + a-strip @ b-strip over kc; b's rows ldb apart;
+ * acc STREAM: C = the product, stored non-temporally.
+ * Inlined with rows a constant (micro), so that a segment's last rows (32 = 5 x 6 + 2) cost
+ * their own arithmetic, not a whole tile's. The B line 8 rows ahead is fetched early: a
+ * strip's first tile reads B from memory (benchmarks/moe_layer.py, 64 experts). */
+static inline __attribute__((always_inline)) void micro_rows(const int rows, long kc, const float *a, const float *b,
+                                                             long ldb, float *c, long ldc, long nr, int acc)
 {
     vf c0[MR], c1[MR];
-    for (int i = 0; i < MR; i++) c0[i] = c1[i] = (vf){0};
+    for (int i = 0; i < rows; i++) c0[i] = c1[i] = (vf){0};
     for (long p = 0; p < kc; p++, a += MR, b += ldb) {
         vf b0 = load(b), b1 = load(b + VW);
+        __builtin_prefetch(b + 8 * ldb, 0, 3);
 #pragma GCC unroll 6
-        for (int i = 0; i < MR; i++) {
+        for (int i = 0; i < rows; i++) {
             c0[i] += a[i] * b0;
             c1[i] += a[i] * b1;
         }
     }
-    if (mr == MR && nr == NR) {
-        for (int i = 0; i < MR; i++) {
+    if (nr == NR && acc == STREAM) {
+        for (int i = 0; i < rows; i++) {
+            store_nt(c + i * ldc, c0[i]);
+            store_nt(c + i * ldc + VW, c1[i]);
+        }
+        return;
+    }
+    if (nr == NR) {
+        for (int i = 0; i < rows; i++) {
             float *ci = c + i * ldc;
-            store(ci, acc ? c0[i] + load(ci) : c0[i]);
-            store(ci + VW, acc ? c1[i] + load(ci + VW) : c1[i]);
+            store(ci, acc == 1 ? c0[i] + load(ci) : c0[i]);
+            store(ci + VW, acc == 1 ? c1[i] + load(ci + VW) : c1[i]);
         }
         return;
     }
     float t[NR];
-    for (long i = 0; i < mr; i++) {
+    for (int i = 0; i < rows; i++) {
         float *ci = c + i * ldc;
         store(t, c0[i]);
         store(t + VW, c1[i]);
-        for (long j = 0; j < nr; j++) ci[j] = acc ? ci[j] + t[j] : t[j];
+        for (long j = 0; j < nr; j++) ci[j] = acc == 1 ? ci[j] + t[j] : t[j];
+    }
+}
+
+static void micro(long kc, const float *a, const float *b, long ldb, float *c, long ldc, long mr, long nr, int acc)
+{
+    switch (mr) {
+    case 6: micro_rows(6, kc, a, b, ldb, c, ldc, nr, acc); break;
+    case 5: micro_rows(5, kc, a, b, ldb, c, ldc, nr, acc); break;
+    case 4: micro_rows(4, kc, a, b, ldb, c, ldc, nr, acc); break;
+    case 3: micro_rows(3, kc, a, b, ldb, c, ldc, nr, acc); break;
+    case 2: micro_rows(2, kc, a, b, ldb, c, ldc, nr, acc); break;
+    default: micro_rows(1, kc, a, b, ldb, c, ldc, nr, acc); break;
     }
 }
 
 /* Floats of gemm's buffer for products up to n columns wide. */
 static long gemm_buffer(long n) { return KC * ((n + NR - 1) / NR * NR) + MC * KC; }
 
-/* One thread: C[m, n] (row stride ldc) = (acc ? C : 0) + A[m, k] @ B[k, n], with A's element
+/* One thread: C[m, n] (row stride ldc) = (acc ? C : 0) + A[m, k] @ B[k, n] (acc STREAM: C's
+ * lines written non-temporally where k fits one panel, so that each is written once), with A's element
  * (i, p) at A[i ras + p cas] and B's (p, j) at B[p rbs + j cbs]; buf: gemm_buffer(n) floats.
  * B is read in place where its rows are whole strips (cbs 1, n a multiple of NR), else packed. */
 static void gemm(long m, long n, long k, const float *A, long ras, long cas, const float *B, long rbs, long cbs,
                  float *C, long ldc, int acc, float *buf)
 {
+    if (acc == STREAM && k > KC)
+        acc = 0;
     if (k == 0) {
-        if (!acc)
+        if (acc != 1)
             for (long i = 0; i < m; i++) memset(C + i * ldc, 0, (size_t)n * sizeof(float));
         return;
     }
@@ -135,7 +199,7 @@ static void gemm(long m, long n, long k, const float *A, long ras, long cas, con
                 for (long i0 = 0; i0 < mc; i0 += MR)
                     micro(kc, ap + i0 * kc, direct ? B + p0 * rbs + j0 : bp + j0 * kc, direct ? rbs : NR,
                           C + (m0 + i0) * ldc + j0, ldc, mc - i0 < MR ? mc - i0 : MR, n - j0 < NR ? n - j0 : NR,
-                          acc || p0 > 0);
+                          p0 > 0 ? 1 : acc);
         }
     }
 }
@@ -268,11 +332,12 @@ int moekit_swiglu_blocks_backward(const float *x, long K, const long *counts, lo
         for (long t = 0; t < n_w; t++) {
             long e = wt[t].e, a = wt[t].a, m = wt[t].b - a, R = counts[e], r0 = start[e];
             if (wt[t].which == 2) { /* dw2[a:b] = hidden^T[a:b] @ dy, [F, N] */
-                gemm(m, N, R, hidden + r0 * F + a, 1, F, dy + r0 * N, N, 1, dw2 + e * F * N + a * N, N, 0, gb);
+                gemm(m, N, R, hidden + r0 * F + a, 1, F, dy + r0 * N, N, 1, dw2 + e * F * N + a * N, N, STREAM, gb);
             } else { /* dw1[a:b] = x^T[a:b] @ dgate (dw3: dup), [K, F] */
                 float *dw = (wt[t].which ? dw3 : dw1) + e * K * F + a * F;
-                gemm(m, F, R, x + r0 * K + a, 1, K, (wt[t].which ? du : dg) + r0 * F, F, 1, dw, F, 0, gb);
+                gemm(m, F, R, x + r0 * K + a, 1, K, (wt[t].which ? du : dg) + r0 * F, F, 1, dw, F, STREAM, gb);
             }
+            fence();
         }
     }
 done:
