@@ -10,9 +10,11 @@ checks every return code. Modules decide when to call it (``moekit.layers``,
 - :mod:`~moekit.kernels.decode`: one-token products and whole steps, which read each
   weight once at the speed of memory (:func:`rows`, :func:`swiglu_add`,
   :class:`MoETokenStep`, :func:`moe_token`, :class:`AttentionStep`).
-- :mod:`~moekit.kernels.experts`: every SwiGLU expert over its few rows, forward and
-  backward, each weight read once per pass (:func:`swiglu_segments`,
-  :func:`swiglu_segments_backward`); the SwiGLU activation in one pass (:func:`silu_mul`).
+- :mod:`~moekit.kernels.experts`: every SwiGLU expert over its rows, forward and backward
+  (:func:`swiglu_segments`, :func:`swiglu_segments_backward`): over a few rows each weight
+  read once per pass, over more (``blocked=True``) each expert's products on one thread as
+  blocked matrix products, the experts shared among threads; the SwiGLU activation in one
+  pass (:func:`silu_mul`).
 - :mod:`~moekit.kernels.dispatch`: the dispatch's gather and combine and their backward
   passes, one pass each with no scatter (:func:`gather_rows`, :func:`combine_backward`), and
   the softmax top-k router (:func:`topk_softmax`).
@@ -33,12 +35,12 @@ from moekit.kernels.decode import (
     swiglu_ok,
 )
 from moekit.kernels.experts import silu_mul, silu_mul_backward, swiglu_segments, swiglu_segments_backward
-from moekit.kernels.library import cache_dir, enabled, for_tensors, is_enabled, load, status
+from moekit.kernels.library import cache_dir, enabled, few_rows_vectorised, for_tensors, is_enabled, load, status
 from moekit.kernels.lowp import LOWP_MAX_ROWS, rows_lowp
 from moekit.kernels.dispatch import combine_backward, gather_rows, topk_softmax, topk_softmax_backward
 
 __all__ = [
-    "LOWP_MAX_ROWS", "AttentionStep", "MoETokenStep", "attention_ok", "cache_dir", "combine_backward", "enabled", "for_tensors",
+    "LOWP_MAX_ROWS", "AttentionStep", "MoETokenStep", "attention_ok", "cache_dir", "combine_backward", "enabled", "few_rows_vectorised", "for_tensors",
     "gather_rows", "is_enabled", "load", "moe_token", "moe_token_ok", "rows", "rows_lowp", "rows_ok", "silu_mul",
     "silu_mul_backward", "status", "swiglu_add", "swiglu_ok", "swiglu_segments", "swiglu_segments_backward",
     "topk_softmax", "topk_softmax_backward",

@@ -331,6 +331,17 @@ static void silu_mul_grad_n(const float *dh, const float *g, const float *u, flo
     }
 }
 
+/* Whether this build's few-row loops are the AVX-512 ones (else plain loops, which the blocked
+ * kernel of cpu_blocks.c beats at every row count: benchmarks/moe_layer.py). */
+int moekit_rows_simd(void)
+{
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* One thread's silu_mul_n and silu_mul_grad_n, for cpu_blocks.c. */
 void moekit_silu_mul_rows(const float *g, const float *u, float *out, long n) { silu_mul_n(g, u, out, n); }
 

@@ -24,6 +24,7 @@ SIGNATURES: dict[str, tuple[list, type | None]] = {
     "moekit_combine_backward": ([P, P, L, P, P, L, P, P, I], I),
     "moekit_rows_lowp": ([I, P, P, L, L, L, P, L, P, F, I, I], I),
     "moekit_lowp_simd": ([], I),
+    "moekit_rows_simd": ([], I),
 }
 
 

@@ -111,7 +111,15 @@ def status() -> str:
     if _built["lib"] is None:
         return "cpu kernels off: " + _built["reason"]
     simd = "AVX2" if _built["lib"].moekit_lowp_simd() else "plain C loops (no AVX2 on this CPU or build)"
-    return f"cpu kernels: {_built['reason']}; int8/int4 products: {simd}"
+    rows = "AVX-512" if few_rows_vectorised() else "plain C loops (no AVX-512: experts take the blocked kernel)"
+    return f"cpu kernels: {_built['reason']}; few-row products: {rows}; int8/int4 products: {simd}"
+
+
+def few_rows_vectorised() -> bool:
+    """Whether the built kernels' few-row products (the experts' row kernel) are the AVX-512
+    loops; without them the experts take the blocked kernel at every row count."""
+    lib = load()
+    return lib is not None and bool(lib.moekit_rows_simd())
 
 
 class enabled:

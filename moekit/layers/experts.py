@@ -217,9 +217,11 @@ class SwiGLUExperts(GroupedExperts):
         """The path :meth:`run` takes, from the rows per expert (float32 on the CPU, no path
         forced by ``use_grouped_mm``; else the base class's choice):
 
-        - ``"kernel"``: up to ``kernel_max_rows`` rows per expert, weights the kernels read;
-          in training all three weights must want gradients (the kernel writes all three).
-        - ``"blocks"``: more rows, up to ``blocks_max_rows`` per expert, the same conditions:
+        - ``"kernel"``: up to ``kernel_max_rows`` rows per expert, weights the kernels read,
+          where the row kernel has its AVX-512 loops; in training all three weights must want
+          gradients (the kernel writes all three).
+        - ``"blocks"``: more rows (any, without AVX-512), up to ``blocks_max_rows`` per
+          expert, the same conditions:
           the blocked kernel, each expert's products on one thread.
         - else in training: ``"segments_op"`` from ``segments_training_min_rows``, else
           ``"grouped_op"`` where ``F.grouped_mm`` takes the rows.
@@ -238,7 +240,7 @@ class SwiGLUExperts(GroupedExperts):
         if self.use_grouped_mm is None and x.device.type == "cpu":
             rows, kernels_on = x.shape[0], kernels.for_tensors(x) is not None
             readable = kernels_on and kernels.swiglu_ok(*weights)
-            few = rows <= threshold("kernel_max_rows") * self.num_experts
+            few = kernels.few_rows_vectorised() and rows <= threshold("kernel_max_rows") * self.num_experts
             kernel_ok = readable and few and self.d_out == self.d_model
             blocks_ok = readable and not few and rows <= threshold("blocks_max_rows") * self.num_experts
             if self.needs_grad(x):

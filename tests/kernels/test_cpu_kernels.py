@@ -238,15 +238,18 @@ def test_swiglu_segments_equal_each_expert_on_its_rows(d, f, counts, prepared, b
 
 
 @needs_lib
-def test_the_layer_takes_the_row_kernel_then_the_blocked_kernel(monkeypatch):
-    """Inference: up to eight rows per expert on average the row kernel, above it the blocked
-    one, both equal to each expert on its rows."""
+@pytest.mark.parametrize("avx512", [True, False])
+def test_the_layer_takes_the_row_kernel_then_the_blocked_kernel(avx512, monkeypatch):
+    """Inference: up to eight rows per expert on average the row kernel (where its AVX-512
+    loops are built, else the blocked kernel), above it the blocked one, both equal to each
+    expert on its rows."""
     torch.manual_seed(3)
+    monkeypatch.setattr(kernels, "few_rows_vectorised", lambda: avx512)
     experts = MoE(MoEConfig(d_model=40, d_ff=56, num_experts=4, top_k=1)).experts.eval()
     calls = []
     real = kernels.swiglu_segments
     monkeypatch.setattr(kernels, "swiglu_segments", lambda *a, **kw: calls.append(kw.get("blocked")) or real(*a, **kw))
-    for counts, path in (([2, 0, 1, 5], False), ([8] * 4, False), ([9] * 4, True), ([30, 0, 2, 10], True)):
+    for counts, path in (([2, 0, 1, 5], not avx512), ([8] * 4, not avx512), ([9] * 4, True), ([30, 0, 2, 10], True)):
         x, tpe = torch.randn(sum(counts), 40), torch.tensor(counts)
         with torch.inference_mode():
             torch.testing.assert_close(experts(x, tpe), _segment_reference(experts, x, counts), atol=2e-5, rtol=1e-5)
@@ -305,11 +308,14 @@ def test_swiglu_segments_backward_equals_autograd_of_each_expert(d, f, counts, p
 
 
 @needs_lib
-def test_training_takes_the_row_kernel_up_to_eight_rows_per_expert_then_the_blocked_kernel(monkeypatch):
-    """The layer trains through the row kernel at few rows per expert and through the blocked
-    kernel above (the same output and gradients as grouped_mm's autograd), and through
-    neither where the experts are frozen (the kernels write every weight's gradient)."""
+@pytest.mark.parametrize("avx512", [True, False])
+def test_training_takes_the_row_kernel_up_to_eight_rows_per_expert_then_the_blocked_kernel(avx512, monkeypatch):
+    """The layer trains through the row kernel at few rows per expert (where its AVX-512
+    loops are built, else the blocked kernel) and through the blocked kernel above (the same
+    output and gradients as grouped_mm's autograd), and through neither where the experts
+    are frozen (the kernels write every weight's gradient)."""
     torch.manual_seed(0)
+    monkeypatch.setattr(kernels, "few_rows_vectorised", lambda: avx512)
     moe = MoE(MoEConfig(d_model=64, d_ff=96, num_experts=8, top_k=2))
     calls = []
     real = _SwiGLUKernel.apply
@@ -324,7 +330,7 @@ def test_training_takes_the_row_kernel_up_to_eight_rows_per_expert_then_the_bloc
         moe.zero_grad()
         return got
 
-    for T, blocked in ((1, False), (32, False), (40, True), (700, True)):  # 2, 8, 10, 175 slots per expert
+    for T, blocked in ((1, not avx512), (32, not avx512), (40, True), (700, True)):  # 2, 8, 10, 175 slots per expert
         fast = grads(T, None)
         assert calls == [blocked]
         calls.clear()
