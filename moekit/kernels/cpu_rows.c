@@ -18,13 +18,17 @@
 
 /* Below this many floats written, one thread: a parallel region costs a few microseconds. */
 #define PARALLEL_MIN 16384
+/* Rows per share a thread takes at a time: dynamic, so that when the OS deschedules one
+ * thread (other programs on the machine) the others take its rows rather than wait for it
+ * at the region's end (benchmarks/moe_layer.py --neighbours). */
+#define CHUNK 64
 
 /* dst[i] = sum over j < k with idx[i k + j] >= 0 of w[i k + j] * src[idx[i k + j]] (w NULL: 1),
  * for i < n; a row with no source is zero. */
 int moekit_gather_rows(const float *src, long d, const long *idx, const float *w, long k, long n, float *dst,
                        int threads)
 {
-#pragma omp parallel for schedule(static) num_threads(threads) if (n * d >= PARALLEL_MIN)
+#pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (n * d >= PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
         float *o = dst + i * d;
         int written = 0;
@@ -60,7 +64,7 @@ int moekit_gather_rows(const float *src, long d, const long *idx, const float *w
 int moekit_combine_backward(const float *dout, const float *y, long d, const long *tok, const float *w, long n,
                             float *dy, float *dw, int threads)
 {
-#pragma omp parallel for schedule(static) num_threads(threads) if (n * d >= PARALLEL_MIN)
+#pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (n * d >= PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
         const float *g = dout + tok[i] * d;
         if (dy) {
@@ -100,7 +104,7 @@ long moekit_best_untaken(const float *v, long E, const long *taken, int n)
 int moekit_topk_softmax(const float *logits, long T, long E, int k, int renormalize, float scale, float *probs,
                         long *idx, float *w, int threads)
 {
-#pragma omp parallel for schedule(static) num_threads(threads) if (T * E >= PARALLEL_MIN)
+#pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (T * E >= PARALLEL_MIN)
     for (long t = 0; t < T; t++) {
         const float *l = logits + t * E;
         float *p = probs + t * E, top = -INFINITY, total = 0.0f, chosen = 0.0f;
@@ -124,7 +128,7 @@ int moekit_topk_softmax_backward(const float *probs, const long *idx, const floa
                                  const float *dw, long T, long E, int k, int renormalize, float scale, float *dlogits,
                                  int threads)
 {
-#pragma omp parallel for schedule(static) num_threads(threads) if (T * E >= PARALLEL_MIN)
+#pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (T * E >= PARALLEL_MIN)
     for (long t = 0; t < T; t++) {
         const float *p = probs + t * E;
         float *g = dlogits + t * E; /* g first, then overwritten by dlogits */
