@@ -4,6 +4,12 @@ FLOPs, and transformers' MixtralSparseMoeBlock, all measured in the same run.
     python benchmarks/moe_layer.py                 # full table (a few minutes on 2 cores)
     python benchmarks/moe_layer.py --quick         # fewer repetitions
     python benchmarks/moe_layer.py --system-malloc # glibc's defaults: freed memory goes back to the OS
+    python benchmarks/moe_layer.py --experts 64 --tokens 4096 --neighbours 1 2   # busy machine only
+
+The last table runs moekit's fine-grained layer (64 experts top-8) and the dense FFN with
+0, 1 and 2 busy processes beside them (each a Python loop that keeps one core busy) and
+prints the MoE-to-dense ratio with neighbours against the ratio on the quiet machine, which
+the busy-machine goal holds within 10%.
 
 Prints tokens/s for forward (eval, no grad) and forward+backward (train) and each
 implementation's speed relative to the dense FFN of width ``top_k * d_ff`` (same active FLOPs
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import multiprocessing
 import platform
 import statistics
 import time
@@ -78,6 +85,30 @@ def interleaved_times(steps: dict[str, Callable[[], None]], budget_s: float, min
             times[name].append(time.perf_counter() - t0)
         rounds += 1
     return times
+
+
+def _spin() -> None:
+    while True:  # a neighbour: one core kept busy
+        pass
+
+
+class BusyNeighbours:
+    """``n`` processes that keep a core busy each while the ``with`` block runs."""
+
+    def __init__(self, n: int):
+        self.procs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(n)]
+
+    def __enter__(self) -> BusyNeighbours:
+        for p in self.procs:
+            p.start()
+        time.sleep(0.2)  # running before the first measurement
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.join()
 
 
 def paired_ratio(baseline: list[float], times: list[float]) -> float:
@@ -154,6 +185,10 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="*", default=[c["num_experts"] for _, c in CASES],
                         help="which cases to run, by their number of experts")
     parser.add_argument("--no-transformers", action="store_true", help="leave transformers' blocks out")
+    parser.add_argument("--neighbours", type=int, nargs="*", default=[1, 2],
+                        help="busy processes beside the fine-grained layer in the last table (none: skip it)")
+    parser.add_argument("--neighbour-tokens", type=int, nargs="*", default=[256, 4096],
+                        help="tokens of the busy-machine table (forward+backward)")
     parser.add_argument("--reference-max-tokens", type=int, default=256,
                         help="skip the slow reference path above this many tokens")
     parser.add_argument("--system-malloc", action="store_true",
@@ -164,9 +199,8 @@ def main() -> None:
     budget = 0.6 if args.quick else 2.0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"float32, d_model {D_MODEL}, {malloc}")
-    for title, case in CASES:
-        if case["num_experts"] not in args.experts:
-            continue
+    tables = [(title, case) for title, case in CASES if case["num_experts"] in args.experts]
+    for title, case in tables if args.tokens else ():
         modules = contenders(case, transformers=not args.no_transformers)
         hf = [name for name in modules if name.startswith("transformers")]
         print(f"\n## {title}")
@@ -194,6 +228,29 @@ def main() -> None:
                     best = min(hf, key=lambda name: statistics.median(times[name]))
                     cells.append(f"{paired_ratio(times[best], times[FAST]):.2f}x {best.split()[1]}")
                 print(f"| {T} | {'fwd+bwd' if backward else 'fwd'} | {' | '.join(cells)} |", flush=True)
+    if args.neighbours:
+        busy_table(CASES[-1], args.neighbour_tokens, args.neighbours, 4 * budget)
+
+
+def busy_table(case: tuple[str, dict], tokens: list[int], neighbours: list[int], budget: float) -> None:
+    """The fine-grained layer and the dense FFN, forward+backward, on a quiet machine and
+    beside busy processes: the MoE-to-dense ratio each time, and its change from quiet."""
+    title, fields = case
+    cfg = MoEConfig(d_model=D_MODEL, **fields)
+    modules = {DENSE: FeedForward(D_MODEL, cfg.top_k * cfg.d_ff), FAST: MoE(cfg)}
+    print(f"\n## {title}, forward+backward beside busy processes")
+    print("| T | busy processes | dense FFN | moekit fast | moekit / dense | change from quiet |")
+    print("|---|---|---|---|---|---|")
+    for T in tokens:
+        steps = {name: make_step(m, T, True) for name, m in modules.items()}
+        quiet = None
+        for n in [0, *neighbours]:
+            with BusyNeighbours(n):
+                times = interleaved_times(steps, budget)
+            ratio = paired_ratio(times[DENSE], times[FAST])
+            quiet = ratio if quiet is None else quiet
+            print(f"| {T} | {n} | {1e3 * statistics.median(times[DENSE]):,.0f} ms | "
+                  f"{1e3 * statistics.median(times[FAST]):,.0f} ms | {ratio:.2f}x | {ratio / quiet - 1:+.0%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ the MoE's working set (weights and AdamW state, 41 MB against 13 MB) refills the
     python benchmarks/moe_vs_dense.py                      # default corpus, ~17 min on 2 cores
     python benchmarks/moe_vs_dense.py --steps 100 --time-budget 60   # a quicker look
     python benchmarks/moe_vs_dense.py --data ../shared/data/tinyshakespeare.txt
+    python benchmarks/moe_vs_dense.py --dtype bfloat16     # training speed in float32 and bfloat16
+
+``--dtype bfloat16`` runs only the speed table: the dense model and the MoE, each in float32
+and in bfloat16 (autocast), ``--dtype-steps`` steps each (80), the four taking turns, and
+prints tokens/s, the validation loss after those steps, and the MoE's bfloat16 speed against
+its float32 speed and against the dense model's bfloat16 speed. On a CPU without bfloat16
+arithmetic (no AVX-512 BF16 or AMX) bfloat16 products are emulated: it says so and runs.
 """
 
 from __future__ import annotations
@@ -74,13 +81,22 @@ def main() -> None:
     p.add_argument("--sample-tokens", type=int, default=300)
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: only the float32-vs-bfloat16 training speed table")
+    p.add_argument("--dtype-steps", type=int, default=80, help="steps per run of the dtype table")
+    p.add_argument("--d-model", type=int, default=None, help="override the preset's d_model (wider shapes)")
     args = p.parse_args()
 
     base = preset(args.preset)
     base = dataclasses.replace(base, data=dataclasses.replace(base.data, path=args.data),
                                train=dataclasses.replace(base.train, progress=False, eval_every=10**9,
                                                          checkpoint_every=10**9, log_every=50))
+    if args.d_model:
+        base = dataclasses.replace(base, model=dataclasses.replace(base.model, d_model=args.d_model))
     root = Path(args.out or tempfile.mkdtemp(prefix="moe_vs_dense_"))
+    if args.dtype == "bfloat16":
+        dtype_table(base, root, args.dtype_steps, args.block)
+        return
     rows = {}
     for mode in ("steps", "time"):
         train_cfg = dataclasses.replace(base.train, max_steps=args.steps)
@@ -115,6 +131,32 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({f"{k[0]}-{k[1]}": v for k, v in rows.items()}, indent=2))
     print(f"\nruns kept in {root}")
+
+
+def dtype_table(base, root: Path, steps: int, block: int) -> None:
+    """Dense and MoE, float32 and bfloat16, ``steps`` steps each, taking turns: tokens/s,
+    validation loss, and the two ratios the bfloat16 goal names."""
+    from moekit.training.machine import native_bf16
+
+    if native_bf16() is False:
+        print("note: this CPU has no bfloat16 arithmetic; its bfloat16 products are emulated (slow)")
+    train_cfg = dataclasses.replace(base.train, max_steps=steps, eval_every=10**9)
+    configs = {f"{name} {dtype}": dataclasses.replace(
+        base, model=dataclasses.replace(base.model, dense=name == "dense"),
+        train=dataclasses.replace(train_cfg, dtype=dtype))
+        for dtype in ("float32", "bfloat16") for name in ("dense", "moe")}
+    rows = run_pair(configs, root, "dtype", block)
+    m = base.model
+    print(f"\ntraining speed by dtype, preset with d_model {m.d_model}, {m.moe.num_experts} experts top-{m.moe.top_k}, "
+          f"{steps} steps each, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print(f"{'run':<18}{'tokens/s':>11}{'val loss':>10}")
+    for name, s in rows.items():
+        print(f"{name:<18}{s['tokens_per_s']:>11,.0f}{s['val_loss']:>10.4f}")
+    tps = {name: s["tokens_per_s"] for name, s in rows.items()}
+    print(f"MoE bfloat16 / MoE float32 = {tps['moe bfloat16'] / tps['moe float32']:.2f}x; "
+          f"MoE bfloat16 / dense bfloat16 = {tps['moe bfloat16'] / tps['dense bfloat16']:.2f}x; "
+          f"dense bfloat16 / dense float32 = {tps['dense bfloat16'] / tps['dense float32']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,23 @@ long moekit_best_untaken(const float *v, long E, const long *taken, int n)
     return best;
 }
 
+/* ix[0..k) the k largest of v[0..E), largest first, ties to the lower index (the order of k
+ * calls of moekit_best_untaken), in one pass: each value past the k-th best so far is
+ * inserted in place. k <= E. */
+static void topk_of(const float *v, long E, int k, long *ix)
+{
+    int n = 0;
+    for (long e = 0; e < E; e++) {
+        float x = v[e];
+        if (n == k && !(x > v[ix[k - 1]]))
+            continue;
+        int pos = n < k ? n : k - 1;
+        for (; pos > 0 && x > v[ix[pos - 1]]; pos--) ix[pos] = ix[pos - 1];
+        ix[pos] = e;
+        n += n < k;
+    }
+}
+
 /* The softmax top-k router over rows of logits [T, E]: probs = softmax of each row; idx[k] the
  * k largest (ties: lower index); w = their probabilities times scale, divided by their sum
  * where renormalize. One pass per row, parallel over rows. */
@@ -113,10 +130,8 @@ int moekit_topk_softmax(const float *logits, long T, long E, int k, int renormal
         for (long e = 0; e < E; e++) top = l[e] > top ? l[e] : top;
         for (long e = 0; e < E; e++) total += (p[e] = expf(l[e] - top));
         for (long e = 0; e < E; e++) p[e] /= total;
-        for (int i = 0; i < k; i++) {
-            ix[i] = moekit_best_untaken(p, E, ix, i);
-            chosen += p[ix[i]];
-        }
+        topk_of(p, E, k, ix);
+        for (int i = 0; i < k; i++) chosen += p[ix[i]];
         for (int i = 0; i < k; i++) wt[i] = (renormalize ? p[ix[i]] / chosen : p[ix[i]]) * scale;
     }
     return 0;

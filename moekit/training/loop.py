@@ -36,6 +36,7 @@ from moekit.layers.moe import update_router_biases
 from moekit.models import Transformer, model_param_groups
 from moekit import checkpoint as ckpt
 from moekit.analysis.health import health_warnings, max_over_mean
+from moekit.training.machine import machine_warnings
 from moekit.training.schedule import lr_at
 
 METRICS_FILE = "metrics.jsonl"
@@ -356,6 +357,8 @@ class Trainer:
             self.tokenizer.save(out_dir)
         log(f"model: {'dense' if config.model.dense else 'MoE'} {self.counts.total / 1e6:.2f}M parameters, "
             f"{self.counts.active / 1e6:.2f}M active per token; device {device}")
+        for message in machine_warnings(device, t.dtype):
+            log(f"warning: {message}")
 
         self.step_fn = torch.compile(self.model) if t.compile else self.model
         if self.dist is not None:

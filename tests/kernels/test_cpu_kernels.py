@@ -549,6 +549,22 @@ def test_the_build_without_avx_gives_the_same_numbers(tmp_path):
 
 
 @needs_lib
+@pytest.mark.parametrize("E, k", [(8, 2), (64, 8), (5, 5), (3, 1)])
+def test_the_topk_router_kernel_picks_the_largest_ties_to_the_lower_index(E, k):
+    """The one-pass top-k: the k largest probabilities, largest first, equal ones in index
+    order, as a stable sort of the negated values gives them; on logits with many ties."""
+    torch.manual_seed(E * k)
+    logits = torch.randint(0, 4, (300, E)).float()  # four distinct values: ties everywhere
+    logits[0] = 0.0  # a row of one value
+    probs, weights, indices = kernels.topk_softmax(lib, logits, k, True, 1.0)
+    torch.testing.assert_close(probs, torch.softmax(logits, -1), atol=1e-6, rtol=1e-5)
+    want = torch.sort(-probs, dim=-1, stable=True).indices[:, :k]
+    assert torch.equal(indices, want)
+    chosen = probs.gather(1, want)
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+@needs_lib
 @pytest.mark.parametrize("fields", [dict(), dict(renormalize=False, routed_scaling_factor=2.5), dict(top_k=1),
                                     dict(num_experts=64, top_k=8, z_loss_coef=0.01, seq_aux_loss_coef=0.01),
                                     dict(router="switch", top_k=1, routed_scaling_factor=1.5)])
