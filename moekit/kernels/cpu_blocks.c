@@ -39,8 +39,10 @@ typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 #define MR 6        /* rows of C per micro-tile: 6 x 2 vector accumulators and 2 of B fit 16 registers */
 #define NR (2 * VW) /* columns of C per micro-tile */
 #define KC 256      /* depth of one packed panel: MR x KC of A in L1, KC x NR of B in L1 */
+#define KCW 512     /* the weight gradients' depth (their rows per expert) in one panel: each written once */
 #define MC 96       /* rows of A packed at once (MC x KC in L2) */
-#define ROWS 192    /* rows of one expert per task in the row-wise passes */
+#define ROWS 192    /* rows of one expert per task in the forward */
+#define BROWS 512   /* ... in the backward's row pass, whose tasks pack three transposed weights each */
 #define WROWS 128   /* rows of a weight gradient per task */
 #define STREAM 2    /* gemm's acc: write C once, non-temporally */
 
@@ -170,17 +172,18 @@ static void micro(long kc, const float *a, const float *b, long ldb, float *c, l
     }
 }
 
-/* Floats of gemm's buffer for products up to n columns wide. */
-static long gemm_buffer(long n) { return KC * ((n + NR - 1) / NR * NR) + MC * KC; }
+/* Floats of gemm's buffer for products up to n columns wide and panels up to kc deep. */
+static long gemm_buffer(long n, long kc) { return kc * ((n + NR - 1) / NR * NR) + MC * kc; }
 
 /* One thread: C[m, n] (row stride ldc) = (acc ? C : 0) + A[m, k] @ B[k, n] (acc STREAM: C's
- * lines written non-temporally where k fits one panel, so that each is written once), with A's element
- * (i, p) at A[i ras + p cas] and B's (p, j) at B[p rbs + j cbs]; buf: gemm_buffer(n) floats.
- * B is read in place where its rows are whole strips (cbs 1, n a multiple of NR), else packed. */
+ * lines written non-temporally where k fits one panel, so that each is written once), with
+ * A's element (i, p) at A[i ras + p cas] and B's (p, j) at B[p rbs + j cbs], in panels up to
+ * kcmax deep; buf: gemm_buffer(n, kcmax) floats. B is read in place where its rows are whole
+ * strips (cbs 1, n a multiple of NR), else packed. */
 static void gemm(long m, long n, long k, const float *A, long ras, long cas, const float *B, long rbs, long cbs,
-                 float *C, long ldc, int acc, float *buf)
+                 float *C, long ldc, int acc, long kcmax, float *buf)
 {
-    if (acc == STREAM && k > KC)
+    if (acc == STREAM && k > kcmax)
         acc = 0;
     if (k == 0) {
         if (acc != 1)
@@ -188,9 +191,9 @@ static void gemm(long m, long n, long k, const float *A, long ras, long cas, con
         return;
     }
     int direct = cbs == 1 && n % NR == 0;
-    float *bp = buf, *ap = buf + KC * ((n + NR - 1) / NR * NR);
-    for (long p0 = 0; p0 < k; p0 += KC) {
-        long kc = k - p0 < KC ? k - p0 : KC;
+    float *bp = buf, *ap = buf + kcmax * ((n + NR - 1) / NR * NR);
+    for (long p0 = 0; p0 < k; p0 += kcmax) {
+        long kc = k - p0 < kcmax ? k - p0 : kcmax;
         if (!direct) pack_b(B + p0 * rbs, rbs, cbs, kc, n, bp);
         for (long m0 = 0; m0 < m; m0 += MC) {
             long mc = m - m0 < MC ? m - m0 : MC;
@@ -248,7 +251,7 @@ int moekit_swiglu_blocks(const float *x, long K, const long *counts, long E, con
     long *start = malloc((E + 1) * sizeof(long)), total = 0;
     for (long e = 0; e < E; e++) total += (counts[e] + ROWS - 1) / ROWS;
     task *tasks = malloc((total + 1) * sizeof(task));
-    long per_thread = gemm_buffer(max3(F, N, 1)) + 3 * ROWS * F;
+    long per_thread = gemm_buffer(max3(F, N, 1), KC) + 3 * ROWS * F;
     float *buf = malloc((size_t)nthreads * per_thread * sizeof(float));
     int rc = 0;
     if (!start || !tasks || !buf) {
@@ -259,17 +262,17 @@ int moekit_swiglu_blocks(const float *x, long K, const long *counts, long E, con
     long n_tasks = row_tasks(counts, E, ROWS, tasks);
     #pragma omp parallel num_threads(n_tasks < nthreads ? (n_tasks ? n_tasks : 1) : nthreads)
     {
-        float *gb = buf + omp_get_thread_num() * per_thread, *mine = gb + gemm_buffer(max3(F, N, 1));
+        float *gb = buf + omp_get_thread_num() * per_thread, *mine = gb + gemm_buffer(max3(F, N, 1), KC);
         #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < n_tasks; t++) {
             long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a;
             const float *xr = x + r0 * K;
             float *gate = gate_save ? gate_save + r0 * F : mine, *up = up_save ? up_save + r0 * F : mine + ROWS * F;
             float *hidden = mine + 2 * ROWS * F;
-            gemm(R, F, K, xr, K, 1, w1 + e * e13, ld13, 1, gate, F, 0, gb);
-            gemm(R, F, K, xr, K, 1, w3 + e * e13, ld13, 1, up, F, 0, gb);
+            gemm(R, F, K, xr, K, 1, w1 + e * e13, ld13, 1, gate, F, 0, KC, gb);
+            gemm(R, F, K, xr, K, 1, w3 + e * e13, ld13, 1, up, F, 0, KC, gb);
             moekit_silu_mul_rows(gate, up, hidden, R * F);
-            gemm(R, N, F, hidden, F, 1, w2 + e * e2, ld2, 1, out + r0 * N, N, 0, gb);
+            gemm(R, N, F, hidden, F, 1, w2 + e * e2, ld2, 1, out + r0 * N, N, 0, KC, gb);
         }
     }
 done:
@@ -294,11 +297,11 @@ int moekit_swiglu_blocks_backward(const float *x, long K, const long *counts, lo
     long *start = malloc((E + 1) * sizeof(long)), rows = 0, n_rows = 0, n_w = 0;
     for (long e = 0; e < E; e++) {
         rows += counts[e];
-        n_rows += (counts[e] + ROWS - 1) / ROWS;
+        n_rows += (counts[e] + BROWS - 1) / BROWS;
     }
     long w_blocks = 2 * ((K + WROWS - 1) / WROWS) + (F + WROWS - 1) / WROWS;
     task *tasks = malloc((n_rows + E * w_blocks + 1) * sizeof(task));
-    long per_thread = gemm_buffer(max3(K, F, N));
+    long per_thread = gemm_buffer(max3(K, F, N), KCW);
     float *buf = malloc((size_t)nthreads * per_thread * sizeof(float));
     float *hidden = malloc((3 * rows * F + 1) * sizeof(float)), *dg = hidden + rows * F, *du = dg + rows * F;
     int rc = 0;
@@ -307,7 +310,7 @@ int moekit_swiglu_blocks_backward(const float *x, long K, const long *counts, lo
         goto done;
     }
     starts(counts, E, start);
-    row_tasks(counts, E, ROWS, tasks);
+    row_tasks(counts, E, BROWS, tasks);
     task *wt = tasks + n_rows;
     for (long e = 0; e < E; e++)
         for (int which = 0; which < 3; which++)
@@ -321,21 +324,21 @@ int moekit_swiglu_blocks_backward(const float *x, long K, const long *counts, lo
             long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a;
             float *h = hidden + r0 * F, *g = dg + r0 * F, *u = du + r0 * F;
             const float *gs = gate_save + r0 * F, *us = up_save + r0 * F;
-            gemm(R, F, N, dy + r0 * N, N, 1, w2 + e * e2, 1, ld2, g, F, 0, gb); /* dh = dy @ w2^T, into dg */
+            gemm(R, F, N, dy + r0 * N, N, 1, w2 + e * e2, 1, ld2, g, F, 0, KC, gb); /* dh = dy @ w2^T, into dg */
             moekit_silu_mul_rows(gs, us, h, R * F);
             moekit_silu_mul_grad_rows(g, gs, us, g, u, R * F);
-            gemm(R, K, F, g, F, 1, w1 + e * e13, 1, ld13, dx + r0 * K, K, 0, gb);
-            gemm(R, K, F, u, F, 1, w3 + e * e13, 1, ld13, dx + r0 * K, K, 1, gb);
+            gemm(R, K, F, g, F, 1, w1 + e * e13, 1, ld13, dx + r0 * K, K, 0, KC, gb);
+            gemm(R, K, F, u, F, 1, w3 + e * e13, 1, ld13, dx + r0 * K, K, 1, KC, gb);
         }
         /* the implied barrier: every row's dgate, dup and hidden are written */
         #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < n_w; t++) {
             long e = wt[t].e, a = wt[t].a, m = wt[t].b - a, R = counts[e], r0 = start[e];
             if (wt[t].which == 2) { /* dw2[a:b] = hidden^T[a:b] @ dy, [F, N] */
-                gemm(m, N, R, hidden + r0 * F + a, 1, F, dy + r0 * N, N, 1, dw2 + e * F * N + a * N, N, STREAM, gb);
+                gemm(m, N, R, hidden + r0 * F + a, 1, F, dy + r0 * N, N, 1, dw2 + e * F * N + a * N, N, STREAM, KCW, gb);
             } else { /* dw1[a:b] = x^T[a:b] @ dgate (dw3: dup), [K, F] */
                 float *dw = (wt[t].which ? dw3 : dw1) + e * K * F + a * F;
-                gemm(m, F, R, x + r0 * K + a, 1, K, (wt[t].which ? du : dg) + r0 * F, F, 1, dw, F, STREAM, gb);
+                gemm(m, F, R, x + r0 * K + a, 1, K, (wt[t].which ? du : dg) + r0 * F, F, 1, dw, F, STREAM, KCW, gb);
             }
             fence();
         }
