@@ -45,6 +45,7 @@ typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 #define BROWS 512   /* ... in the backward's row pass, whose tasks pack three transposed weights each */
 #define WROWS 128   /* rows of a weight gradient per task */
 #define STREAM 2    /* gemm's acc: write C once, non-temporally */
+#define AT_ROWS 64  /* up to this many rows of an expert, the backward reads its weights in place (gemm_at) */
 
 static inline vf load(const float *p)
 {
@@ -169,6 +170,64 @@ static void micro(long kc, const float *a, const float *b, long ldb, float *c, l
     case 3: micro_rows(3, kc, a, b, ldb, c, ldc, nr, acc); break;
     case 2: micro_rows(2, kc, a, b, ldb, c, ldc, nr, acc); break;
     default: micro_rows(1, kc, a, b, ldb, c, ldc, nr, acc); break;
+    }
+}
+
+/* C[rows, nr] as micro_rows, with A read in place (row i at a + i lda, unit stride along k)
+ * and C stored transposed (C(i, j) at c[j ldc + i]): for a weight as A, never copied. */
+static inline __attribute__((always_inline)) void micro_at_rows(const int rows, long kc, const float *a, long lda,
+                                                                const float *b, float *c, long ldc, long nr, int acc)
+{
+    vf c0[MR], c1[MR];
+    const float *ar[MR];
+    for (int i = 0; i < rows; i++) {
+        c0[i] = c1[i] = (vf){0};
+        ar[i] = a + i * lda;
+    }
+    for (long p = 0; p < kc; p++, b += NR) {
+        vf b0 = load(b), b1 = load(b + VW);
+#pragma GCC unroll 6
+        for (int i = 0; i < rows; i++) {
+            c0[i] += ar[i][p] * b0;
+            c1[i] += ar[i][p] * b1;
+        }
+    }
+    float t[NR];
+    for (int i = 0; i < rows; i++) {
+        store(t, c0[i]);
+        store(t + VW, c1[i]);
+        for (long j = 0; j < nr; j++) c[j * ldc + i] = acc ? c[j * ldc + i] + t[j] : t[j];
+    }
+}
+
+static void micro_at(long kc, const float *a, long lda, const float *b, float *c, long ldc, long mr, long nr, int acc)
+{
+    switch (mr) {
+    case 6: micro_at_rows(6, kc, a, lda, b, c, ldc, nr, acc); break;
+    case 5: micro_at_rows(5, kc, a, lda, b, c, ldc, nr, acc); break;
+    case 4: micro_at_rows(4, kc, a, lda, b, c, ldc, nr, acc); break;
+    case 3: micro_at_rows(3, kc, a, lda, b, c, ldc, nr, acc); break;
+    case 2: micro_at_rows(2, kc, a, lda, b, c, ldc, nr, acc); break;
+    default: micro_at_rows(1, kc, a, lda, b, c, ldc, nr, acc); break;
+    }
+}
+
+/* One thread: C^T[n, m] (row stride ldc) = (acc ? C^T : 0) + (A[m, k] @ Bt^T[k, n])^T, with
+ * A's rows lda apart and Bt [n, k] with rows ldbt apart, both unit stride along k: the
+ * backward's products with a weight on the left (dh^T = w2 @ dy^T, dx^T = w1 @ dgate^T) when
+ * an expert has few rows: the weight, the large operand, is read once in place where the
+ * other form would copy its transpose into a packed panel. n up to AT_ROWS (Bt packed in
+ * one KC x AT_ROWS panel: gemm_buffer(AT_ROWS, KC) floats of buf). */
+static void gemm_at(long m, long n, long k, const float *A, long lda, const float *Bt, long ldbt, float *C, long ldc,
+                    int acc, float *buf)
+{
+    for (long p0 = 0; p0 < k; p0 += KC) {
+        long kc = k - p0 < KC ? k - p0 : KC;
+        pack_b(Bt + p0, 1, ldbt, kc, n, buf);
+        for (long i0 = 0; i0 < m; i0 += MR)
+            for (long j0 = 0; j0 < n; j0 += NR)
+                micro_at(kc, A + i0 * lda + p0, lda, buf + j0 * kc, C + j0 * ldc + i0, ldc, m - i0 < MR ? m - i0 : MR,
+                         n - j0 < NR ? n - j0 : NR, acc || p0 > 0);
     }
 }
 
@@ -301,7 +360,8 @@ int moekit_swiglu_blocks_backward(const float *x, long K, const long *counts, lo
     }
     long w_blocks = 2 * ((K + WROWS - 1) / WROWS) + (F + WROWS - 1) / WROWS;
     task *tasks = malloc((n_rows + E * w_blocks + 1) * sizeof(task));
-    long per_thread = gemm_buffer(max3(K, F, N), KCW);
+    long per_thread = gemm_buffer(max3(K, F, N), KCW), at = gemm_buffer(AT_ROWS, KC);
+    per_thread = per_thread > at ? per_thread : at;
     float *buf = malloc((size_t)nthreads * per_thread * sizeof(float));
     float *hidden = malloc((3 * rows * F + 1) * sizeof(float)), *dg = hidden + rows * F, *du = dg + rows * F;
     int rc = 0;
@@ -324,11 +384,19 @@ int moekit_swiglu_blocks_backward(const float *x, long K, const long *counts, lo
             long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a;
             float *h = hidden + r0 * F, *g = dg + r0 * F, *u = du + r0 * F;
             const float *gs = gate_save + r0 * F, *us = up_save + r0 * F;
-            gemm(R, F, N, dy + r0 * N, N, 1, w2 + e * e2, 1, ld2, g, F, 0, KC, gb); /* dh = dy @ w2^T, into dg */
+            if (R <= AT_ROWS) /* dh = dy @ w2^T, into dg */
+                gemm_at(F, R, N, w2 + e * e2, ld2, dy + r0 * N, N, g, F, 0, gb);
+            else
+                gemm(R, F, N, dy + r0 * N, N, 1, w2 + e * e2, 1, ld2, g, F, 0, KC, gb);
             moekit_silu_mul_rows(gs, us, h, R * F);
             moekit_silu_mul_grad_rows(g, gs, us, g, u, R * F);
-            gemm(R, K, F, g, F, 1, w1 + e * e13, 1, ld13, dx + r0 * K, K, 0, KC, gb);
-            gemm(R, K, F, u, F, 1, w3 + e * e13, 1, ld13, dx + r0 * K, K, 1, KC, gb);
+            if (R <= AT_ROWS) { /* dx = dgate @ w1^T + dup @ w3^T */
+                gemm_at(K, R, F, w1 + e * e13, ld13, g, F, dx + r0 * K, K, 0, gb);
+                gemm_at(K, R, F, w3 + e * e13, ld13, u, F, dx + r0 * K, K, 1, gb);
+            } else {
+                gemm(R, K, F, g, F, 1, w1 + e * e13, 1, ld13, dx + r0 * K, K, 0, KC, gb);
+                gemm(R, K, F, u, F, 1, w3 + e * e13, 1, ld13, dx + r0 * K, K, 1, KC, gb);
+            }
         }
         /* the implied barrier: every row's dgate, dup and hidden are written */
         #pragma omp for schedule(dynamic, 1)
