@@ -244,9 +244,14 @@ static void gemm(long m, long n, long k, const float *A, long ras, long cas, con
 {
     if (acc == STREAM && k > kcmax)
         acc = 0;
-    if (k == 0) {
-        if (acc != 1)
-            for (long i = 0; i < m; i++) memset(C + i * ldc, 0, (size_t)n * sizeof(float));
+    if (k == 0) { /* an idle expert's gradient: zeros, streamed like the others */
+        for (long i = 0; acc != 1 && i < m; i++) {
+            float *ci = C + i * ldc;
+            long j = 0;
+            if (acc == STREAM)
+                for (; j + VW <= n; j += VW) store_nt(ci + j, (vf){0});
+            memset(ci + j, 0, (size_t)(n - j) * sizeof(float));
+        }
         return;
     }
     int direct = cbs == 1 && n % NR == 0;
