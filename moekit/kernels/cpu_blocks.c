@@ -36,11 +36,18 @@ void moekit_silu_mul_grad_rows(const float *dh, const float *g, const float *u, 
 #define VW 4
 #endif
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
-#define MR 6        /* rows of C per micro-tile: 6 x 2 vector accumulators and 2 of B fit 16 registers */
+/* rows of C per micro-tile: MR x 2 vector accumulators, 2 of B and a broadcast of A fit the
+ * registers (AVX-512: 32, else 16); 12 rows halve the loads of B per multiply-add */
+#if VW == 16
+#define MR 12
+#else
+#define MR 6
+#endif
 #define NR (2 * VW) /* columns of C per micro-tile */
-#define KC 256      /* depth of one packed panel: MR x KC of A in L1, KC x NR of B in L1 */
+#define KC 256      /* depth of one packed panel: MR x KC of A in L1, KC x NC of B in L2 */
 #define KCW 512     /* the weight gradients' depth (their rows per expert) in one panel: each written once */
-#define MC 96       /* rows of A packed at once (MC x KC in L2) */
+#define MC 192      /* rows of A packed at once (MC x KC in L2; a multiple of MR) */
+#define NC 512      /* columns of B packed at once (KC x NC in L2; a multiple of NR) */
 #define ROWS 192    /* rows of one expert per task in the forward */
 #define BROWS 512   /* ... in the backward's row pass, whose tasks pack three transposed weights each */
 #define WROWS 128   /* rows of a weight gradient per task */
@@ -86,6 +93,21 @@ static inline void fence(void)
  * A transposed weight (rbs 1) is read along its rows, NR of them at once. */
 static void pack_b(const float *B, long rbs, long cbs, long kc, long n, float *bp)
 {
+    if (cbs == 1) { /* each row of B read once, front to back, into the strips' rows */
+        long whole = n / NR * NR;
+        for (long p = 0; p < kc; p++) {
+            const float *src = B + p * rbs;
+            for (long j0 = 0; j0 < whole; j0 += NR) {
+                float *dst = bp + j0 * kc + p * NR;
+                store(dst, load(src + j0));
+                store(dst + VW, load(src + j0 + VW));
+            }
+            float *dst = bp + whole * kc + p * NR; /* the last, partial strip */
+            for (long j = whole; j < n; j++) dst[j - whole] = src[j];
+            for (long j = n; whole < n && j < whole + NR; j++) dst[j - whole] = 0;
+        }
+        return;
+    }
     for (long j0 = 0; j0 < n; j0 += NR, bp += NR * kc) {
         long nr = n - j0 < NR ? n - j0 : NR;
         if (rbs == 1) { /* nr rows of B^T: each read along, a 64-byte line serving 16 p's */
@@ -118,20 +140,49 @@ static void pack_a(const float *A, long ras, long cas, long m, long kc, float *a
     }
 }
 
+/* The next operand's lines, fetched into L2 a few per micro-kernel iteration while this
+ * product runs, so that its packing or reading does not wait on memory (many small experts:
+ * each expert's weights are read from memory once per pass; benchmarks/moe_layer.py). */
+typedef struct {
+    const char *at;
+    long lines, share;
+} prefetch;
+
+static prefetch prefetch_over(const void *next, long bytes, long calls)
+{
+    long lines = next ? (bytes + 63) / 64 : 0;
+    return (prefetch){next, lines, calls ? (lines + calls - 1) / calls : 0};
+}
+
+/* this micro-kernel call's share of the lines: returns their count, *at the first */
+static inline long prefetch_take(prefetch *pf, const char **at)
+{
+    long n = pf->lines < pf->share ? pf->lines : pf->share;
+    *at = pf->at;
+    if (n) {
+        pf->at += 64 * n;
+        pf->lines -= n;
+    }
+    return n;
+}
+
 /* C[rows, nr] (row stride ldc) = (acc 1 ? C : 0) + a-strip @ b-strip over kc; b's rows ldb apart;
  * acc STREAM: C = the product, stored non-temporally.
  * Inlined with rows a constant (micro), so that a segment's last rows (32 = 5 x 6 + 2) cost
  * their own arithmetic, not a whole tile's. The B line 8 rows ahead is fetched early: a
  * strip's first tile reads B from memory (benchmarks/moe_layer.py, 64 experts). */
 static inline __attribute__((always_inline)) void micro_rows(const int rows, long kc, const float *a, const float *b,
-                                                             long ldb, float *c, long ldc, long nr, int acc)
+                                                             long ldb, float *c, long ldc, long nr, int acc,
+                                                             const char *pf, long pfn)
 {
+    long per = (pfn + kc - 1) / kc;
     vf c0[MR], c1[MR];
     for (int i = 0; i < rows; i++) c0[i] = c1[i] = (vf){0};
     for (long p = 0; p < kc; p++, a += MR, b += ldb) {
         vf b0 = load(b), b1 = load(b + VW);
         __builtin_prefetch(b + 8 * ldb, 0, 3);
-#pragma GCC unroll 6
+        for (long q = p * per; q < (p + 1) * per && q < pfn; q++) __builtin_prefetch(pf + 64 * q, 0, 2);
+#pragma GCC unroll 12
         for (int i = 0; i < rows; i++) {
             c0[i] += a[i] * b0;
             c1[i] += a[i] * b1;
@@ -161,23 +212,34 @@ static inline __attribute__((always_inline)) void micro_rows(const int rows, lon
     }
 }
 
-static void micro(long kc, const float *a, const float *b, long ldb, float *c, long ldc, long mr, long nr, int acc)
+static void micro(long kc, const float *a, const float *b, long ldb, float *c, long ldc, long mr, long nr, int acc,
+                  const char *pf, long pfn)
 {
     switch (mr) {
-    case 6: micro_rows(6, kc, a, b, ldb, c, ldc, nr, acc); break;
-    case 5: micro_rows(5, kc, a, b, ldb, c, ldc, nr, acc); break;
-    case 4: micro_rows(4, kc, a, b, ldb, c, ldc, nr, acc); break;
-    case 3: micro_rows(3, kc, a, b, ldb, c, ldc, nr, acc); break;
-    case 2: micro_rows(2, kc, a, b, ldb, c, ldc, nr, acc); break;
-    default: micro_rows(1, kc, a, b, ldb, c, ldc, nr, acc); break;
+#if MR > 6
+    case 12: micro_rows(12, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
+    case 11: micro_rows(11, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
+    case 10: micro_rows(10, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
+    case 9: micro_rows(9, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
+    case 8: micro_rows(8, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
+    case 7: micro_rows(7, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
+#endif
+    case 6: micro_rows(6, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
+    case 5: micro_rows(5, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
+    case 4: micro_rows(4, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
+    case 3: micro_rows(3, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
+    case 2: micro_rows(2, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
+    default: micro_rows(1, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
     }
 }
 
 /* C[rows, nr] as micro_rows, with A read in place (row i at a + i lda, unit stride along k)
  * and C stored transposed (C(i, j) at c[j ldc + i]): for a weight as A, never copied. */
 static inline __attribute__((always_inline)) void micro_at_rows(const int rows, long kc, const float *a, long lda,
-                                                                const float *b, float *c, long ldc, long nr, int acc)
+                                                                const float *b, float *c, long ldc, long nr, int acc,
+                                                                const char *pf, long pfn)
 {
+    long per = (pfn + kc - 1) / kc;
     vf c0[MR], c1[MR];
     const float *ar[MR];
     for (int i = 0; i < rows; i++) {
@@ -186,7 +248,8 @@ static inline __attribute__((always_inline)) void micro_at_rows(const int rows, 
     }
     for (long p = 0; p < kc; p++, b += NR) {
         vf b0 = load(b), b1 = load(b + VW);
-#pragma GCC unroll 6
+        for (long q = p * per; q < (p + 1) * per && q < pfn; q++) __builtin_prefetch(pf + 64 * q, 0, 2);
+#pragma GCC unroll 12
         for (int i = 0; i < rows; i++) {
             c0[i] += ar[i][p] * b0;
             c1[i] += ar[i][p] * b1;
@@ -200,15 +263,24 @@ static inline __attribute__((always_inline)) void micro_at_rows(const int rows, 
     }
 }
 
-static void micro_at(long kc, const float *a, long lda, const float *b, float *c, long ldc, long mr, long nr, int acc)
+static void micro_at(long kc, const float *a, long lda, const float *b, float *c, long ldc, long mr, long nr, int acc,
+                     const char *pf, long pfn)
 {
     switch (mr) {
-    case 6: micro_at_rows(6, kc, a, lda, b, c, ldc, nr, acc); break;
-    case 5: micro_at_rows(5, kc, a, lda, b, c, ldc, nr, acc); break;
-    case 4: micro_at_rows(4, kc, a, lda, b, c, ldc, nr, acc); break;
-    case 3: micro_at_rows(3, kc, a, lda, b, c, ldc, nr, acc); break;
-    case 2: micro_at_rows(2, kc, a, lda, b, c, ldc, nr, acc); break;
-    default: micro_at_rows(1, kc, a, lda, b, c, ldc, nr, acc); break;
+#if MR > 6
+    case 12: micro_at_rows(12, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
+    case 11: micro_at_rows(11, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
+    case 10: micro_at_rows(10, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
+    case 9: micro_at_rows(9, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
+    case 8: micro_at_rows(8, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
+    case 7: micro_at_rows(7, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
+#endif
+    case 6: micro_at_rows(6, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
+    case 5: micro_at_rows(5, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
+    case 4: micro_at_rows(4, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
+    case 3: micro_at_rows(3, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
+    case 2: micro_at_rows(2, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
+    default: micro_at_rows(1, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
     }
 }
 
@@ -219,28 +291,37 @@ static void micro_at(long kc, const float *a, long lda, const float *b, float *c
  * other form would copy its transpose into a packed panel. n up to AT_ROWS (Bt packed in
  * one KC x AT_ROWS panel: gemm_buffer(AT_ROWS, KC) floats of buf). */
 static void gemm_at(long m, long n, long k, const float *A, long lda, const float *Bt, long ldbt, float *C, long ldc,
-                    int acc, float *buf)
+                    int acc, float *buf, const void *next, long next_bytes)
 {
+    prefetch pf = prefetch_over(next, next_bytes, (k + KC - 1) / KC * ((m + MR - 1) / MR) * ((n + NR - 1) / NR));
+    const char *at;
     for (long p0 = 0; p0 < k; p0 += KC) {
         long kc = k - p0 < KC ? k - p0 : KC;
         pack_b(Bt + p0, 1, ldbt, kc, n, buf);
         for (long i0 = 0; i0 < m; i0 += MR)
-            for (long j0 = 0; j0 < n; j0 += NR)
+            for (long j0 = 0; j0 < n; j0 += NR) {
+                long pfn = prefetch_take(&pf, &at);
                 micro_at(kc, A + i0 * lda + p0, lda, buf + j0 * kc, C + j0 * ldc + i0, ldc, m - i0 < MR ? m - i0 : MR,
-                         n - j0 < NR ? n - j0 : NR, acc || p0 > 0);
+                         n - j0 < NR ? n - j0 : NR, acc || p0 > 0, at, pfn);
+            }
     }
 }
 
 /* Floats of gemm's buffer for products up to n columns wide and panels up to kc deep. */
-static long gemm_buffer(long n, long kc) { return kc * ((n + NR - 1) / NR * NR) + MC * kc; }
+static long gemm_buffer(long n, long kc)
+{
+    long nc = (n + NR - 1) / NR * NR;
+    return kc * (nc < NC ? nc : NC) + MC * kc;
+}
 
 /* One thread: C[m, n] (row stride ldc) = (acc ? C : 0) + A[m, k] @ B[k, n] (acc STREAM: C's
  * lines written non-temporally where k fits one panel, so that each is written once), with
  * A's element (i, p) at A[i ras + p cas] and B's (p, j) at B[p rbs + j cbs], in panels up to
- * kcmax deep; buf: gemm_buffer(n, kcmax) floats. B is read in place where its rows are whole
- * strips (cbs 1, n a multiple of NR), else packed. */
+ * kcmax deep; buf: gemm_buffer(n, kcmax) floats. B is packed NC columns at a time into
+ * contiguous strips, which the micro-kernel streams from L2 while A's strip stays in L1.
+ * next: the next product's operand (next_bytes from there), fetched meanwhile (or 0). */
 static void gemm(long m, long n, long k, const float *A, long ras, long cas, const float *B, long rbs, long cbs,
-                 float *C, long ldc, int acc, long kcmax, float *buf)
+                 float *C, long ldc, int acc, long kcmax, float *buf, const void *next, long next_bytes)
 {
     if (acc == STREAM && k > kcmax)
         acc = 0;
@@ -254,19 +335,28 @@ static void gemm(long m, long n, long k, const float *A, long ras, long cas, con
         }
         return;
     }
-    int direct = cbs == 1 && n % NR == 0;
-    float *bp = buf, *ap = buf + kcmax * ((n + NR - 1) / NR * NR);
+    long ncmax = (n + NR - 1) / NR * NR;
+    ncmax = ncmax < NC ? ncmax : NC;
+    float *bp = buf, *ap = buf + kcmax * ncmax;
+    /* the next operand's lines (pf), fetched into L2 a few per micro-kernel iteration */
+    prefetch pf = prefetch_over(next, next_bytes, (k + kcmax - 1) / kcmax * ((m + MR - 1) / MR) * ((n + NR - 1) / NR));
+    const char *at;
     for (long p0 = 0; p0 < k; p0 += kcmax) {
         long kc = k - p0 < kcmax ? k - p0 : kcmax;
-        if (!direct) pack_b(B + p0 * rbs, rbs, cbs, kc, n, bp);
+        int a0 = p0 > 0 ? 1 : acc;
         for (long m0 = 0; m0 < m; m0 += MC) {
             long mc = m - m0 < MC ? m - m0 : MC;
             pack_a(A + m0 * ras + p0 * cas, ras, cas, mc, kc, ap);
-            for (long j0 = 0; j0 < n; j0 += NR)
+            for (long n0 = 0; n0 < n; n0 += NC) {
+                long nc = n - n0 < NC ? n - n0 : NC;
+                pack_b(B + p0 * rbs + n0 * cbs, rbs, cbs, kc, nc, bp);
                 for (long i0 = 0; i0 < mc; i0 += MR)
-                    micro(kc, ap + i0 * kc, direct ? B + p0 * rbs + j0 : bp + j0 * kc, direct ? rbs : NR,
-                          C + (m0 + i0) * ldc + j0, ldc, mc - i0 < MR ? mc - i0 : MR, n - j0 < NR ? n - j0 : NR,
-                          p0 > 0 ? 1 : acc);
+                    for (long j0 = 0; j0 < nc; j0 += NR) {
+                        long pfn = prefetch_take(&pf, &at);
+                        micro(kc, ap + i0 * kc, bp + j0 * kc, NR, C + (m0 + i0) * ldc + n0 + j0, ldc,
+                              mc - i0 < MR ? mc - i0 : MR, nc - j0 < NR ? nc - j0 : NR, a0, at, pfn);
+                    }
+            }
         }
     }
 }
@@ -333,10 +423,16 @@ int moekit_swiglu_blocks(const float *x, long K, const long *counts, long E, con
             const float *xr = x + r0 * K;
             float *gate = gate_save ? gate_save + r0 * F : mine, *up = up_save ? up_save + r0 * F : mine + ROWS * F;
             float *hidden = mine + 2 * ROWS * F;
-            gemm(R, F, K, xr, K, 1, w1 + e * e13, ld13, 1, gate, F, 0, KC, gb);
-            gemm(R, F, K, xr, K, 1, w3 + e * e13, ld13, 1, up, F, 0, KC, gb);
+            /* each product fetches the next one's weight (the last, the next task's first) */
+            long next = t + nthreads < n_tasks ? tasks[t + nthreads].e : -1;
+            int whole13 = ld13 == F, whole2 = ld2 == N;
+            gemm(R, F, K, xr, K, 1, w1 + e * e13, ld13, 1, gate, F, 0, KC, gb, whole13 ? w3 + e * e13 : 0,
+                 K * F * sizeof(float));
+            gemm(R, F, K, xr, K, 1, w3 + e * e13, ld13, 1, up, F, 0, KC, gb, whole2 ? w2 + e * e2 : 0,
+                 F * N * sizeof(float));
             moekit_silu_mul_rows(gate, up, hidden, R * F);
-            gemm(R, N, F, hidden, F, 1, w2 + e * e2, ld2, 1, out + r0 * N, N, 0, KC, gb);
+            gemm(R, N, F, hidden, F, 1, w2 + e * e2, ld2, 1, out + r0 * N, N, 0, KC, gb,
+                 whole13 && next >= 0 && next != e ? w1 + next * e13 : 0, K * F * sizeof(float));
         }
     }
 done:
@@ -389,18 +485,23 @@ int moekit_swiglu_blocks_backward(const float *x, long K, const long *counts, lo
             long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a;
             float *h = hidden + r0 * F, *g = dg + r0 * F, *u = du + r0 * F;
             const float *gs = gate_save + r0 * F, *us = up_save + r0 * F;
+            /* each product fetches the next one's weight (the last, the next task's first) */
+            long next = t + nthreads < n_rows ? tasks[t + nthreads].e : -1;
+            const float *w1e = ld13 == F ? w1 + e * e13 : 0, *w3e = ld13 == F ? w3 + e * e13 : 0;
+            const float *w2n = ld2 == N && next >= 0 && next != e ? w2 + next * e2 : 0;
+            long b13 = K * F * sizeof(float), b2 = F * N * sizeof(float);
             if (R <= AT_ROWS) /* dh = dy @ w2^T, into dg */
-                gemm_at(F, R, N, w2 + e * e2, ld2, dy + r0 * N, N, g, F, 0, gb);
+                gemm_at(F, R, N, w2 + e * e2, ld2, dy + r0 * N, N, g, F, 0, gb, w1e, b13);
             else
-                gemm(R, F, N, dy + r0 * N, N, 1, w2 + e * e2, 1, ld2, g, F, 0, KC, gb);
+                gemm(R, F, N, dy + r0 * N, N, 1, w2 + e * e2, 1, ld2, g, F, 0, KC, gb, w1e, b13);
             moekit_silu_mul_rows(gs, us, h, R * F);
             moekit_silu_mul_grad_rows(g, gs, us, g, u, R * F);
             if (R <= AT_ROWS) { /* dx = dgate @ w1^T + dup @ w3^T */
-                gemm_at(K, R, F, w1 + e * e13, ld13, g, F, dx + r0 * K, K, 0, gb);
-                gemm_at(K, R, F, w3 + e * e13, ld13, u, F, dx + r0 * K, K, 1, gb);
+                gemm_at(K, R, F, w1 + e * e13, ld13, g, F, dx + r0 * K, K, 0, gb, w3e, b13);
+                gemm_at(K, R, F, w3 + e * e13, ld13, u, F, dx + r0 * K, K, 1, gb, w2n, b2);
             } else {
-                gemm(R, K, F, g, F, 1, w1 + e * e13, 1, ld13, dx + r0 * K, K, 0, KC, gb);
-                gemm(R, K, F, u, F, 1, w3 + e * e13, 1, ld13, dx + r0 * K, K, 1, KC, gb);
+                gemm(R, K, F, g, F, 1, w1 + e * e13, 1, ld13, dx + r0 * K, K, 0, KC, gb, w3e, b13);
+                gemm(R, K, F, u, F, 1, w3 + e * e13, 1, ld13, dx + r0 * K, K, 1, KC, gb, w2n, b2);
             }
         }
         /* the implied barrier: every row's dgate, dup and hidden are written */
@@ -408,10 +509,10 @@ int moekit_swiglu_blocks_backward(const float *x, long K, const long *counts, lo
         for (long t = 0; t < n_w; t++) {
             long e = wt[t].e, a = wt[t].a, m = wt[t].b - a, R = counts[e], r0 = start[e];
             if (wt[t].which == 2) { /* dw2[a:b] = hidden^T[a:b] @ dy, [F, N] */
-                gemm(m, N, R, hidden + r0 * F + a, 1, F, dy + r0 * N, N, 1, dw2 + e * F * N + a * N, N, STREAM, KCW, gb);
+                gemm(m, N, R, hidden + r0 * F + a, 1, F, dy + r0 * N, N, 1, dw2 + e * F * N + a * N, N, STREAM, KCW, gb, 0, 0);
             } else { /* dw1[a:b] = x^T[a:b] @ dgate (dw3: dup), [K, F] */
                 float *dw = (wt[t].which ? dw3 : dw1) + e * K * F + a * F;
-                gemm(m, F, R, x + r0 * K + a, 1, K, (wt[t].which ? du : dg) + r0 * F, F, 1, dw, F, STREAM, KCW, gb);
+                gemm(m, F, R, x + r0 * K + a, 1, K, (wt[t].which ? du : dg) + r0 * F, F, 1, dw, F, STREAM, KCW, gb, 0, 0);
             }
             fence();
         }

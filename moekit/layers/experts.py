@@ -62,6 +62,22 @@ def rows_aligned(x: torch.Tensor, *widths: int) -> bool:
     return all(w % align == 0 for w in widths)
 
 
+def padded_segments(tokens_per_expert: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's segment rounded up to a multiple of ``multiple`` rows: where each row of
+    the sorted rows goes in the padded layout, and the padded counts.
+
+    oneDNN, which runs bfloat16 and float16 matrix products on the CPU, builds a kernel for
+    every new shape (about 1 ms, where the product itself takes 0.06 ms): segment lengths that
+    change with every batch's routing would pay that on every product. Padded to a multiple of
+    64 the shapes repeat and the built kernels are reused (benchmarks/moe_vs_dense.py
+    --dtype bfloat16)."""
+    counts = tokens_per_expert.to(torch.int64)
+    padded = (counts + multiple - 1) // multiple * multiple
+    shift = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)
+    rows = torch.arange(int(counts.sum()), device=counts.device) + torch.repeat_interleave(shift, counts)
+    return rows, padded
+
+
 def _init_uniform(t: torch.Tensor, fan_in: int) -> None:
     bound = 1.0 / math.sqrt(fan_in)  # the default of nn.Linear
     nn.init.uniform_(t, -bound, bound)
@@ -109,8 +125,18 @@ class GroupedExperts(nn.Module):
 
     def run(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The computation of :meth:`forward` with the given (possibly cast) weights, along
-        the path :meth:`choose_path` picks."""
-        return self.run_path(self.choose_path(x, weights), x, tokens_per_expert, weights)
+        the path :meth:`choose_path` picks; on the CPU in bfloat16 or float16, on segments
+        padded with zero rows to a multiple of ``lowp_segment_rows`` (:func:`padded_segments`)."""
+        path = self.choose_path(x, weights)
+        multiple = threshold("lowp_segment_rows")
+        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or multiple <= 1:
+            return self.run_path(path, x, tokens_per_expert, weights)
+        rows, counts = padded_segments(tokens_per_expert, multiple)
+        padded = x.new_zeros(int(counts.sum()), x.shape[1]).index_copy(0, rows, x[: rows.numel()])
+        out = self.run_path(path, padded, counts, weights).index_select(0, rows)
+        if out.shape[0] < x.shape[0]:  # rows past the counts' sum: zero, as on every path
+            out = torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
+        return out
 
     def run_path(self, path: str, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                  weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -220,8 +246,8 @@ class SwiGLUExperts(GroupedExperts):
         - ``"kernel"``: up to ``kernel_max_rows`` rows per expert, weights the kernels read,
           where the row kernel has its AVX-512 loops; in training all three weights must want
           gradients (the kernel writes all three).
-        - ``"blocks"``: more rows (any, without AVX-512), up to ``blocks_max_rows`` per
-          expert, the same conditions:
+        - ``"blocks"``: more rows, up to ``blocks_max_rows_avx512`` per expert where the
+          AVX-512 loops are built (else ``blocks_max_rows``, any count), the same conditions:
           the blocked kernel, each expert's products on one thread.
         - else in training: ``"segments_op"`` from ``segments_training_min_rows``, else
           ``"grouped_op"`` where ``F.grouped_mm`` takes the rows.
@@ -240,9 +266,11 @@ class SwiGLUExperts(GroupedExperts):
         if self.use_grouped_mm is None and x.device.type == "cpu":
             rows, kernels_on = x.shape[0], kernels.for_tensors(x) is not None
             readable = kernels_on and kernels.swiglu_ok(*weights)
-            few = kernels.few_rows_vectorised() and rows <= threshold("kernel_max_rows") * self.num_experts
+            avx512 = kernels.few_rows_vectorised()
+            few = avx512 and rows <= threshold("kernel_max_rows") * self.num_experts
             kernel_ok = readable and few and self.d_out == self.d_model
-            blocks_ok = readable and not few and rows <= threshold("blocks_max_rows") * self.num_experts
+            most = threshold("blocks_max_rows_avx512" if avx512 else "blocks_max_rows")
+            blocks_ok = readable and not few and rows <= most * self.num_experts
             if self.needs_grad(x):
                 all_grads = all(w.requires_grad for w in weights)  # the kernels write all three
                 if kernel_ok and all_grads:

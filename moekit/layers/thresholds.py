@@ -27,7 +27,13 @@ THRESHOLDS: dict[str, Threshold] = {
     "blocks_max_rows": Threshold(
         1 << 40, "benchmarks/moe_layer.py",
         "from kernel_max_rows up to here moekit.kernels.swiglu_segments(blocked=True) runs the experts, "
-        "in inference and in training: each expert's products on one thread, the experts shared among threads"),
+        "in inference and in training: each expert's products on one thread, the experts shared among threads "
+        "(builds without AVX-512: the blocked kernel beats the BLAS paths at every row count measured)"),
+    "blocks_max_rows_avx512": Threshold(
+        128, "benchmarks/moe_layer.py",
+        "blocks_max_rows where the kernels' AVX-512 loops are built: above it, BLAS's AVX-512 products on "
+        "long segments beat the blocked kernel (8 experts d_ff 1792 at 256 rows per expert: 0.92x forward, "
+        "0.88x training)"),
     "loop_inference_min_rows": Threshold(
         32, "benchmarks/moe_layer.py",
         "inference from here: the segment loop (buffers reused, one segment's activation in cache); "
@@ -36,6 +42,10 @@ THRESHOLDS: dict[str, Threshold] = {
         256, "benchmarks/moe_layer.py",
         "training from here: the segment loop with its hand-written backward (ops.swiglu_segments); "
         "below it grouped_mm with the one-pass activation (ops.swiglu_grouped)"),
+    "lowp_segment_rows": Threshold(
+        64, "benchmarks/moe_vs_dense.py --dtype bfloat16",
+        "bfloat16/float16 experts on the CPU run on segments padded with zero rows to a multiple of this, "
+        "so that oneDNN reuses the kernel it built for a shape instead of building one per segment length"),
     # low-precision experts (moekit.layers.quantized), rows per product
     "lowp_kernel_max_rows": Threshold(
         16, "benchmarks/quantize.py",

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import moekit.layers.experts as experts_mod
 from moekit import MoE, MoEConfig
 from moekit.layers.dispatch import capacity_keep, expert_capacity, plan_dispatch
+from moekit.layers.experts import padded_segments
 from moekit.layers.thresholds import THRESHOLDS
 from moekit.ops.swiglu import _SwiGLUSegments
 from moekit.registry import router_names
@@ -138,6 +139,39 @@ def test_bfloat16_close_to_float32():
     assert rel < 2e-2
 
 
+def test_padded_segments_start_each_expert_on_a_multiple():
+    rows, counts = padded_segments(torch.tensor([3, 0, 64, 65, 1]), 64)
+    assert counts.tolist() == [64, 0, 64, 128, 64]
+    starts = [0, 64, 64, 128, 256]
+    want = [starts[e] + i for e, n in enumerate([3, 0, 64, 65, 1]) for i in range(n)]
+    assert rows.tolist() == want
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_bfloat16_training_on_padded_segments_matches_float32(capacity_factor, monkeypatch):
+    """bfloat16 experts on the CPU run on segments padded to a multiple of 64 rows (so that
+    oneDNN reuses its kernels): every product the experts make has a multiple of 64 rows,
+    and the output and gradients match float32 within bfloat16's precision."""
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2, capacity_factor=capacity_factor))
+    x = torch.randn(2, 50, 32)
+    y32 = layer(x).output
+    y32.square().sum().backward()
+    want = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    seen = []
+    real = experts_mod.GroupedExperts.run_path
+    monkeypatch.setattr(experts_mod.GroupedExperts, "run_path",
+                        lambda self, path, xs, tpe, w: seen.append(tpe.tolist()) or real(self, path, xs, tpe, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(x).output
+    y16.float().square().sum().backward()
+    assert seen and all(n % 64 == 0 for counts in seen for n in counts)
+    assert (y16.float() - y32).norm() / y32.norm() < 2e-2
+    for p, g in zip(layer.parameters(), want):
+        assert (p.grad - g).norm() / g.norm() < 5e-2
+
+
 def test_capacity_drops_lowest_weights_first():
     # expert 0 is chosen by four slots; capacity 2 keeps the two of highest weight
     experts = torch.tensor([0, 1, 0, 0, 2, 0])
@@ -206,7 +240,8 @@ def test_segment_backward_matches_reference(capacity_factor, monkeypatch):
     # the hand-written segment backward of the SwiGLU experts (large batches on CPU, where
     # the blocked kernel is off)
     monkeypatch.setitem(THRESHOLDS, "segments_training_min_rows", THRESHOLDS["segments_training_min_rows"]._replace(value=4))
-    monkeypatch.setitem(THRESHOLDS, "blocks_max_rows", THRESHOLDS["blocks_max_rows"]._replace(value=0))
+    for name in ("blocks_max_rows", "blocks_max_rows_avx512"):
+        monkeypatch.setitem(THRESHOLDS, name, THRESHOLDS[name]._replace(value=0))
     calls = []
     original = _SwiGLUSegments.backward
     monkeypatch.setattr(_SwiGLUSegments, "backward", staticmethod(lambda ctx, dy: calls.append(1) or original(ctx, dy)))
