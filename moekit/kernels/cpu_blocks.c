@@ -89,6 +89,34 @@ static inline void fence(void)
 #endif
 }
 
+/* r[0..VW) as the rows of a VW x VW block, transposed in place: at each step h the
+ * off-diagonal h x h blocks of every 2h x 2h block swap (log2 VW steps of shuffles). */
+#if defined(__clang__) /* no __builtin_shuffle: the scalar loop transposes */
+#define VEC_TRANSPOSE 0
+static inline void transpose(vf *r) { (void)r; }
+#else
+#define VEC_TRANSPOSE 1
+typedef int vi __attribute__((vector_size(VW * sizeof(int))));
+static inline __attribute__((always_inline)) void transpose(vf *r)
+{
+#pragma GCC unroll 4
+    for (int h = VW / 2; h >= 1; h /= 2) {
+        vi lo, hi;
+        for (int k = 0; k < VW; k++) {
+            lo[k] = k & h ? VW + k - h : k;
+            hi[k] = k & h ? VW + k : k + h;
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < VW; i++)
+            if (!(i & h)) {
+                vf a = r[i], b = r[i + h];
+                r[i] = __builtin_shuffle(a, b, lo);
+                r[i + h] = __builtin_shuffle(a, b, hi);
+            }
+    }
+}
+#endif
+
 /* B's KC x n panel as NR-column strips (zero-padded): element (p, j) of B at B[p rbs + j cbs].
  * A transposed weight (rbs 1) is read along its rows, NR of them at once. */
 static void pack_b(const float *B, long rbs, long cbs, long kc, long n, float *bp)
@@ -110,11 +138,17 @@ static void pack_b(const float *B, long rbs, long cbs, long kc, long n, float *b
     }
     for (long j0 = 0; j0 < n; j0 += NR, bp += NR * kc) {
         long nr = n - j0 < NR ? n - j0 : NR;
-        if (rbs == 1) { /* nr rows of B^T: each read along, a 64-byte line serving 16 p's */
-            const float *src[NR];
-            for (long j = 0; j < NR; j++) src[j] = B + (j0 + (j < nr ? j : 0)) * cbs;
-            for (long p = 0; p < kc; p++)
-                for (long j = 0; j < NR; j++) bp[p * NR + j] = j < nr ? src[j][p] : 0;
+        if (rbs == 1) { /* nr rows of B^T, each read along: VW x VW blocks transposed in registers */
+            long p = 0;
+            for (; VEC_TRANSPOSE && p + VW <= kc; p += VW)
+                for (long h = 0; h < NR; h += VW) {
+                    vf r[VW];
+                    for (long j = 0; j < VW; j++) r[j] = h + j < nr ? load(B + (j0 + h + j) * cbs + p) : (vf){0};
+                    transpose(r);
+                    for (long q = 0; q < VW; q++) store(bp + (p + q) * NR + h, r[q]);
+                }
+            for (; p < kc; p++)
+                for (long j = 0; j < NR; j++) bp[p * NR + j] = j < nr ? B[(j0 + j) * cbs + p] : 0;
             continue;
         }
         for (long p = 0; p < kc; p++) {
@@ -380,13 +414,16 @@ static long starts(const long *counts, long E, long *start)
     return most;
 }
 
-/* every non-empty segment cut into blocks of at most `rows` rows */
+/* every non-empty segment cut into equal blocks of at most `rows` rows (each block packs the
+ * expert's weights again: no short last block) */
 static long row_tasks(const long *counts, long E, long rows, task *t)
 {
     long n = 0;
-    for (long e = 0; e < E; e++)
-        for (long a = 0; a < counts[e]; a += rows)
-            t[n++] = (task){e, a, a + rows < counts[e] ? a + rows : counts[e], 0};
+    for (long e = 0; e < E; e++) {
+        long blocks = (counts[e] + rows - 1) / rows, size = blocks ? (counts[e] + blocks - 1) / blocks : 0;
+        for (long a = 0; a < counts[e]; a += size)
+            t[n++] = (task){e, a, a + size < counts[e] ? a + size : counts[e], 0};
+    }
     return n;
 }
 

@@ -30,10 +30,11 @@ THRESHOLDS: dict[str, Threshold] = {
         "in inference and in training: each expert's products on one thread, the experts shared among threads "
         "(builds without AVX-512: the blocked kernel beats the BLAS paths at every row count measured)"),
     "blocks_max_rows_avx512": Threshold(
-        128, "benchmarks/moe_layer.py",
-        "blocks_max_rows where the kernels' AVX-512 loops are built: above it, BLAS's AVX-512 products on "
-        "long segments beat the blocked kernel (8 experts d_ff 1792 at 256 rows per expert: 0.92x forward, "
-        "0.88x training)"),
+        512, "benchmarks/moe_layer.py",
+        "blocks_max_rows where the kernels' AVX-512 loops are built: above it BLAS's AVX-512 products on "
+        "long segments win on a quiet machine (8 experts d_ff 1792 at 1024 rows per expert: blocked "
+        "0.91x forward, 0.85x training); up to it the blocked kernel, also where it is 0.9x of BLAS quiet, "
+        "because BLAS's many parallel regions collapse beside busy processes (64 experts at 512 rows: 7x slower)"),
     "loop_inference_min_rows": Threshold(
         32, "benchmarks/moe_layer.py",
         "inference from here: the segment loop (buffers reused, one segment's activation in cache); "

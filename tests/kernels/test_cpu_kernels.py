@@ -332,8 +332,8 @@ def test_training_takes_the_row_kernel_up_to_eight_rows_per_expert_then_the_bloc
         moe.zero_grad()
         return got
 
-    # 2, 8, 10, 175 slots per expert; with AVX-512 BLAS takes 175 (blocks_max_rows_avx512)
-    for T, blocked in ((1, not avx512), (32, not avx512), (40, True), (700, None if avx512 else True)):
+    # 2, 8, 10, 525 slots per expert; with AVX-512 BLAS takes 525 (blocks_max_rows_avx512)
+    for T, blocked in ((1, not avx512), (32, not avx512), (40, True), (2100, None if avx512 else True)):
         fast = grads(T, None)
         assert calls == ([] if blocked is None else [blocked])
         calls.clear()
