@@ -289,12 +289,25 @@ static inline __attribute__((always_inline)) void micro_at_rows(const int rows, 
             c1[i] += ar[i][p] * b1;
         }
     }
+#if VEC_TRANSPOSE && MR <= VW /* C's rows are contiguous along i: VW x VW blocks transposed in registers */
+    for (int half = 0; half < 2; half++) {
+        vf r[VW];
+        for (int i = 0; i < VW; i++) r[i] = i < rows ? (half ? c1[i] : c0[i]) : (vf){0};
+        transpose(r);
+        for (long j = half * VW; j < nr && j < (half + 1) * VW; j++) {
+            float t[VW], *cj = c + j * ldc;
+            store(t, r[j - half * VW]);
+            for (int i = 0; i < rows; i++) cj[i] = acc ? cj[i] + t[i] : t[i];
+        }
+    }
+#else
     float t[NR];
     for (int i = 0; i < rows; i++) {
         store(t, c0[i]);
         store(t + VW, c1[i]);
         for (long j = 0; j < nr; j++) c[j * ldc + i] = acc ? c[j * ldc + i] + t[j] : t[j];
     }
+#endif
 }
 
 static void micro_at(long kc, const float *a, long lda, const float *b, float *c, long ldc, long mr, long nr, int acc,
