@@ -5,6 +5,7 @@ FLOPs, and transformers' MixtralSparseMoeBlock, all measured in the same run.
     python benchmarks/moe_layer.py --quick         # fewer repetitions
     python benchmarks/moe_layer.py --system-malloc # glibc's defaults: freed memory goes back to the OS
     python benchmarks/moe_layer.py --experts 64 --tokens 4096 --neighbours 1 2   # busy machine only
+    python benchmarks/moe_layer.py --tokens --neighbours --without-blocks 256 1024 4096  # blocked kernel on/off
 
 The last table runs moekit's fine-grained layer (64 experts top-8) and the dense FFN with
 0, 1 and 2 busy processes beside them (each a Python loop that keeps one core busy) and
@@ -46,6 +47,7 @@ from torch import nn
 
 from moekit import MoE, MoEConfig
 from moekit.layers.experts import FeedForward
+from moekit.layers.thresholds import THRESHOLDS
 
 CASES = [
     ("8 experts top-2, d_ff 1792", dict(num_experts=8, top_k=2, d_ff=1792)),
@@ -193,6 +195,9 @@ def main() -> None:
                         help="skip the slow reference path above this many tokens")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's allocator as it is (freed memory returned to the OS)")
+    parser.add_argument("--without-blocks", type=int, nargs="*", default=[],
+                        help="tokens of a table pairing moekit's paths with the paths it takes with the blocked "
+                             "kernel off (its thresholds at 0): what the blocked kernel brings")
     args = parser.parse_args()
     malloc = "system malloc" if args.system_malloc or not keep_freed_memory() else "freed memory kept"
     torch.manual_seed(0)
@@ -228,8 +233,46 @@ def main() -> None:
                     best = min(hf, key=lambda name: statistics.median(times[name]))
                     cells.append(f"{paired_ratio(times[best], times[FAST]):.2f}x {best.split()[1]}")
                 print(f"| {T} | {'fwd+bwd' if backward else 'fwd'} | {' | '.join(cells)} |", flush=True)
+    for case in tables if args.without_blocks else ():
+        without_blocks_table(case, args.without_blocks, 2 * budget)
     if args.neighbours:
         busy_table(CASES[-1], args.neighbour_tokens, args.neighbours, 4 * budget)
+
+
+def without_blocks(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the blocked kernel's thresholds at 0 for the call (the paths before it)."""
+    names = ("blocks_max_rows", "blocks_max_rows_avx512")
+
+    def run():
+        saved = {name: THRESHOLDS[name] for name in names}
+        THRESHOLDS.update({name: saved[name]._replace(value=0) for name in names})
+        try:
+            step()
+        finally:
+            THRESHOLDS.update(saved)
+
+    return run
+
+
+def without_blocks_table(case: tuple[str, dict], tokens: list[int], budget: float) -> None:
+    """moekit's layer against itself with the blocked kernel off, paired per round, next to
+    the dense FFN."""
+    title, fields = case
+    cfg = MoEConfig(d_model=D_MODEL, **fields)
+    dense, moe = FeedForward(D_MODEL, cfg.top_k * cfg.d_ff), MoE(cfg)
+    print(f"\n## {title}: with and without the blocked kernel")
+    print("| T | pass | dense FFN | moekit | moekit without the blocked kernel | with / without |")
+    print("|---|---|---|---|---|---|")
+    for T in tokens:
+        for backward in (False, True):
+            step = make_step(moe, T, backward)
+            times = interleaved_times({DENSE: make_step(dense, T, backward), "with": step,
+                                       "without": without_blocks(step)}, 3 * budget)
+            ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            print(f"| {T} | {'fwd+bwd' if backward else 'fwd'} | {ms[DENSE]:,.1f} ms | {ms['with']:,.1f} ms "
+                  f"({paired_ratio(times[DENSE], times['with']):.2f}x) | {ms['without']:,.1f} ms "
+                  f"({paired_ratio(times[DENSE], times['without']):.2f}x) | "
+                  f"{paired_ratio(times['without'], times['with']):.2f}x |", flush=True)
 
 
 def busy_table(case: tuple[str, dict], tokens: list[int], neighbours: list[int], budget: float) -> None:
