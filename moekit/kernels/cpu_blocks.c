@@ -200,11 +200,34 @@ static inline long prefetch_take(prefetch *pf, const char **at)
     return n;
 }
 
+/* f(rows, ...) with rows the constant equal to mr (1 to MR): each row count inlined with
+ * its own arithmetic, so that a segment's last rows (32 = 2 x 12 + 8) cost only their own */
+#if MR > 6
+#define ROWS_ABOVE_6(f, ...)                                                                                          \
+    case 12: f(12, __VA_ARGS__); break;                                                                              \
+    case 11: f(11, __VA_ARGS__); break;                                                                              \
+    case 10: f(10, __VA_ARGS__); break;                                                                              \
+    case 9: f(9, __VA_ARGS__); break;                                                                                \
+    case 8: f(8, __VA_ARGS__); break;                                                                                \
+    case 7: f(7, __VA_ARGS__); break;
+#else
+#define ROWS_ABOVE_6(f, ...)
+#endif
+#define BY_ROWS(mr, f, ...)                                                                                           \
+    switch (mr) {                                                                                                     \
+        ROWS_ABOVE_6(f, __VA_ARGS__)                                                                                  \
+    case 6: f(6, __VA_ARGS__); break;                                                                                \
+    case 5: f(5, __VA_ARGS__); break;                                                                                \
+    case 4: f(4, __VA_ARGS__); break;                                                                                \
+    case 3: f(3, __VA_ARGS__); break;                                                                                \
+    case 2: f(2, __VA_ARGS__); break;                                                                                \
+    default: f(1, __VA_ARGS__); break;                                                                               \
+    }
+
 /* C[rows, nr] (row stride ldc) = (acc 1 ? C : 0) + a-strip @ b-strip over kc; b's rows ldb apart;
- * acc STREAM: C = the product, stored non-temporally.
- * Inlined with rows a constant (micro), so that a segment's last rows (32 = 5 x 6 + 2) cost
- * their own arithmetic, not a whole tile's. The B line 8 rows ahead is fetched early: a
- * strip's first tile reads B from memory (benchmarks/moe_layer.py, 64 experts). */
+ * acc STREAM: C = the product, stored non-temporally; pf: pfn lines of the next operand to
+ * fetch (see prefetch). Inlined per row count (BY_ROWS). The B line 8 rows ahead is fetched
+ * early. */
 static inline __attribute__((always_inline)) void micro_rows(const int rows, long kc, const float *a, const float *b,
                                                              long ldb, float *c, long ldc, long nr, int acc,
                                                              const char *pf, long pfn)
@@ -249,22 +272,7 @@ static inline __attribute__((always_inline)) void micro_rows(const int rows, lon
 static void micro(long kc, const float *a, const float *b, long ldb, float *c, long ldc, long mr, long nr, int acc,
                   const char *pf, long pfn)
 {
-    switch (mr) {
-#if MR > 6
-    case 12: micro_rows(12, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-    case 11: micro_rows(11, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-    case 10: micro_rows(10, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-    case 9: micro_rows(9, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-    case 8: micro_rows(8, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-    case 7: micro_rows(7, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-#endif
-    case 6: micro_rows(6, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-    case 5: micro_rows(5, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-    case 4: micro_rows(4, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-    case 3: micro_rows(3, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-    case 2: micro_rows(2, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-    default: micro_rows(1, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn); break;
-    }
+    BY_ROWS(mr, micro_rows, kc, a, b, ldb, c, ldc, nr, acc, pf, pfn);
 }
 
 /* C[rows, nr] as micro_rows, with A read in place (row i at a + i lda, unit stride along k)
@@ -313,22 +321,7 @@ static inline __attribute__((always_inline)) void micro_at_rows(const int rows, 
 static void micro_at(long kc, const float *a, long lda, const float *b, float *c, long ldc, long mr, long nr, int acc,
                      const char *pf, long pfn)
 {
-    switch (mr) {
-#if MR > 6
-    case 12: micro_at_rows(12, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-    case 11: micro_at_rows(11, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-    case 10: micro_at_rows(10, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-    case 9: micro_at_rows(9, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-    case 8: micro_at_rows(8, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-    case 7: micro_at_rows(7, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-#endif
-    case 6: micro_at_rows(6, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-    case 5: micro_at_rows(5, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-    case 4: micro_at_rows(4, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-    case 3: micro_at_rows(3, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-    case 2: micro_at_rows(2, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-    default: micro_at_rows(1, kc, a, lda, b, c, ldc, nr, acc, pf, pfn); break;
-    }
+    BY_ROWS(mr, micro_at_rows, kc, a, lda, b, c, ldc, nr, acc, pf, pfn);
 }
 
 /* One thread: C^T[n, m] (row stride ldc) = (acc ? C^T : 0) + (A[m, k] @ Bt^T[k, n])^T, with

@@ -545,10 +545,14 @@ print("ok")
 
 @needs_lib
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="-mno-avx512f is an x86 flag")
-def test_the_build_without_avx_gives_the_same_numbers(tmp_path):
+@pytest.mark.parametrize("flags", ["-mno-avx512f -mno-avx", "-mno-avx512f"], ids=["sse", "avx2"])
+def test_the_build_without_avx_gives_the_same_numbers(tmp_path, flags):
     """The portable loops (the #else branches of cpu_gemv.c, cpu_blocks.c's micro-kernel on
-    4-lane vectors; cpu_rows.c has no others), built with AVX and AVX-512 turned off."""
-    done = run_with_flags(tmp_path, "-mno-avx512f -mno-avx", PORTABLE_CHECK)
+    4-lane vectors; cpu_rows.c has no others), built with AVX and AVX-512 turned off; and the
+    AVX2 build (8-lane micro-kernel of 6 rows, the AVX2 SiLU) where the CPU has AVX2."""
+    if flags == "-mno-avx512f" and "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX2")
+    done = run_with_flags(tmp_path, flags, PORTABLE_CHECK)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
