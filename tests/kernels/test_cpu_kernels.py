@@ -217,7 +217,8 @@ def _segment_reference(experts, x, counts):
 # 256), an expert over one task's 192 rows, hidden widths that are and are not whole strips
 SEGMENT_CASES = [(40, 56, [2, 0, 1, 5]), (33, 200, [1, 1, 3, 0, 5]), (512, 224, [2] * 6), (16, 16, [0, 0, 1]),
                  (300, 40, [250, 0, 7]), (64, 96, [100, 1, 0, 31]),
-                 (40, 600, [200, 0, 3])]  # wider than one packed block of B (512 columns)
+                 (40, 600, [200, 0, 3]),  # wider than one packed block of B (512 columns)
+                 (64, 1024, [20, 0, 3])]  # a small weight read in place, two 512-column blocks
 
 
 @needs_lib
