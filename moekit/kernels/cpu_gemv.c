@@ -22,7 +22,7 @@
 #include <immintrin.h>
 #endif
 
-long moekit_best_untaken(const float *v, long E, const long *taken, int n); /* cpu_rows.c */
+void moekit_topk_of(const float *v, long E, int k, long *ix); /* cpu_rows.c */
 
 /* Prefetch AHEAD rows ahead of the row being read; in column tiles, one prefetch per
  * PF_EVERY vectors (4 x 64 B; the hardware fetches the neighbouring lines). Tuned on the
@@ -639,10 +639,9 @@ int moekit_moe_token(const float *x, float *out, long K, const float *g, float e
     if (probs_out)
         for (long e = 0; e < E; e++) probs_out[e] = expf(logits[e] - top) / total;
     float chosen_total = 0.0f;
+    moekit_topk_of(logits, E, k, chosen);
     for (int i = 0; i < k; i++) {
-        long best = moekit_best_untaken(logits, E, chosen, i);
-        chosen[i] = best;
-        chosen_w[i] = expf(logits[best] - top);
+        chosen_w[i] = expf(logits[chosen[i]] - top);
         chosen_total += chosen_w[i];
     }
     for (int i = 0; i < k; i++) chosen_w[i] = chosen_w[i] / (renormalize ? chosen_total : total) * scale;

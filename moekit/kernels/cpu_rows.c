@@ -85,23 +85,10 @@ int moekit_combine_backward(const float *dout, const float *y, long d, const lon
     return 0;
 }
 
-/* The index of the largest v[e], e < E, that is not among taken[0..n) (ties: the lower index):
- * the i-th choice of a top-k router. Shared with moekit_moe_token (cpu_gemv.c). */
-long moekit_best_untaken(const float *v, long E, const long *taken, int n)
-{
-    long best = -1;
-    for (long e = 0; e < E; e++) {
-        int is_taken = 0;
-        for (int j = 0; j < n; j++) is_taken |= taken[j] == e;
-        if (!is_taken && (best < 0 || v[e] > v[best])) best = e;
-    }
-    return best;
-}
-
-/* ix[0..k) the k largest of v[0..E), largest first, ties to the lower index (the order of k
- * calls of moekit_best_untaken), in one pass: each value past the k-th best so far is
- * inserted in place. k <= E. */
-static void topk_of(const float *v, long E, int k, long *ix)
+/* ix[0..k) the k largest of v[0..E), largest first, ties to the lower index, in one pass:
+ * each value past the k-th best so far is inserted in place. k <= E. The choice of a top-k
+ * router; shared with moekit_moe_token (cpu_gemv.c). */
+void moekit_topk_of(const float *v, long E, int k, long *ix)
 {
     int n = 0;
     for (long e = 0; e < E; e++) {
@@ -130,7 +117,7 @@ int moekit_topk_softmax(const float *logits, long T, long E, int k, int renormal
         for (long e = 0; e < E; e++) top = l[e] > top ? l[e] : top;
         for (long e = 0; e < E; e++) total += (p[e] = expf(l[e] - top));
         for (long e = 0; e < E; e++) p[e] /= total;
-        topk_of(p, E, k, ix);
+        moekit_topk_of(p, E, k, ix);
         for (int i = 0; i < k; i++) chosen += p[ix[i]];
         for (int i = 0; i < k; i++) wt[i] = (renormalize ? p[ix[i]] / chosen : p[ix[i]]) * scale;
     }

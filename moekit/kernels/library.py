@@ -99,7 +99,8 @@ def load() -> ctypes.CDLL | None:
                 reason = f"compiled ({target})"
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 lib, reason = None, f"build failed, using torch ops: {exc}"
-        _built.update(lib=lib, reason=reason)
+        # asked once: the layer's path choice reads it on every call
+        _built.update(lib=lib, reason=reason, rows_simd=lib is not None and bool(lib.moekit_rows_simd()))
         return lib
 
 
@@ -118,8 +119,8 @@ def status() -> str:
 def few_rows_vectorised() -> bool:
     """Whether the built kernels' few-row products (the experts' row kernel) are the AVX-512
     loops; without them the experts take the blocked kernel at every row count."""
-    lib = load()
-    return lib is not None and bool(lib.moekit_rows_simd())
+    load()
+    return _built["rows_simd"]
 
 
 class enabled:
