@@ -123,7 +123,7 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self._holder()
+                holder = self._holder(settle_s=0.5)
                 if holder is not None and holder.get("host") == me["host"] and not _alive(holder.get("pid")):
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
@@ -136,12 +136,21 @@ class RunLock:
             return self
         raise ValueError(f"could not take {self.path}: another process keeps taking it")
 
-    def _holder(self) -> dict | None:
-        try:
-            data = json.loads(self.path.read_text("utf-8"))
-            return data if isinstance(data, dict) else None
-        except (OSError, ValueError):
-            return None
+    def _holder(self, settle_s: float = 0.0) -> dict | None:
+        """The lock's pid and host; ``None`` where it is unreadable. A writer creates the file
+        and then writes it: an empty or partial lock is read again for up to ``settle_s``
+        seconds, so that a writer caught in between is named, not called unknown."""
+        import time
+
+        deadline = time.monotonic() + settle_s
+        while True:
+            try:
+                data = json.loads(self.path.read_text("utf-8"))
+                return data if isinstance(data, dict) else None
+            except (OSError, ValueError):
+                if time.monotonic() >= deadline or not self.path.exists():
+                    return None
+                time.sleep(0.01)
 
     def release(self) -> None:
         if self.held:

@@ -75,3 +75,22 @@ def test_leftover_temporary_checkpoints_are_cleaned_at_the_next_start(run_dir):
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=7))
     train(config, run_dir, resume=True, log=lambda _: None)
     assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_a_lock_caught_between_its_creation_and_its_contents_names_its_writer(tmp_path):
+    """A writer creates the lock, then writes its pid: a second writer reading in between
+    waits for the contents and names the holder; a lock that stays empty is an unknown writer."""
+    import os
+    import threading
+
+    lock = tmp_path / LOCK_FILE
+    lock.touch()
+    writer = threading.Timer(0.1, lambda: lock.write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere"})))
+    writer.start()
+    with pytest.raises(ValueError, match=f"in use by process {os.getpid()} on elsewhere"):
+        RunLock(tmp_path).acquire()
+    writer.join()
+    lock.write_text("")
+    with pytest.raises(ValueError, match="in use by an unknown writer"):
+        RunLock(tmp_path).acquire()
+    assert lock.is_file()  # the refusal leaves the other writer's lock alone
