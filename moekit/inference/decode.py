@@ -39,6 +39,7 @@ from moekit import kernels
 from moekit.layers.dispatch import add_chosen_experts
 from moekit.layers.experts import SwiGLUExperts
 from moekit.layers.norm import RMSNorm
+from moekit.layers.quantized import QuantizedExperts, QuantizedLinear
 from moekit.layers.router import TopKRouter
 from moekit.layers.thresholds import threshold
 
@@ -48,6 +49,32 @@ def _norm_ok(norm) -> bool:
     RMSNorm on the CPU."""
     w = getattr(norm, "weight", None)
     return isinstance(norm, RMSNorm) and kernels.for_tensors(w) is not None and w.is_contiguous()
+
+
+def _lowp_parts(name: str, fmt: str, parts: dict, group_size: int, lead: tuple[int, ...] = ()):
+    """A quantised weight's parts (``moekit.layers.quantized``) as the kernels' checked
+    :class:`moekit.kernels.LowpWeights`."""
+    codes, scale = parts.get("w", parts.get("q")), parts.get("scale")
+    return kernels.lowp_weights(name, fmt, codes, scale, group_size, lead)
+
+
+def _lowp_attention(attn):
+    """``(w_qkv, b_qkv, w_o, b_o)`` for :class:`moekit.kernels.LowpAttentionStep` when all four
+    projections are quantised in one format and group (the q/k/v rows concatenated: a copy
+    for this generation), else ``None``."""
+    mods = [attn.wq, attn.wk, attn.wv, attn.wo]
+    if not all(isinstance(m, QuantizedLinear) for m in mods) or len({(m.format.name, m.group_size) for m in mods}) > 1:
+        return None
+    fmt, group = mods[0].format.name, mods[0].group_size
+    qkv = [m.parts() for m in mods[:3]]
+    joined = {part: torch.cat([p[part] for p in qkv]) for part in qkv[0]}
+    w_qkv = _lowp_parts("w_qkv", fmt, joined, group)
+    b_qkv = None
+    if any(m.bias is not None for m in mods[:3]):
+        b_qkv = torch.cat([m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_features)
+                           for m in mods[:3]])
+    b_o = None if attn.wo.bias is None else attn.wo.bias.detach()
+    return w_qkv, b_qkv, _lowp_parts("w_o", fmt, attn.wo.parts(), group), b_o
 
 
 class Decoder:
@@ -72,9 +99,15 @@ class Decoder:
         # one-row steps run their projections through moekit.kernels where it is built
         # (float32 on the CPU): each norm folded into the product that reads it, each
         # Mixtral-style MoE layer in one call
-        head = model.lm_head  # a quantised head (moekit.layers.quantized) is a module call
-        self.lib = (kernels.for_tensors(head.weight) if isinstance(head, nn.Linear) and kernels.rows_ok(head.weight)
-                    and _norm_ok(model.norm) else None)
+        self.lib = kernels.for_tensors(model.norm.weight) if _norm_ok(model.norm) else None
+        head = model.lm_head
+        # the head: a float32 product, a quantised one (moekit.layers.quantized) without bias,
+        # each with the final norm folded in; else a module call
+        self.head = None
+        if self.lib is not None and isinstance(head, nn.Linear) and kernels.rows_ok(head.weight):
+            self.head = "float"
+        elif self.lib is not None and isinstance(head, QuantizedLinear) and head.bias is None:
+            self.head = _lowp_parts("lm_head", head.format.name, head.parts(), head.group_size)
         self.layers = [self._plan(layer, block) for layer, block in enumerate(model.blocks)]
 
     def _plan(self, layer, block):
@@ -107,14 +140,28 @@ class Decoder:
                 norm = block.attn_norm
                 k_attn = kernels.AttentionStep(self.lib, norm.weight, norm.eps, w_qkv.t(), b_qkv, heads, k_cache,
                                                v_cache, w_o.t(), b_o)
-        if (self.lib is not None and moe and ffn.shared_experts is None and type(ffn.experts) is SwiGLUExperts
-                and not ffn.experts.adapters
-                and _norm_ok(block.ffn_norm)
+        elif (self.lib is not None and attn_weights is not None and _norm_ok(block.attn_norm)
+              and self.cache.k.shape[1] == 1 and self.cache.k.dtype == torch.float32):
+            lowp = _lowp_attention(attn)  # quantised projections, all in one format
+            if lowp is not None:
+                norm, (w_qkv, b_qkv, w_o, b_o) = block.attn_norm, lowp
+                k_attn = kernels.LowpAttentionStep(self.lib, norm.weight, norm.eps, w_qkv, b_qkv,
+                                                   (self.H, self.Hkv, self.hd), self.k_cache[layer][0],
+                                                   self.v_cache[layer][0], w_o, b_o)
+        lean_moe = (self.lib is not None and moe and ffn.shared_experts is None and _norm_ok(block.ffn_norm)
+                    and not getattr(ffn.experts, "adapters", None))
+        if (lean_moe and type(ffn.experts) is SwiGLUExperts
                 and kernels.moe_token_ok(block.ffn_norm.weight, ffn.router.gate.weight, ffn.router.gate.bias,
                                          *ffn.experts.weights())):
             norm, gate = block.ffn_norm, ffn.router.gate
             k_moe = kernels.MoETokenStep(self.lib, norm.weight, norm.eps, gate.weight, gate.bias, ffn.config.top_k,
                                          moe[2], moe[3], *ffn.experts.weights())
+        elif lean_moe and type(ffn.experts) is QuantizedExperts and ffn.experts.d_out == ffn.experts.d_model:
+            ex, norm, gate = ffn.experts, block.ffn_norm, ffn.router.gate
+            w1, w3, w2 = (_lowp_parts(name, ex.format.name, ex.parts(name), ex.group_size, lead=(ex.num_experts,))
+                          for name in ("w1", "w3", "w2"))
+            k_moe = kernels.LowpMoETokenStep(self.lib, norm.weight, norm.eps, gate.weight, gate.bias,
+                                             ffn.config.top_k, moe[2], moe[3], w1, w3, w2)
         return block, attn_weights, moe, k_attn, k_moe
 
     @torch.inference_mode()
@@ -169,12 +216,17 @@ class Decoder:
             else:
                 x = self._moe(x, h, block.ffn, moe, tokens)
         cache.advance(1)
-        if lib is None:
+        if lib is None or self.head is None:
             return model.lm_head(model.norm(x))
         head = model.lm_head
         logits = x.new_empty(1, head.out_features)
-        kernels.rows(lib, head.weight, x[0], logits[0], bias=head.bias, norm_weight=model.norm.weight,
-                     eps=model.norm.eps)
+        if self.head == "float":
+            kernels.rows(lib, head.weight, x[0], logits[0], bias=head.bias, norm_weight=model.norm.weight,
+                         eps=model.norm.eps)
+        else:
+            w = self.head
+            kernels.rows_lowp(lib, w.fmt, w.codes, w.scale, w.group_size, x, logits, norm_weight=model.norm.weight,
+                              eps=model.norm.eps)
         return logits
 
     def _attention(self, x, h, weights, rotation, layer, pos, mask):

@@ -603,26 +603,16 @@ int moekit_swiglu_segments_backward(const float *x, long K, const long *counts, 
     return 0;
 }
 
-/* One token through an MoE feed-forward with a softmax top-k router (Mixtral):
- * h = rmsnorm(x) * g (g NULL: h = x); logits = wr @ h + br; the k largest logits (ties: lower
- * index); weights = softmax over those k (renormalise) or their softmax probabilities over
- * all E, times scale; out += sum of weight * expert(h) (out may be x: the residual, in place).
- * Expert e's weights: w1 + e * e13 (and w3), [K, F] with row stride ld13; w2 + e * e2, [F, K]
- * with row stride ld2. The choice is written to chosen[k] and chosen_w[k]; where given, the
- * logits and the softmax over all E to logits_out[E] and probs_out[E], and counts_out[E] gets
- * 1 added for each chosen expert. Returns 0, or -1 when out of memory. */
-int moekit_moe_token(const float *x, float *out, long K, const float *g, float eps, const float *wr,
-                     const float *br, long E, int k, int renormalize, float scale, const float *w1,
-                     const float *w3, long e13, long ld13, long F, const float *w2, long e2, long ld2, long *chosen,
-                     float *chosen_w, float *logits_out, float *probs_out, long *counts_out, int nthreads)
+/* The softmax top-k router of one token (Mixtral): logits = wr @ h + br ([E, K] rows); the k
+ * largest logits (ties: lower index); weights = softmax over those k (renormalise) or their
+ * softmax probabilities over all E, times scale, written to chosen[k] and chosen_w[k]; where
+ * given, the logits and the softmax over all E to logits_out[E] and probs_out[E], and
+ * counts_out[E] gets 1 added for each chosen expert. logits: E floats of scratch. Shared by
+ * moekit_moe_token and cpu_lowp.c's moekit_moe_token_lowp. */
+void moekit_route_token(const float *h, long K, const float *wr, const float *br, long E, int k, int renormalize,
+                        float scale, float *logits, long *chosen, float *chosen_w, float *logits_out,
+                        float *probs_out, long *counts_out)
 {
-    float *h = malloc((K + E + 3 * F) * sizeof(float));
-    if (!h) return -1;
-    float *logits = h + K, *buf = h + K + E;
-    if (g)
-        rmsnorm(x, g, K, eps, h);
-    else
-        for (long i = 0; i < K; i++) h[i] = x[i];
     for (long e = 0; e < E; e++) {
         const float *w = wr + e * K;
         float s = 0.0f;
@@ -647,6 +637,33 @@ int moekit_moe_token(const float *x, float *out, long K, const float *g, float e
     for (int i = 0; i < k; i++) chosen_w[i] = chosen_w[i] / (renormalize ? chosen_total : total) * scale;
     if (counts_out)
         for (int i = 0; i < k; i++) counts_out[chosen[i]] += 1;
+}
+
+/* out[i] = x[i] / sqrt(mean(x^2) + eps) * g[i] (g NULL: a copy of x), for cpu_lowp.c */
+void moekit_rmsnorm(const float *x, const float *g, long n, float eps, float *out)
+{
+    if (g)
+        rmsnorm(x, g, n, eps, out);
+    else
+        for (long i = 0; i < n; i++) out[i] = x[i];
+}
+
+/* One token through an MoE feed-forward with a softmax top-k router (Mixtral):
+ * h = rmsnorm(x) * g (g NULL: h = x); the router as moekit_route_token's; out += sum of
+ * weight * expert(h) (out may be x: the residual, in place). Expert e's weights: w1 + e * e13
+ * (and w3), [K, F] with row stride ld13; w2 + e * e2, [F, K] with row stride ld2. Returns 0,
+ * or -1 when out of memory. */
+int moekit_moe_token(const float *x, float *out, long K, const float *g, float eps, const float *wr,
+                     const float *br, long E, int k, int renormalize, float scale, const float *w1,
+                     const float *w3, long e13, long ld13, long F, const float *w2, long e2, long ld2, long *chosen,
+                     float *chosen_w, float *logits_out, float *probs_out, long *counts_out, int nthreads)
+{
+    float *h = malloc((K + E + 3 * F) * sizeof(float));
+    if (!h) return -1;
+    float *logits = h + K, *buf = h + K + E;
+    moekit_rmsnorm(x, g, K, eps, h);
+    moekit_route_token(h, K, wr, br, E, k, renormalize, scale, logits, chosen, chosen_w, logits_out, probs_out,
+                       counts_out);
     for (int i = 0; i < k; i++)
         swiglu_add(h, K, w1 + chosen[i] * e13, w3 + chosen[i] * e13, ld13, F, w2 + chosen[i] * e2, ld2, K, out,
                    chosen_w[i], buf, nthreads);
@@ -665,24 +682,16 @@ static void rope(float *v, long hd, const float *cos, const float *sin)
     }
 }
 
-/* One token's self-attention (batch 1) added into the residual x[d], in place:
- * qkv = wqkv @ (rmsnorm(x) * g) + bqkv, [(H + 2 Hkv) hd] (wqkv rows contiguous, [n, d]);
- * q and k rotated by RoPE (cos, sin: [hd] of this position); k and v written at row `pos`
- * of the layer's caches kc, vc ([Hkv, rows, hd], head stride hs, row stride hd); each query
- * head attends to kv head h / (H / Hkv) over cache rows [start, pos] (softmax of q.k / sqrt(hd));
- * x += wo @ y + bo (wo: [d, H hd] with row stride ldo). Returns 0, or -1 when out of memory. */
-int moekit_attention_token(float *x, long d, const float *g, float eps, const float *wqkv, const float *bqkv,
-                           long H, long Hkv, long hd, const float *cos, const float *sin, float *kc, float *vc,
-                           long hs, long pos, long start, const float *wo, long ldo, const float *bo, int nthreads)
+/* The middle of one token's attention (batch 1), between its two products: q and k of
+ * qkv [(H + 2 Hkv) hd] rotated by RoPE (cos, sin: [hd] of this position); k and v written at
+ * row `pos` of the layer's caches kc, vc ([Hkv, rows, hd], head stride hs, row stride hd);
+ * each query head attends to kv head h / (H / Hkv) over cache rows [start, pos] (softmax of
+ * q.k / sqrt(hd)) into y [H hd]. scores: H (pos + 1 - start) floats of scratch. Shared by
+ * moekit_attention_token and cpu_lowp.c's moekit_attention_token_lowp. */
+void moekit_attend_token(float *qkv, float *y, float *scores, long H, long Hkv, long hd, const float *cos,
+                         const float *sin, float *kc, float *vc, long hs, long pos, long start, int nthreads)
 {
-    long n = (H + 2 * Hkv) * hd, L = pos + 1 - start;
-    float *qkv = malloc((n + H * hd + H * L) * sizeof(float));
-    if (!qkv) return -1;
-    float *y = qkv + n, *scores = y + H * hd;
-    if (moekit_rows(wqkv, n, d, d, x, g, eps, qkv, 1.0f, bqkv, NULL, nthreads) != 0) {
-        free(qkv);
-        return -1;
-    }
+    long L = pos + 1 - start;
     for (long h = 0; h < H + Hkv; h++) rope(qkv + h * hd, hd, cos, sin);
     for (long h = 0; h < Hkv; h++) {
         float *k = qkv + (H + h) * hd, *v = qkv + (H + Hkv + h) * hd;
@@ -711,6 +720,25 @@ int moekit_attention_token(float *x, long d, const float *g, float eps, const fl
             for (long i = 0; i < hd; i++) out[i] += p * v[i];
         }
     }
+}
+
+/* One token's self-attention (batch 1) added into the residual x[d], in place:
+ * qkv = wqkv @ (rmsnorm(x) * g) + bqkv, [(H + 2 Hkv) hd] (wqkv rows contiguous, [n, d]);
+ * the middle as moekit_attend_token's; x += wo @ y + bo (wo: [d, H hd] with row stride ldo).
+ * Returns 0, or -1 when out of memory. */
+int moekit_attention_token(float *x, long d, const float *g, float eps, const float *wqkv, const float *bqkv,
+                           long H, long Hkv, long hd, const float *cos, const float *sin, float *kc, float *vc,
+                           long hs, long pos, long start, const float *wo, long ldo, const float *bo, int nthreads)
+{
+    long n = (H + 2 * Hkv) * hd, L = pos + 1 - start;
+    float *qkv = malloc((n + H * hd + H * L) * sizeof(float));
+    if (!qkv) return -1;
+    float *y = qkv + n, *scores = y + H * hd;
+    if (moekit_rows(wqkv, n, d, d, x, g, eps, qkv, 1.0f, bqkv, NULL, nthreads) != 0) {
+        free(qkv);
+        return -1;
+    }
+    moekit_attend_token(qkv, y, scores, H, Hkv, hd, cos, sin, kc, vc, hs, pos, start, nthreads);
     moekit_rows(wo, d, H * hd, ldo, y, NULL, 0.0f, x, 1.0f, bo, x, nthreads); /* no norm: cannot fail */
     free(qkv);
     return 0;

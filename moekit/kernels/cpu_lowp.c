@@ -1,26 +1,42 @@
-/* moekit CPU kernels: products with low-precision weights (moekit.quant's formats).
+/* moekit CPU kernels: products with low-precision weights (moekit.quant's formats), and the
+ * one-token decode steps built on them.
  *
  * out[m, n] = alpha * sum_k W[n, k] x[m, k] (+ out[m, n] when accumulate), for the few rows x
  * of a decode step: each weight row is read once for all rows of x, so a step costs the
  * weights' bytes at memory speed, a half (bf16), a quarter (int8) or about an eighth (int4)
  * of float32's. bf16 weights are widened in registers and multiplied in float32; for int8 and
  * int4 each row of x is first quantised to int8 with one scale (llama.cpp's q8 activations)
- * and the products are integer dot products (AVX2 maddubs where built, else plain loops),
- * scaled back in float32:
+ * and the products are integer dot products, scaled back in float32:
  *   fmt 0, bf16: w uint16 [N, K] (bfloat16 bits);
  *   fmt 1, int8: w int8 [N, K], scale float [N]            (W = q * scale[n]);
  *   fmt 2, int4: w uint8 [N, K/2], scale float [N, K/G]   (W = (code - 8) * scale[n, g]),
  *     within each group of G weights byte j holds code j (low nibble) and code j + G/2
  *     (high nibble), so both halves multiply contiguous x (the layout of llama.cpp's q4_0).
- * bf16 takes four weight rows at a time (four independent sums hide the multiply-add
- * latency). Parallel over blocks of rows; at most 64 rows of x a call. Built with the other
- * kernels by moekit/kernels/library.py; moekit/quant/formats.py holds the torch reference.
+ * Integer dot products: AVX-512 VNNI (vpdpbusd: unsigned x signed bytes) where built, so
+ * int8 rows meet activations offset by 128 (the offset's share, 128 * sum w, taken off) and
+ * int4 codes (0..15, unsigned) meet the activations reordered once per vector to the order
+ * the codes unpack in (the -8 offset's share pre-summed per lane); else AVX2 maddubs, else
+ * plain loops. Four weight rows at a time share each load of x. Parallel over blocks of rows.
+ *
+ * Decode steps (batch 1, in place on the residual x): moekit_moe_token_lowp (norm, the
+ * float32 router, each chosen SwiGLU expert) and moekit_attention_token_lowp (norm, q/k/v,
+ * RoPE, cache, attention, output projection), the weights in one format; the router and the
+ * attention middle are cpu_gemv.c's. Built with the other kernels by moekit/kernels/library.py;
+ * moekit/ops/lowp.py holds the torch reference.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+
+void moekit_rmsnorm(const float *x, const float *g, long n, float eps, float *out);          /* cpu_gemv.c */
+void moekit_silu_mul_rows(const float *g, const float *u, float *out, long n);                 /* cpu_gemv.c */
+void moekit_route_token(const float *h, long K, const float *wr, const float *br, long E, int k, int renormalize,
+                        float scale, float *logits, long *chosen, float *chosen_w, float *logits_out,
+                        float *probs_out, long *counts_out);                                   /* cpu_gemv.c */
+void moekit_attend_token(float *qkv, float *y, float *scores, long H, long Hkv, long hd, const float *cos,
+                         const float *sin, float *kc, float *vc, long hs, long pos, long start, int nthreads);
 
 #define PARALLEL_MIN 65536 /* weights: below this one thread (a parallel region costs microseconds) */
 #define R 4                /* weight rows per block */
@@ -34,7 +50,7 @@ static inline float bf16_value(uint16_t h)
 }
 
 /* s[r] = dot(row r of the block, x) for the R rows starting at w (row stride K), r < rows */
-static void bf16_block(const uint16_t *w, long K, long rows, const float *x, float *s)
+__attribute__((unused)) static void bf16_block(const uint16_t *w, long K, long rows, const float *x, float *s)
 {
     const uint16_t *w0 = w, *w1 = w + (rows > 1) * K, *w2 = w + (rows > 2) * 2 * K, *w3 = w + (rows > 3) * 3 * K;
     float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
@@ -146,47 +162,353 @@ static float i4_dot(const uint8_t *q, const float *scale, const int8_t *xq, long
     return s;
 }
 
-int moekit_rows_lowp(int fmt, const void *w, const float *scale, long N, long K, long G, const float *x, long M,
-                     float *out, float alpha, int accumulate, int threads)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VNNI 1
+/* Four bf16 rows against float x: each 16 weights widened (zero-extend, shift into the high
+ * half) and multiplied in float32, the tail through masks. */
+static inline __m512 bf16_widen(const uint16_t *p, __mmask16 m)
 {
-    if (fmt < 0 || fmt > 2 || (fmt == 2 && (G <= 0 || G > 1024 || G % 2 || K % G)))
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static void bf16_block_avx512(const uint16_t *w, long K, long rows, const float *x, float *s)
+{
+    const uint16_t *w0 = w, *w1 = w + (rows > 1) * K, *w2 = w + (rows > 2) * 2 * K, *w3 = w + (rows > 3) * 3 * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (long k = 0; k < K; k += 16) {
+        __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        a0 = _mm512_fmadd_ps(bf16_widen(w0 + k, m), xv, a0);
+        a1 = _mm512_fmadd_ps(bf16_widen(w1 + k, m), xv, a1);
+        a2 = _mm512_fmadd_ps(bf16_widen(w2 + k, m), xv, a2);
+        a3 = _mm512_fmadd_ps(bf16_widen(w3 + k, m), xv, a3);
+    }
+    s[0] = _mm512_reduce_add_ps(a0), s[1] = _mm512_reduce_add_ps(a1);
+    s[2] = _mm512_reduce_add_ps(a2), s[3] = _mm512_reduce_add_ps(a3);
+}
+
+/* Four int8 rows against xu = xq + 128 (unsigned): dot(xq, w) = dot(xu, w) - 128 sum(w), both
+ * sums by vpdpbusd. Lanes stay below 2^31 for K <= VNNI_I8_MAX_K (int8_vnni). */
+#define VNNI_I8_MAX_K 65536
+static void i8_block_vnni(const int8_t *w, long K, long rows, const uint8_t *xu, int32_t *s)
+{
+    const int8_t *w0 = w, *w1 = w + (rows > 1) * K, *w2 = w + (rows > 2) * 2 * K, *w3 = w + (rows > 3) * 3 * K;
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+    for (long k = 0; k < K; k += 64) {
+        __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        __m512i xv = _mm512_maskz_loadu_epi8(m, xu + k);
+        __m512i v0 = _mm512_maskz_loadu_epi8(m, w0 + k), v1 = _mm512_maskz_loadu_epi8(m, w1 + k);
+        __m512i v2 = _mm512_maskz_loadu_epi8(m, w2 + k), v3 = _mm512_maskz_loadu_epi8(m, w3 + k);
+        a0 = _mm512_dpbusd_epi32(a0, xv, v0), c0 = _mm512_dpbusd_epi32(c0, c128, v0);
+        a1 = _mm512_dpbusd_epi32(a1, xv, v1), c1 = _mm512_dpbusd_epi32(c1, c128, v1);
+        a2 = _mm512_dpbusd_epi32(a2, xv, v2), c2 = _mm512_dpbusd_epi32(c2, c128, v2);
+        a3 = _mm512_dpbusd_epi32(a3, xv, v3), c3 = _mm512_dpbusd_epi32(c3, c128, v3);
+    }
+    s[0] = _mm512_reduce_add_epi32(_mm512_sub_epi32(a0, c0)), s[1] = _mm512_reduce_add_epi32(_mm512_sub_epi32(a1, c1));
+    s[2] = _mm512_reduce_add_epi32(_mm512_sub_epi32(a2, c2)), s[3] = _mm512_reduce_add_epi32(_mm512_sub_epi32(a3, c3));
+}
+
+/* Four int4 rows, 64 codes (32 bytes) a step: the bytes and their high nibbles side by side
+ * are 64 unsigned codes in the order x was reordered to (lowp_prepare); vpdpbusd starts from
+ * the lanes' -8 * sum(x) and each lane's sum is scaled by its group's scale in float. G32:
+ * groups of 32 (a step holds two, lanes 0-3 and 8-11 the first), else G a multiple of 64. */
+static inline __m512 i4_scales(const float *sc, long c, long G, int g32)
+{
+    if (g32) {
+        const __m512i pat = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+        return _mm512_permutexvar_ps(pat, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(sc + 2 * c)))));
+    }
+    return _mm512_set1_ps(sc[c * 64 / G]);
+}
+static inline __m512i i4_codes(const uint8_t *p)
+{
+    __m256i b = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1),
+                            _mm512_set1_epi8(15));
+}
+static inline void i4_block_vnni_g(const uint8_t *w, const float *scale, long K, long G, long rows, const int8_t *xp,
+                                   const int32_t *bias, float *s, int g32)
+{
+    long half = K / 2, ns = K / G;
+    const uint8_t *w0 = w, *w1 = w + (rows > 1) * half, *w2 = w + (rows > 2) * 2 * half, *w3 = w + (rows > 3) * 3 * half;
+    const float *s0 = scale, *s1 = scale + (rows > 1) * ns, *s2 = scale + (rows > 2) * 2 * ns, *s3 = scale + (rows > 3) * 3 * ns;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (long c = 0; c < K / 64; c++) {
+        __m512i xv = _mm512_loadu_si512(xp + 64 * c), bv = _mm512_loadu_si512(bias + 16 * c);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bv, i4_codes(w0 + 32 * c), xv)), i4_scales(s0, c, G, g32), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bv, i4_codes(w1 + 32 * c), xv)), i4_scales(s1, c, G, g32), a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bv, i4_codes(w2 + 32 * c), xv)), i4_scales(s2, c, G, g32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bv, i4_codes(w3 + 32 * c), xv)), i4_scales(s3, c, G, g32), a3);
+    }
+    s[0] = _mm512_reduce_add_ps(a0), s[1] = _mm512_reduce_add_ps(a1);
+    s[2] = _mm512_reduce_add_ps(a2), s[3] = _mm512_reduce_add_ps(a3);
+}
+static void i4_block_vnni(const uint8_t *w, const float *scale, long K, long G, long rows, const int8_t *xp,
+                          const int32_t *bias, float *s)
+{
+    if (G == 32)
+        i4_block_vnni_g(w, scale, K, G, rows, xp, bias, s, 1);
+    else
+        i4_block_vnni_g(w, scale, K, G, rows, xp, bias, s, 0);
+}
+#else
+#define VNNI 0
+#endif
+
+/* A weight matrix in format fmt: rows of K weights (scale and G as moekit_rows_lowp's). */
+typedef struct {
+    int fmt;
+    const void *w;
+    const float *scale;
+    long K, G;
+} lowp_mat;
+
+/* A vector prepared for products with one matrix's rows: x (bf16), or its int8 rounding q
+ * with scale sx (for the VNNI paths offset to unsigned (int8), or reordered with the lanes'
+ * -8 * sums in bias (int4)). */
+typedef struct {
+    const float *x;
+    int8_t *q;
+    int32_t *bias;
+    float sx;
+    int vnni;
+} lowp_vec;
+
+#if VNNI
+static int int8_vnni(long K) { return K <= VNNI_I8_MAX_K; }
+#else
+static int int8_vnni(long K) { return 0 * K; }
+#endif
+static int int4_vnni(long K, long G) { return VNNI && K % 64 == 0 && (G == 32 || G % 64 == 0); }
+
+/* The bytes lowp_prepare needs beside the vector: q (K), bias (K / 4 int32s) aligned to 64 */
+static long prep_bytes(long K) { return K + 4 * (K / 4 + 1) + 64; }
+
+/* v prepared from x for the rows of W; buf: prep_bytes(W->K) bytes */
+static void lowp_prepare(const lowp_mat *W, const float *x, lowp_vec *v, char *buf)
+{
+    long K = W->K, G = W->G;
+    v->x = x, v->vnni = 0, v->q = (int8_t *)buf, v->bias = (int32_t *)(((uintptr_t)buf + K + 63) & ~(uintptr_t)63);
+    if (W->fmt == 0)
+        return;
+    if (W->fmt == 1 || !int4_vnni(K, G)) {
+        v->sx = quantize_row(x, K, v->q);
+        if (W->fmt == 1 && int8_vnni(K)) {
+            for (long k = 0; k < K; k++) v->q[k] = (int8_t)(uint8_t)(v->q[k] + 128);
+            v->vnni = 1;
+        }
+        return;
+    }
+    /* int4 on VNNI: step c's 64 unpacked codes are the low then the high nibbles of packed
+     * bytes 32c..32c+31; byte B holds codes j and j + G/2 of group B / (G/2), j = B % (G/2) */
+    float amax = 0.0f;
+    for (long k = 0; k < K; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+    float sx = amax > 0.0f ? amax / 127.0f : 1.0f;
+    long half = G / 2;
+    for (long B = 0; B < K / 2; B++) {
+        long c = B / 32, j = B % 32, at = (B / half) * G + B % half;
+        v->q[64 * c + j] = (int8_t)lrintf(x[at] / sx);
+        v->q[64 * c + 32 + j] = (int8_t)lrintf(x[at + half] / sx);
+    }
+    for (long l = 0; l < K / 4; l++)
+        v->bias[l] = -8 * (v->q[4 * l] + v->q[4 * l + 1] + v->q[4 * l + 2] + v->q[4 * l + 3]);
+    v->sx = sx, v->vnni = 1;
+}
+
+/* s[r] = dot(row n + r of W, v) for r < rows (at most R) */
+static void lowp_block(const lowp_mat *W, const lowp_vec *v, long n, long rows, float *s)
+{
+    long K = W->K, G = W->G;
+    if (W->fmt == 0) {
+        const uint16_t *w = (const uint16_t *)W->w + n * K;
+#if VNNI
+        bf16_block_avx512(w, K, rows, v->x, s);
+#else
+        bf16_block(w, K, rows, v->x, s);
+#endif
+    } else if (W->fmt == 1) {
+        const int8_t *w = (const int8_t *)W->w + n * K;
+#if VNNI
+        if (v->vnni) {
+            int32_t t[R];
+            i8_block_vnni(w, K, rows, (const uint8_t *)v->q, t);
+            for (long r = 0; r < rows; r++) s[r] = (float)t[r] * W->scale[n + r] * v->sx;
+            return;
+        }
+#endif
+        for (long r = 0; r < rows; r++) s[r] = (float)i8_dot(w + r * K, v->q, K) * W->scale[n + r] * v->sx;
+    } else {
+        const uint8_t *w = (const uint8_t *)W->w + n * (K / 2);
+        const float *sc = W->scale + n * (K / G);
+#if VNNI
+        if (v->vnni) {
+            i4_block_vnni(w, sc, K, G, rows, v->q, v->bias, s);
+            for (long r = 0; r < rows; r++) s[r] *= v->sx;
+            return;
+        }
+#endif
+        for (long r = 0; r < rows; r++) s[r] = i4_dot(w + r * (K / 2), sc + r * (K / G), v->q, K, G) * v->sx;
+    }
+}
+
+/* y[n] = alpha * dot(row n of W, v) + bias[n] (+ y[n] when accumulate) for n0 <= n < n1: one thread's share */
+static void lowp_dots(const lowp_mat *W, const lowp_vec *v, long n0, long n1, float *y, float alpha, int accumulate,
+                      const float *bias)
+{
+    for (long n = n0; n < n1; n += R) {
+        long rows = n1 - n < R ? n1 - n : R;
+        float s[R];
+        lowp_block(W, v, n, rows, s);
+        for (long r = 0; r < rows; r++) {
+            float t = alpha * s[r] + (bias ? bias[n + r] : 0.0f);
+            y[n + r] = accumulate ? y[n + r] + t : t;
+        }
+    }
+}
+
+/* [a, b): this thread's share of n rows, in blocks of 16 */
+static void share16(long n, long *a, long *b)
+{
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    long blocks = (n + 15) / 16;
+    *a = blocks * t / T * 16, *b = blocks * (t + 1) / T * 16;
+    *a = *a > n ? n : *a, *b = *b > n ? n : *b;
+}
+
+static int format_ok(int fmt, long K, long G)
+{
+    return fmt >= 0 && fmt <= 2 && K > 0 && (fmt != 2 || (G > 0 && G <= 1024 && G % 2 == 0 && K % G == 0));
+}
+
+/* out[m] = alpha * W @ v_m (+ out[m] when accumulate) for m < M (at most 64), v_m = x[m], or
+ * rmsnorm(x[m]) * g when g is given. Returns 0, 1 when out of memory, 2 for a bad format. */
+int moekit_rows_lowp(int fmt, const void *w, const float *scale, long N, long K, long G, const float *x, long M,
+                     float *out, float alpha, int accumulate, const float *g, float eps, int threads)
+{
+    if (!format_ok(fmt, K, G) || M < 1 || M > 64)
         return 2;
-    int8_t *xq = NULL;
-    float sx[64];
-    if (fmt > 0) { /* int8 and int4 multiply integers: the rows of x quantised once here */
-        if (M > 64 || !(xq = malloc((size_t)(M * K))))
-            return 1;
-        for (long m = 0; m < M; m++)
-            sx[m] = quantize_row(x + m * K, K, xq + m * K);
+    lowp_mat W = {fmt, w, scale, K, G};
+    long pb = prep_bytes(K);
+    char *buf = malloc(M * pb + (g ? M * K * sizeof(float) : 0));
+    if (!buf)
+        return 1;
+    lowp_vec v[64];
+    float *normed = (float *)(buf + M * pb);
+    for (long m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        if (g) {
+            moekit_rmsnorm(xm, g, K, eps, normed + m * K);
+            xm = normed + m * K;
+        }
+        lowp_prepare(&W, xm, &v[m], buf + m * pb);
     }
     long blocks = (N + R - 1) / R;
 #pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= PARALLEL_MIN)
     for (long blk = 0; blk < blocks; blk++) {
-        long n = blk * R, rows = N - n < R ? N - n : R;
-        for (long m = 0; m < M; m++) {
-            float s[R];
-            if (fmt == 0)
-                bf16_block((const uint16_t *)w + n * K, K, rows, x + m * K, s);
-            else if (fmt == 1)
-                for (long r = 0; r < rows; r++)
-                    s[r] = (float)i8_dot((const int8_t *)w + (n + r) * K, xq + m * K, K) * scale[n + r] * sx[m];
-            else
-                for (long r = 0; r < rows; r++)
-                    s[r] = i4_dot((const uint8_t *)w + (n + r) * (K / 2), scale + (n + r) * (K / G), xq + m * K, K, G)
-                           * sx[m];
-            float *o = out + m * N + n;
-            for (long r = 0; r < rows; r++)
-                o[r] = accumulate ? o[r] + alpha * s[r] : alpha * s[r];
-        }
+        long n = blk * R, n1 = N - n < R ? N : n + R;
+        for (long m = 0; m < M; m++)
+            lowp_dots(&W, &v[m], n, n1, out + m * N, alpha, accumulate, NULL);
     }
-    free(xq);
+    free(buf);
     return 0;
 }
 
-/* Which integer dot products this build has: 1 AVX2 maddubs, 0 the plain C loops (kernels.status() says). */
+/* One token through an MoE feed-forward with the softmax top-k router, its experts in format
+ * fmt (group G), in place: h = rmsnorm(x) * g (g NULL: h = x); the router (float32 wr [E, K],
+ * br) as moekit_route_token's, its choice written to chosen[k] and chosen_w[k]; x += sum of
+ * weight * w2_e @ (silu(w1_e @ h) * (w3_e @ h)). Expert e's rows: w1, w3 [E, F, K] and
+ * w2 [E, K, F] (nn.Linear's [out, in] per expert) with their scales s1, s3 ([E, F] for int8,
+ * [E, F, K/G] for int4) and s2. Returns 0, 1 when out of memory, 2 for a bad format. */
+int moekit_moe_token_lowp(int fmt, long G, float *x, long K, const float *g, float eps, const float *wr,
+                          const float *br, long E, int k, int renormalize, float scale, const void *q1,
+                          const float *s1, const void *q3, const float *s3, const void *q2, const float *s2, long F,
+                          long *chosen, float *chosen_w, int threads)
+{
+    if (!format_ok(fmt, K, G) || !format_ok(fmt, F, G) || k < 1 || k > E)
+        return 2;
+    long pK = prep_bytes(K), pF = prep_bytes(F);
+    char *buf = malloc((K + E + 3 * F * k) * sizeof(float) + pK + k * pF);
+    if (!buf)
+        return 1;
+    float *h = (float *)buf, *logits = h + K, *act = logits + E;
+    char *prep_h = buf + (K + E + 3 * F * k) * sizeof(float), *prep_hidden = prep_h + pK;
+    moekit_rmsnorm(x, g, K, eps, h);
+    moekit_route_token(h, K, wr, br, E, k, renormalize, scale, logits, chosen, chosen_w, NULL, NULL, NULL);
+    double bytes_w = fmt == 0 ? 2.0 : fmt == 1 ? 1.0 : 0.5;
+    long b1 = (long)(F * K * bytes_w), b2 = (long)(K * F * bytes_w); /* one expert's codes of w1 (w3), w2 */
+    long n1 = fmt == 1 ? F : fmt == 2 ? F * (K / G) : 0, n2 = fmt == 1 ? K : fmt == 2 ? K * (F / G) : 0;
+    lowp_mat W1 = {fmt, q1, s1, K, G};
+    lowp_vec vh, vhid[64];
+    lowp_prepare(&W1, h, &vh, prep_h); /* w1 and w3 read the same h */
+#pragma omp parallel num_threads(threads) if (F * K >= PARALLEL_MIN)
+    for (int i = 0; i < k; i++) {
+        long e = chosen[i], a, b;
+        float *gate = act + 3 * F * i, *up = gate + F, *hidden = up + F;
+        lowp_mat w1 = {fmt, (const char *)q1 + e * b1, s1 ? s1 + e * n1 : NULL, K, G};
+        lowp_mat w3 = {fmt, (const char *)q3 + e * b1, s3 ? s3 + e * n1 : NULL, K, G};
+        lowp_mat w2 = {fmt, (const char *)q2 + e * b2, s2 ? s2 + e * n2 : NULL, F, G};
+        share16(F, &a, &b);
+        if (b > a) {
+            lowp_dots(&w1, &vh, a, b, gate, 1.0f, 0, NULL);
+            lowp_dots(&w3, &vh, a, b, up, 1.0f, 0, NULL);
+            moekit_silu_mul_rows(gate + a, up + a, hidden + a, b - a);
+        }
+#pragma omp barrier
+#pragma omp single
+        lowp_prepare(&w2, hidden, &vhid[i], prep_hidden + i * pF);
+        share16(K, &a, &b); /* the same rows of x for every expert: no two threads write one */
+        lowp_dots(&w2, &vhid[i], a, b, x, chosen_w[i], 1, NULL);
+    }
+    free(buf);
+    return 0;
+}
+
+/* One token's self-attention (batch 1) added into the residual x[d], in place, its
+ * projections in format fmt (group G): qkv = Wqkv @ (rmsnorm(x) * g) + bqkv (Wqkv: rows
+ * [(H + 2 Hkv) hd, d] as qkv_w, qkv_s); the middle as moekit_attend_token's; x += Wo @ y + bo
+ * (Wo: rows [d, H hd] as wo_w, wo_s). Returns 0, 1 when out of memory, 2 for a bad format. */
+int moekit_attention_token_lowp(int fmt, long G, float *x, long d, const float *g, float eps, const void *qkv_w,
+                                const float *qkv_s, const float *bqkv, long H, long Hkv, long hd, const float *cos,
+                                const float *sin, float *kc, float *vc, long hs, long pos, long start,
+                                const void *wo_w, const float *wo_s, const float *bo, int threads)
+{
+    long n = (H + 2 * Hkv) * hd, L = pos + 1 - start, p1 = prep_bytes(d), p2 = prep_bytes(H * hd);
+    if (!format_ok(fmt, d, G) || !format_ok(fmt, H * hd, G))
+        return 2;
+    char *buf = malloc((d + n + H * hd + H * L) * sizeof(float) + p1 + p2);
+    if (!buf)
+        return 1;
+    float *h = (float *)buf, *qkv = h + d, *y = qkv + n, *scores = y + H * hd;
+    char *prep1 = (char *)(scores + H * L), *prep2 = prep1 + p1;
+    lowp_mat Wqkv = {fmt, qkv_w, qkv_s, d, G}, Wo = {fmt, wo_w, wo_s, H * hd, G};
+    lowp_vec vh, vy;
+    moekit_rmsnorm(x, g, d, eps, h);
+    lowp_prepare(&Wqkv, h, &vh, prep1);
+#pragma omp parallel num_threads(threads) if (n * d >= PARALLEL_MIN)
+    {
+        long a, b;
+        share16(n, &a, &b);
+        lowp_dots(&Wqkv, &vh, a, b, qkv, 1.0f, 0, bqkv);
+    }
+    moekit_attend_token(qkv, y, scores, H, Hkv, hd, cos, sin, kc, vc, hs, pos, start, threads);
+    lowp_prepare(&Wo, y, &vy, prep2);
+#pragma omp parallel num_threads(threads) if (d * H * hd >= PARALLEL_MIN)
+    {
+        long a, b;
+        share16(d, &a, &b);
+        lowp_dots(&Wo, &vy, a, b, x, 1.0f, 1, bo);
+    }
+    free(buf);
+    return 0;
+}
+
+/* Which integer dot products this build has: 2 AVX-512 VNNI, 1 AVX2 maddubs, 0 the plain C
+ * loops (kernels.status() says). */
 int moekit_lowp_simd(void)
 {
-#if defined(__AVX2__)
+#if VNNI
+    return 2;
+#elif defined(__AVX2__)
     return 1;
 #else
     return 0;

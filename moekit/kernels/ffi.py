@@ -22,7 +22,9 @@ SIGNATURES: dict[str, tuple[list, type | None]] = {
     "moekit_topk_softmax_backward": ([P, P, P, P, P, L, L, I, I, F, P, I], I),
     "moekit_gather_rows": ([P, L, P, P, L, L, P, I], I),
     "moekit_combine_backward": ([P, P, L, P, P, L, P, P, I], I),
-    "moekit_rows_lowp": ([I, P, P, L, L, L, P, L, P, F, I, I], I),
+    "moekit_rows_lowp": ([I, P, P, L, L, L, P, L, P, F, I, P, F, I], I),
+    "moekit_moe_token_lowp": ([I, L, P, L, P, F, P, P, L, I, I, F, P, P, P, P, P, P, L, P, P, I], I),
+    "moekit_attention_token_lowp": ([I, L, P, L, P, F, P, P, P, L, L, L, P, P, P, P, L, L, L, P, P, P, I], I),
     "moekit_lowp_simd": ([], I),
     "moekit_rows_simd": ([], I),
 }
@@ -37,6 +39,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def check_rc(rc: int | None, name: str) -> None:
-    """Raise for a C function's non-zero return code (every one means a failed allocation)."""
+    """Raise for a C function's non-zero return code: 2 (the low-precision kernels) an
+    argument the wrappers should have refused, any other a failed allocation."""
+    if rc == 2:
+        raise ValueError(f"{name} refused its arguments (a weight format or shape it does not take)")
     if rc:
         raise MemoryError(f"{name} could not allocate its buffers (return code {rc})")

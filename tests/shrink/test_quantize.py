@@ -94,7 +94,7 @@ def test_the_kernel_refuses_what_it_cannot_read():
         kernels.rows_lowp(lib, "int4", parts["q"], parts["scale"], 48, torch.randn(1, 64), out)
     with pytest.raises(ValueError, match="x must have shape"):
         kernels.rows_lowp(lib, "int4", parts["q"], parts["scale"], 32, torch.randn(1, 63), out)
-    with pytest.raises(ValueError, match="int8 weights must be"):
+    with pytest.raises(ValueError, match="int8 codes must be a contiguous"):
         kernels.rows_lowp(lib, "int8", parts["q"], parts["scale"], 32, torch.randn(1, 64), out)
 
 
