@@ -31,6 +31,8 @@ to it.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +79,25 @@ def _lowp_attention(attn):
     return w_qkv, b_qkv, _lowp_parts("w_o", fmt, attn.wo.parts(), group), b_o
 
 
+def _lowp_qkv(lib, attn, weights, h: torch.Tensor) -> torch.Tensor:
+    """q, k and v of the rows ``h`` in one product over the concatenated quantised projections
+    (:func:`_lowp_attention`'s), a module call each beyond the kernel's rows."""
+    w, b = weights[0], weights[1]
+    if h.shape[0] > kernels.LOWP_MAX_ROWS or h.dtype != torch.float32:
+        return torch.cat([attn.wq(h), attn.wk(h), attn.wv(h)], dim=-1)
+    out = kernels.rows_lowp(lib, w.fmt, w.codes, w.scale, w.group_size, h.contiguous(), h.new_empty(h.shape[0], w.N))
+    return out if b is None else out.add_(b)
+
+
+def _lowp_out(lib, attn, weights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + wo(y)``, the product added into ``x`` (this step's own residual) by the kernel."""
+    w, b = weights[2], weights[3]
+    if y.shape[0] > kernels.LOWP_MAX_ROWS or y.dtype != torch.float32 or not x.is_contiguous():
+        return x + attn.wo(y)
+    kernels.rows_lowp(lib, w.fmt, w.codes, w.scale, w.group_size, y.contiguous(), x, accumulate=True)
+    return x if b is None else x.add_(b)
+
+
 class Decoder:
     """Decode steps of ``model`` (a :class:`moekit.Transformer`) against ``cache``.
 
@@ -114,14 +135,19 @@ class Decoder:
         """This decoder's path choice for one block: which parts run as bound kernel steps,
         which inline in torch ops, which as their modules."""
         attn, ffn = block.attn, block.ffn
-        attn_weights = None  # q/k norms or clamping: the module
+        attn_weights = lowp_attn = None  # q/k norms or clamping: the module
         if attn.qk_norm is None and attn.clip_qkv is None and not attn.adapters:  # adapters: the module
             if isinstance(attn.wq, nn.Linear):
                 w_qkv, b_qkv = attn.qkv_weights()  # (a copy for this generation when not prepared)
                 attn_weights = (w_qkv.t(), b_qkv, attn.wo.weight.t(), attn.wo.bias, attn.sliding_window)
-            else:  # quantised projections (moekit.layers.quantized): a product each, the rest inline
-                attn_weights = (lambda h, a=attn: torch.cat([a.wq(h), a.wk(h), a.wv(h)], dim=-1), None,
-                                lambda x, y, wo=attn.wo: x + wo(y), None, attn.sliding_window)
+            else:  # quantised projections (moekit.layers.quantized), the rest inline
+                lowp_attn = _lowp_attention(attn) if self.lib is not None else None
+                if lowp_attn is not None:  # q/k/v in one kernel product, the output added into the residual
+                    attn_weights = (partial(_lowp_qkv, self.lib, attn, lowp_attn), None,
+                                    partial(_lowp_out, self.lib, attn, lowp_attn), None, attn.sliding_window)
+                else:  # a module call each
+                    attn_weights = (lambda h, a=attn: torch.cat([a.wq(h), a.wk(h), a.wv(h)], dim=-1), None,
+                                    lambda x, y, wo=attn.wo: x + wo(y), None, attn.sliding_window)
         # moe: None runs the ffn module (a dense layer, or an MoE under another dispatcher, as
         # expert parallelism sets); () calls the router as a module; else the top-k router inline
         moe = None
@@ -140,14 +166,12 @@ class Decoder:
                 norm = block.attn_norm
                 k_attn = kernels.AttentionStep(self.lib, norm.weight, norm.eps, w_qkv.t(), b_qkv, heads, k_cache,
                                                v_cache, w_o.t(), b_o)
-        elif (self.lib is not None and attn_weights is not None and _norm_ok(block.attn_norm)
-              and self.cache.k.shape[1] == 1 and self.cache.k.dtype == torch.float32):
-            lowp = _lowp_attention(attn)  # quantised projections, all in one format
-            if lowp is not None:
-                norm, (w_qkv, b_qkv, w_o, b_o) = block.attn_norm, lowp
-                k_attn = kernels.LowpAttentionStep(self.lib, norm.weight, norm.eps, w_qkv, b_qkv,
-                                                   (self.H, self.Hkv, self.hd), self.k_cache[layer][0],
-                                                   self.v_cache[layer][0], w_o, b_o)
+        elif (lowp_attn is not None and _norm_ok(block.attn_norm) and self.cache.k.shape[1] == 1
+              and self.cache.k.dtype == torch.float32):  # quantised projections, all in one format
+            norm, (w_qkv, b_qkv, w_o, b_o) = block.attn_norm, lowp_attn
+            k_attn = kernels.LowpAttentionStep(self.lib, norm.weight, norm.eps, w_qkv, b_qkv,
+                                               (self.H, self.Hkv, self.hd), self.k_cache[layer][0],
+                                               self.v_cache[layer][0], w_o, b_o)
         lean_moe = (self.lib is not None and moe and ffn.shared_experts is None and _norm_ok(block.ffn_norm)
                     and not getattr(ffn.experts, "adapters", None))
         if (lean_moe and type(ffn.experts) is SwiGLUExperts
@@ -206,8 +230,8 @@ class Decoder:
                     if rotation is None:
                         rotation = torch.diag_embed(cos_t) + self.swap * (sin_t * self.sin_sign)[:, None, :]  # [B or 1, hd, hd]
                     x = self._attention(x, h, attn_w, rotation, layer, pos, mask)
-            if lib is not None and k_moe is not None:  # norm, router, experts: one call adding into x (this step's own)
-                k_moe(x[0])
+            if k_moe is not None and x.shape[0] <= k_moe.max_rows:  # norm, router, experts: one call adding into x
+                k_moe(x)  # (this step's own tensor)
                 continue
             h = block.ffn_norm(x)
             if moe is None:
@@ -216,18 +240,18 @@ class Decoder:
             else:
                 x = self._moe(x, h, block.ffn, moe, tokens)
         cache.advance(1)
-        if lib is None or self.head is None:
-            return model.lm_head(model.norm(x))
-        head = model.lm_head
-        logits = x.new_empty(1, head.out_features)
-        if self.head == "float":
-            kernels.rows(lib, head.weight, x[0], logits[0], bias=head.bias, norm_weight=model.norm.weight,
+        head, B = model.lm_head, x.shape[0]
+        if self.head == "float" and B == 1:
+            logits = x.new_empty(1, head.out_features)
+            kernels.rows(self.lib, head.weight, x[0], logits[0], bias=head.bias, norm_weight=model.norm.weight,
                          eps=model.norm.eps)
-        else:
+            return logits
+        if self.head not in (None, "float") and B <= kernels.LOWP_MAX_ROWS:  # a quantised head, rows at once
             w = self.head
-            kernels.rows_lowp(lib, w.fmt, w.codes, w.scale, w.group_size, x, logits, norm_weight=model.norm.weight,
-                              eps=model.norm.eps)
-        return logits
+            return kernels.rows_lowp(self.lib, w.fmt, w.codes, w.scale, w.group_size, x.contiguous(),
+                                     x.new_empty(B, head.out_features), norm_weight=model.norm.weight,
+                                     eps=model.norm.eps)
+        return model.lm_head(model.norm(x))
 
     def _attention(self, x, h, weights, rotation, layer, pos, mask):
         w_qkv, b_qkv, w_o, b_o, window = weights

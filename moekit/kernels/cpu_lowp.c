@@ -413,51 +413,98 @@ int moekit_rows_lowp(int fmt, const void *w, const float *scale, long N, long K,
     return 0;
 }
 
-/* One token through an MoE feed-forward with the softmax top-k router, its experts in format
- * fmt (group G), in place: h = rmsnorm(x) * g (g NULL: h = x); the router (float32 wr [E, K],
- * br) as moekit_route_token's, its choice written to chosen[k] and chosen_w[k]; x += sum of
- * weight * w2_e @ (silu(w1_e @ h) * (w3_e @ h)). Expert e's rows: w1, w3 [E, F, K] and
- * w2 [E, K, F] (nn.Linear's [out, in] per expert) with their scales s1, s3 ([E, F] for int8,
- * [E, F, K/G] for int4) and s2. Returns 0, 1 when out of memory, 2 for a bad format. */
-int moekit_moe_token_lowp(int fmt, long G, float *x, long K, const float *g, float eps, const float *wr,
+/* lowp_dots for M vectors at once (each block of weight rows read from memory once for all):
+ * y[m][n] = alpha[m] * dot(row n of W, v[m]) (+ y[m][n] when accumulate) for n0 <= n < n1 */
+static void lowp_dots_rows(const lowp_mat *W, lowp_vec *const *v, long M, long n0, long n1, float *const *y,
+                           const float *alpha, int accumulate)
+{
+    for (long n = n0; n < n1; n += R) {
+        long rows = n1 - n < R ? n1 - n : R;
+        for (long m = 0; m < M; m++) {
+            float s[R];
+            lowp_block(W, v[m], n, rows, s);
+            float *o = y[m] + n;
+            for (long r = 0; r < rows; r++) o[r] = accumulate ? o[r] + alpha[m] * s[r] : alpha[m] * s[r];
+        }
+    }
+}
+
+#define MOE_MAX_ROWS 64 /* tokens one call of moekit_moe_token_lowp takes */
+
+/* B tokens (at most 64) through an MoE feed-forward with the softmax top-k router, its
+ * experts in format fmt (group G), in place on x [B, K]: h = rmsnorm(x) * g (g NULL: h = x);
+ * each token's router (float32 wr [E, K], br) as moekit_route_token's, its choice written to
+ * chosen[b * k + i] and chosen_w[b * k + i]; x[b] += sum of weight * w2_e @ (silu(w1_e @ h[b])
+ * * (w3_e @ h[b])). Each chosen expert's weights are read once for all the tokens that chose
+ * it (experts in index order). Expert e's rows: w1, w3 [E, F, K] and w2 [E, K, F] (nn.Linear's
+ * [out, in] per expert) with their scales s1, s3 ([E, F] for int8, [E, F, K/G] for int4) and
+ * s2. Returns 0, 1 when out of memory, 2 for a bad argument. */
+int moekit_moe_token_lowp(int fmt, long G, float *x, long B, long K, const float *g, float eps, const float *wr,
                           const float *br, long E, int k, int renormalize, float scale, const void *q1,
                           const float *s1, const void *q3, const float *s3, const void *q2, const float *s2, long F,
                           long *chosen, float *chosen_w, int threads)
 {
-    if (!format_ok(fmt, K, G) || !format_ok(fmt, F, G) || k < 1 || k > E)
+    if (!format_ok(fmt, K, G) || !format_ok(fmt, F, G) || k < 1 || k > E || B < 1 || B > MOE_MAX_ROWS)
         return 2;
     long pK = prep_bytes(K), pF = prep_bytes(F);
-    char *buf = malloc((K + E + 3 * F * k) * sizeof(float) + pK + k * pF);
+    /* h [B, K], logits [E]; two sets (experts alternate, so a thread still reading one
+     * expert's hidden never meets the next expert's writes) of gate, up, hidden [B, F] and
+     * the hidden rows' preparations; the experts' row lists */
+    size_t floats = (size_t)(B * K + E + 2 * 3 * B * F), prep = (size_t)(B * pK + 2 * B * pF);
+    size_t longs = (size_t)(2 * E + 1 + B * k);
+    char *buf = malloc(longs * sizeof(long) + floats * sizeof(float) + prep);
     if (!buf)
         return 1;
-    float *h = (float *)buf, *logits = h + K, *act = logits + E;
-    char *prep_h = buf + (K + E + 3 * F * k) * sizeof(float), *prep_hidden = prep_h + pK;
-    moekit_rmsnorm(x, g, K, eps, h);
-    moekit_route_token(h, K, wr, br, E, k, renormalize, scale, logits, chosen, chosen_w, NULL, NULL, NULL);
+    long *start = (long *)buf, *slots = start + E + 1, *cursor = slots + B * k;
+    float *h = (float *)(buf + longs * sizeof(long)), *logits = h + B * K, *act = logits + E;
+    char *prep_h = (char *)(h + floats), *prep_hidden = prep_h + B * pK;
+    lowp_mat W1 = {fmt, q1, s1, K, G};
+    lowp_vec vh[MOE_MAX_ROWS], vhid[2][MOE_MAX_ROWS];
+    for (long b = 0; b < B; b++) {
+        moekit_rmsnorm(x + b * K, g, K, eps, h + b * K);
+        moekit_route_token(h + b * K, K, wr, br, E, k, renormalize, scale, logits, chosen + b * k, chosen_w + b * k,
+                           NULL, NULL, NULL);
+        lowp_prepare(&W1, h + b * K, &vh[b], prep_h + b * pK); /* w1 and w3 of every expert read the same h */
+    }
+    for (long e = 0; e <= E; e++) start[e] = 0; /* slots grouped by expert: start[e]..start[e + 1] */
+    for (long s = 0; s < B * k; s++) start[chosen[s] + 1]++;
+    for (long e = 0; e < E; e++) start[e + 1] += start[e], cursor[e] = start[e];
+    for (long s = 0; s < B * k; s++) slots[cursor[chosen[s]]++] = s;
     double bytes_w = fmt == 0 ? 2.0 : fmt == 1 ? 1.0 : 0.5;
     long b1 = (long)(F * K * bytes_w), b2 = (long)(K * F * bytes_w); /* one expert's codes of w1 (w3), w2 */
     long n1 = fmt == 1 ? F : fmt == 2 ? F * (K / G) : 0, n2 = fmt == 1 ? K : fmt == 2 ? K * (F / G) : 0;
-    lowp_mat W1 = {fmt, q1, s1, K, G};
-    lowp_vec vh, vhid[64];
-    lowp_prepare(&W1, h, &vh, prep_h); /* w1 and w3 read the same h */
 #pragma omp parallel num_threads(threads) if (F * K >= PARALLEL_MIN)
-    for (int i = 0; i < k; i++) {
-        long e = chosen[i], a, b;
-        float *gate = act + 3 * F * i, *up = gate + F, *hidden = up + F;
-        lowp_mat w1 = {fmt, (const char *)q1 + e * b1, s1 ? s1 + e * n1 : NULL, K, G};
-        lowp_mat w3 = {fmt, (const char *)q3 + e * b1, s3 ? s3 + e * n1 : NULL, K, G};
-        lowp_mat w2 = {fmt, (const char *)q2 + e * b2, s2 ? s2 + e * n2 : NULL, F, G};
-        share16(F, &a, &b);
-        if (b > a) {
-            lowp_dots(&w1, &vh, a, b, gate, 1.0f, 0, NULL);
-            lowp_dots(&w3, &vh, a, b, up, 1.0f, 0, NULL);
-            moekit_silu_mul_rows(gate + a, up + a, hidden + a, b - a);
-        }
+    {
+        long j = 0;
+        for (long e = 0; e < E; e++) {
+            long M = start[e + 1] - start[e];
+            if (M == 0)
+                continue;
+            int set = (int)(j++ % 2);
+            lowp_vec *vin[MOE_MAX_ROWS], *vmid[MOE_MAX_ROWS];
+            float *gate[MOE_MAX_ROWS], *up[MOE_MAX_ROWS], *xo[MOE_MAX_ROWS], w[MOE_MAX_ROWS], one[MOE_MAX_ROWS];
+            for (long m = 0; m < M; m++) {
+                long s = slots[start[e] + m], b = s / k;
+                vin[m] = &vh[b], vmid[m] = &vhid[set][m];
+                gate[m] = act + (size_t)set * 3 * B * F + m * 3 * F, up[m] = gate[m] + F;
+                xo[m] = x + b * K, w[m] = chosen_w[s], one[m] = 1.0f;
+            }
+            lowp_mat w1 = {fmt, (const char *)q1 + e * b1, s1 ? s1 + e * n1 : NULL, K, G};
+            lowp_mat w3 = {fmt, (const char *)q3 + e * b1, s3 ? s3 + e * n1 : NULL, K, G};
+            lowp_mat w2 = {fmt, (const char *)q2 + e * b2, s2 ? s2 + e * n2 : NULL, F, G};
+            long a, b;
+            share16(F, &a, &b);
+            if (b > a) {
+                lowp_dots_rows(&w1, vin, M, a, b, gate, one, 0);
+                lowp_dots_rows(&w3, vin, M, a, b, up, one, 0);
+                for (long m = 0; m < M; m++) moekit_silu_mul_rows(gate[m] + a, up[m] + a, up[m] + F + a, b - a);
+            }
 #pragma omp barrier
-#pragma omp single
-        lowp_prepare(&w2, hidden, &vhid[i], prep_hidden + i * pF);
-        share16(K, &a, &b); /* the same rows of x for every expert: no two threads write one */
-        lowp_dots(&w2, &vhid[i], a, b, x, chosen_w[i], 1, NULL);
+#pragma omp for schedule(static)
+            for (long m = 0; m < M; m++) lowp_prepare(&w2, up[m] + F, vmid[m], prep_hidden + (set * B + m) * pF);
+            share16(K, &a, &b); /* the same columns of x for every expert: no two threads write one */
+            lowp_dots_rows(&w2, vmid, M, a, b, xo, w, 1);
+        }
     }
     free(buf);
     return 0;

@@ -123,6 +123,8 @@ class MoETokenStep:
         self.d = w1.shape[1]
         self._chosen, self._weights = (ctypes.c_long * top_k)(), (ctypes.c_float * top_k)()
 
+    max_rows = 1  # tokens a call takes
+
     def __call__(self, x: torch.Tensor) -> tuple[list[int], list[float]]:
         """``x``: ``[d]`` contiguous float32, updated in place."""
         ck.tensor("x", x, numel=self.d)

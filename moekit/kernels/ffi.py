@@ -23,7 +23,7 @@ SIGNATURES: dict[str, tuple[list, type | None]] = {
     "moekit_gather_rows": ([P, L, P, P, L, L, P, I], I),
     "moekit_combine_backward": ([P, P, L, P, P, L, P, P, I], I),
     "moekit_rows_lowp": ([I, P, P, L, L, L, P, L, P, F, I, P, F, I], I),
-    "moekit_moe_token_lowp": ([I, L, P, L, P, F, P, P, L, I, I, F, P, P, P, P, P, P, L, P, P, I], I),
+    "moekit_moe_token_lowp": ([I, L, P, L, L, P, F, P, P, L, I, I, F, P, P, P, P, P, P, L, P, P, I], I),
     "moekit_attention_token_lowp": ([I, L, P, L, P, F, P, P, P, L, L, L, P, P, P, P, L, L, L, P, P, P, I], I),
     "moekit_lowp_simd": ([], I),
     "moekit_rows_simd": ([], I),

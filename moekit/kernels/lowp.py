@@ -83,14 +83,18 @@ def rows_lowp(lib: ctypes.CDLL, fmt: str, w: torch.Tensor, scale: torch.Tensor |
 
 
 class LowpMoETokenStep:
-    """:class:`moekit.kernels.MoETokenStep` with the experts in a low-precision format: one
-    token through a Mixtral-style MoE feed-forward, in place, ``step(x)`` doing ``x [d] +=
-    sum over the chosen experts of w * w2_e @ (silu(w1_e @ h) * (w3_e @ h))``, ``h`` the
-    RMS-normalised ``x`` (``norm_weight``, ``eps``; ``None``: ``x``). The router stays float32
-    (``gate_weight [E, d]``, ``gate_bias``; the k largest logits; softmax over them when
-    ``renormalize``, else their probabilities; times ``scale``). ``w1``/``w3``: every expert's
-    rows ``[E, f, d]`` and ``w2`` ``[E, d, f]`` as :class:`LowpWeights` of one format and group.
-    Returns the chosen experts and their weights. Holds its own references to every tensor."""
+    """:class:`moekit.kernels.MoETokenStep` with the experts in a low-precision format, for up
+    to :attr:`max_rows` tokens at once: ``step(x)`` does, in place, ``x[b] += sum over token
+    b's chosen experts of w * w2_e @ (silu(w1_e @ h) * (w3_e @ h))``, ``h`` the RMS-normalised
+    ``x[b]`` (``norm_weight``, ``eps``; ``None``: ``x[b]``), each chosen expert's weights read
+    once for all the tokens that chose it. The router stays float32 (``gate_weight [E, d]``,
+    ``gate_bias``; the k largest logits; softmax over them when ``renormalize``, else their
+    probabilities; times ``scale``). ``w1``/``w3``: every expert's rows ``[E, f, d]`` and ``w2``
+    ``[E, d, f]`` as :class:`LowpWeights` of one format and group. Returns each token's chosen
+    experts and their weights (``k`` per token, token after token). Holds its own references
+    to every tensor."""
+
+    max_rows = 64  # tokens a call takes (MOE_MAX_ROWS in cpu_lowp.c)
 
     def __init__(self, lib: ctypes.CDLL, norm_weight: torch.Tensor | None, eps: float, gate_weight: torch.Tensor,
                  gate_bias: torch.Tensor | None, top_k: int, renormalize: bool, scale: float, w1: LowpWeights,
@@ -108,18 +112,24 @@ class LowpMoETokenStep:
                 raise ValueError(f"{name} must hold rows {list(shape)} for a gate of shape {[E, d]}, got "
                                  f"{[w.codes.shape[0], w.N, w.K]}")
         self._keep = (norm_weight, gate_weight, gate_bias, w1, w3, w2)
-        self._fn, self.d = lib.moekit_moe_token_lowp, d
-        self._args = (FORMAT_CODES[w1.fmt], w1.group_size)
+        self._fn, self.d, self.top_k = lib.moekit_moe_token_lowp, d, top_k
+        self._fmt = (FORMAT_CODES[w1.fmt], w1.group_size)
         self._rest = (_ptr(norm_weight), eps, gate_weight.data_ptr(), _ptr(gate_bias), E, top_k, int(renormalize),
                       scale, *(p for w in (w1, w3, w2) for p in (w.codes.data_ptr(), _ptr(w.scale))), f)
-        self._chosen, self._weights = (ctypes.c_long * top_k)(), (ctypes.c_float * top_k)()
+        self._chosen = (ctypes.c_long * (self.max_rows * top_k))()
+        self._weights = (ctypes.c_float * (self.max_rows * top_k))()
 
     def __call__(self, x: torch.Tensor) -> tuple[list[int], list[float]]:
-        """``x``: ``[d]`` contiguous float32, updated in place."""
-        ck.tensor("x", x, numel=self.d)
-        check_rc(self._fn(*self._args, x.data_ptr(), self.d, *self._rest, self._chosen, self._weights,
+        """``x``: ``[B, d]`` or ``[d]`` contiguous float32, ``B <= max_rows``, updated in place."""
+        ck.tensor("x", x)
+        B = x.numel() // self.d if self.d else 0
+        if not x.is_contiguous() or x.shape[-1] != self.d or not 1 <= B <= self.max_rows:
+            raise ValueError(f"x must be a contiguous [B, {self.d}] float32 tensor with 1 <= B <= {self.max_rows}, "
+                             f"got {list(x.shape)}")
+        check_rc(self._fn(*self._fmt, x.data_ptr(), B, self.d, *self._rest, self._chosen, self._weights,
                           torch.get_num_threads()), "moekit_moe_token_lowp")
-        return list(self._chosen), list(self._weights)
+        n = B * self.top_k
+        return list(self._chosen[:n]), list(self._weights[:n])
 
 
 class LowpAttentionStep:
