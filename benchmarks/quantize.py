@@ -6,7 +6,9 @@ d_model 512, 8 layers, 8 experts top-2, d_ff 1408), its experts in float32, bf16
 int4 (attention, router and head float32), and with ``-all`` the attention projections and
 LM head in the same format (the router stays float32), greedy decoding of ``--new-tokens`` after a
 64-token prompt at batch 1 and batch 8, each format timed twice in alternation with
-float32 (faster run kept). Printed: tokens/s, the ratio to float32, bytes of weights read
+float32, each timed run right after an untimed one of the same model (llama-bench's warm-up:
+the weights of the model being timed in the caches as a serving process has them; faster
+run kept). Printed: tokens/s, the ratio to float32, bytes of weights read
 per decoded token and that times tokens/s as a fraction of the read bandwidth measured in
 the same run.
 
@@ -33,6 +35,9 @@ from generate import make_model, measure_bandwidth  # noqa: E402
 from moekit.inference import generate_batch  # noqa: E402
 from moekit.interop import load_model  # noqa: E402
 
+# llama.cpp (llama-bench, batch 1) on this machine type, from issue 18: the anchors of the -all rows,
+# whole models in one format, as GGUF files are (the router aside: 8 x 512 weights)
+LLAMA_CPP = {"float32": ("f32", 128.0), "bf16-all": ("f16", 283.0), "int8-all": ("q8_0", 408.0)}
 FORMATS = ["float32", "bf16", "int8", "int4", "bf16-all", "int8-all", "int4-all"]  # -all: attention and head too
 
 
@@ -64,6 +69,7 @@ def speed(path: Path, new: int, batches: list[int], bandwidth: float) -> list[di
         best = dict.fromkeys(FORMATS, 0.0)
         for _ in range(2):
             for fmt in FORMATS:
+                generate_batch(models[fmt], prompts, new, temperature=0)  # a warm-up run first, as llama-bench's
                 stats = generate_batch(models[fmt], prompts, new, temperature=0).stats
                 best[fmt] = max(best[fmt], stats.decode_tokens_per_s)
         for fmt in FORMATS:
@@ -72,10 +78,18 @@ def speed(path: Path, new: int, batches: list[int], bandwidth: float) -> list[di
             rows.append({"batch": batch, "format": fmt, "tok_s": best[fmt], "ratio": best[fmt] / best["float32"],
                          "mb_per_token": read / 1e6, "bandwidth_fraction": read * steps_per_s / 1e9 / bandwidth})
     print(f"decode, {new} new tokens (read bandwidth {bandwidth:.1f} GB/s)")
-    print(f"  {'batch':>5} {'format':>8} {'tok/s':>8} {'vs fp32':>8} {'MB/step':>8} {'of bandwidth':>12}")
+    print(f"  {'batch':>5} {'format':>8} {'tok/s':>8} {'vs fp32':>8} {'MB/step':>8} {'of bandwidth':>12} "
+          f"{'vs llama.cpp':>12}")
     for r in rows:
+        anchor = LLAMA_CPP.get(r["format"]) if r["batch"] == 1 else None
+        versus = f"{r['tok_s'] / anchor[1]:>11.2f}x" if anchor else ""
         print(f"  {r['batch']:>5} {r['format']:>8} {r['tok_s']:>8.1f} {r['ratio']:>7.2f}x {r['mb_per_token']:>8.1f} "
-              f"{r['bandwidth_fraction']:>12.0%}")
+              f"{r['bandwidth_fraction']:>12.0%} {versus}")
+        if anchor:
+            r["llama_cpp"] = {"format": anchor[0], "tok_s": anchor[1]}
+    print("  vs llama.cpp: the same model converted to GGUF, llama-bench tg128 at batch 1 on this machine type (the\n"
+          "  2-core AVX-512 Xeon), quoted from issue 18, not run here: " +
+          ", ".join(f"{name} {tps:g} tok/s" for name, tps in LLAMA_CPP.values()))
     return rows
 
 
@@ -119,7 +133,7 @@ def quality(run: str, windows: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", action="append", default=[], help="a trained moekit run to measure quality on")
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--model-dir", help="where the random Mixtral-format model is kept (default: a temporary folder)")

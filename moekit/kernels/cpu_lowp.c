@@ -164,7 +164,7 @@ static float i4_dot(const uint8_t *q, const float *scale, const int8_t *xq, long
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define VNNI 1
-/* The next rows' weights are fetched AHEAD_BYTES ahead of the ones being read (a block's four
+/* The weights AHEAD_ROWS rows ahead of the ones being read are fetched (a block's four
  * rows are four short streams, too short for the hardware prefetcher to ramp up on); a hint,
  * never a fault. Tuned by benchmarks/quantize.py. */
 #define AHEAD_ROWS 8
@@ -207,6 +207,46 @@ static void bf16_block_avx512(const uint16_t *w, long K, long rows, const float 
     s[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)), s[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
     s[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)), s[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
 }
+
+#if defined(__AVX512BF16__)
+#define BF16_DOT 1
+/* Four bf16 rows against x split into two bf16 vectors, x = hi + lo to 16 bits of mantissa
+ * (lowp_prepare): vdpbf16ps multiplies pairs of bf16 exactly and adds in float32, so each
+ * row's sum is float32's to about 2^-17 at a third of the widening loop's instructions. */
+static void bf16_block_dot(const uint16_t *w, long K, long rows, const uint16_t *hi, const uint16_t *lo, float *s)
+{
+    const uint16_t *w0 = w, *w1 = w + (rows > 1) * K, *w2 = w + (rows > 2) * 2 * K, *w3 = w + (rows > 3) * 3 * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    long k = 0, rb = 2 * K;
+#define BF16_STEP(LOAD)                                                                              \
+    do {                                                                                             \
+        __m512bh xh = (__m512bh)LOAD(hi + k), xl = (__m512bh)LOAD(lo + k);                           \
+        __m512bh v0 = (__m512bh)LOAD(w0 + k), v1 = (__m512bh)LOAD(w1 + k);                          \
+        __m512bh v2 = (__m512bh)LOAD(w2 + k), v3 = (__m512bh)LOAD(w3 + k);                          \
+        a0 = _mm512_dpbf16_ps(a0, v0, xh), b0 = _mm512_dpbf16_ps(b0, v0, xl);                        \
+        a1 = _mm512_dpbf16_ps(a1, v1, xh), b1 = _mm512_dpbf16_ps(b1, v1, xl);                        \
+        a2 = _mm512_dpbf16_ps(a2, v2, xh), b2 = _mm512_dpbf16_ps(b2, v2, xl);                        \
+        a3 = _mm512_dpbf16_ps(a3, v3, xh), b3 = _mm512_dpbf16_ps(b3, v3, xl);                        \
+    } while (0)
+#define FULL(p) _mm512_loadu_si512((const void *)(p))
+#define PART(p) _mm512_maskz_loadu_epi16(m, (const void *)(p))
+    for (; k + 32 <= K; k += 32) {
+        fetch_ahead(w0 + k, rb), fetch_ahead(w1 + k, rb), fetch_ahead(w2 + k, rb), fetch_ahead(w3 + k, rb);
+        BF16_STEP(FULL);
+    }
+    if (k < K) {
+        __mmask32 m = (__mmask32)((1ull << (K - k)) - 1);
+        BF16_STEP(PART);
+    }
+#undef FULL
+#undef PART
+#undef BF16_STEP
+    s[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)), s[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+    s[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)), s[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+}
+#else
+#define BF16_DOT 0
+#endif
 
 /* Four int8 rows against xu = xq + 128 (unsigned): dot(xq, w) = dot(xu, w) - 128 sum(w), both
  * sums by vpdpbusd. Lanes stay below 2^31 for K <= VNNI_I8_MAX_K (int8_vnni). */
@@ -289,6 +329,7 @@ static void i4_block_vnni(const uint8_t *w, const float *scale, long K, long G, 
 }
 #else
 #define VNNI 0
+#define BF16_DOT 0
 #endif
 
 /* A weight matrix in format fmt: rows of K weights (scale and G as moekit_rows_lowp's). */
@@ -317,16 +358,34 @@ static int int8_vnni(long K) { return 0 * K; }
 #endif
 static int int4_vnni(long K, long G) { return VNNI && K % 64 == 0 && (G == 32 || G % 64 == 0); }
 
-/* The bytes lowp_prepare needs beside the vector: q (K), bias (K / 4 int32s) aligned to 64 */
-static long prep_bytes(long K) { return K + 4 * (K / 4 + 1) + 64; }
+/* The bytes lowp_prepare needs beside the vector: q (K; bf16: hi and lo, 4 K), bias (K / 4
+ * int32s) aligned to 64 */
+static long prep_bytes(long K) { return 4 * K + 4 * (K / 4 + 1) + 64; }
+
+/* the bfloat16 nearest to v (ties to even; v finite) */
+static inline uint16_t bf16_round(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
 
 /* v prepared from x for the rows of W; buf: prep_bytes(W->K) bytes */
 static void lowp_prepare(const lowp_mat *W, const float *x, lowp_vec *v, char *buf)
 {
     long K = W->K, G = W->G;
-    v->x = x, v->vnni = 0, v->q = (int8_t *)buf, v->bias = (int32_t *)(((uintptr_t)buf + K + 63) & ~(uintptr_t)63);
-    if (W->fmt == 0)
+    v->x = x, v->vnni = 0, v->q = (int8_t *)buf, v->bias = (int32_t *)(((uintptr_t)buf + 4 * K + 63) & ~(uintptr_t)63);
+    if (W->fmt == 0) {
+        if (BF16_DOT) { /* x = hi + lo, two bf16 vectors (bf16_block_dot) */
+            uint16_t *hi = (uint16_t *)buf, *lo = hi + K;
+            for (long k = 0; k < K; k++) {
+                hi[k] = bf16_round(x[k]);
+                lo[k] = bf16_round(x[k] - bf16_value(hi[k]));
+            }
+            v->vnni = 1;
+        }
         return;
+    }
     if (W->fmt == 1 || !int4_vnni(K, G)) {
         v->sx = quantize_row(x, K, v->q);
         if (W->fmt == 1 && int8_vnni(K)) {
@@ -357,6 +416,12 @@ static void lowp_block(const lowp_mat *W, const lowp_vec *v, long n, long rows, 
     long K = W->K, G = W->G;
     if (W->fmt == 0) {
         const uint16_t *w = (const uint16_t *)W->w + n * K;
+#if BF16_DOT
+        if (v->vnni) {
+            bf16_block_dot(w, K, rows, (const uint16_t *)v->q, (const uint16_t *)v->q + K, s);
+            return;
+        }
+#endif
 #if VNNI
         bf16_block_avx512(w, K, rows, v->x, s);
 #else
