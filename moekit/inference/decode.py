@@ -18,7 +18,11 @@ At batch 1 in float32 on the CPU, where ``moekit.kernels`` is built, each layer 
 calls into C instead: the attention (norm, q/k/v, RoPE, cache write, attention, output
 projection into the residual) and the Mixtral-style MoE feed-forward (norm, top-k router,
 each chosen SwiGLU expert added into the residual), and the final norm is folded into the
-LM-head product; layers the kernels do not take run as below.
+LM-head product; layers the kernels do not take run as below. Quantised layers
+(:mod:`moekit.layers.quantized`) take the same shape of steps in their format
+(``LowpAttentionStep``, ``LowpMoETokenStep``); their MoE step takes up to 64 tokens, so
+batched decoding reads each chosen expert's codes once a step, and their q/k/v run as one
+product and the head over all rows.
 
 It covers the common case and hands the rest to the modules themselves, so every model
 decodes: attention with q/k norms or q/k/v clamping runs ``Attention.forward``; routers

@@ -650,12 +650,12 @@ int moekit_attention_token_lowp(int fmt, long G, float *x, long d, const float *
     return 0;
 }
 
-/* Which integer dot products this build has: 2 AVX-512 VNNI, 1 AVX2 maddubs, 0 the plain C
- * loops (kernels.status() says). */
+/* Which dot products this build has: 3 AVX-512 VNNI and BF16, 2 AVX-512 VNNI, 1 AVX2 maddubs,
+ * 0 the plain C loops (kernels.status() says). */
 int moekit_lowp_simd(void)
 {
 #if VNNI
-    return 2;
+    return 2 + BF16_DOT;
 #elif defined(__AVX2__)
     return 1;
 #else

@@ -111,7 +111,8 @@ def status() -> str:
         return "cpu kernels off: disabled by moekit.kernels.enabled(False)"
     if _built["lib"] is None:
         return "cpu kernels off: " + _built["reason"]
-    simd = "AVX2" if _built["lib"].moekit_lowp_simd() else "plain C loops (no AVX2 on this CPU or build)"
+    simd = {3: "AVX-512 VNNI, bf16 by AVX-512 BF16", 2: "AVX-512 VNNI", 1: "AVX2"}.get(
+        _built["lib"].moekit_lowp_simd(), "plain C loops (no AVX2 on this CPU or build)")
     rows = "AVX-512" if few_rows_vectorised() else "plain C loops (no AVX-512: experts take the blocked kernel)"
     return f"cpu kernels: {_built['reason']}; few-row products: {rows}; int8/int4 products: {simd}"
 

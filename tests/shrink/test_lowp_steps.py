@@ -168,3 +168,5 @@ def test_the_steps_give_the_same_numbers_on_every_build(tmp_path, flags):
     _lib()
     done = run_with_flags(tmp_path, flags, STEPS_CHECK)
     assert done.returncode == 0 and done.stdout.split("\n")[-2] == "ok", done.stderr[-2000:]
+    said = "plain C loops" if "avx2" in flags else "AVX2"  # kernels.status() names the build's products
+    assert f"int8/int4 products: {said}" in done.stdout
