@@ -171,6 +171,28 @@ def attention_ok(w_qkv: torch.Tensor, w_o: torch.Tensor, heads: tuple[int, int, 
     )
 
 
+def check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, Hkv: int, hd: int) -> None:
+    """A layer's KV caches for a one-token attention step: ``[Hkv, rows, hd]``, float32,
+    contiguous rows, the same layout."""
+    ck.tensor("k_cache", k_cache, shape=(Hkv, None, hd))
+    ck.tensor("v_cache", v_cache, shape=(Hkv, None, hd))
+    ck.same_layout("k_cache and v_cache", k_cache, v_cache)
+    if k_cache.stride(2) != 1 or k_cache.stride(1) != hd:
+        raise ValueError(f"k_cache and v_cache must have contiguous rows of hd={hd}, got strides {k_cache.stride()}")
+
+
+def check_position(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, start: int, d: int, hd: int,
+                   rows: int) -> None:
+    """One attention step's per-call arguments: ``x [d]``, ``cos``/``sin`` ``[hd]``, and cache
+    rows ``0 <= start <= pos < rows``."""
+    ck.tensor("x", x, numel=d)
+    ck.tensor("cos", cos, numel=hd)
+    ck.tensor("sin", sin, numel=hd)
+    if not 0 <= start <= pos < rows:
+        raise ValueError(f"pos and start must satisfy 0 <= start <= pos < {rows} (cache rows), "
+                         f"got pos={pos}, start={start}")
+
+
 class AttentionStep:
     """One token's self-attention (batch 1) added into the residual in place, bound to a
     layer's weights and KV cache: ``step(x, cos, sin, pos, start)`` computes q/k/v from the
@@ -192,11 +214,7 @@ class AttentionStep:
         ck.optional("b_qkv", b_qkv, numel=(H + 2 * Hkv) * hd)
         ck.tensor("w_o", w_o, shape=(d, H * hd), unit_row_stride=True)
         ck.optional("b_o", b_o, numel=d)
-        ck.tensor("k_cache", k_cache, shape=(Hkv, None, hd))
-        ck.tensor("v_cache", v_cache, shape=(Hkv, None, hd))
-        ck.same_layout("k_cache and v_cache", k_cache, v_cache)
-        if k_cache.stride(2) != 1 or k_cache.stride(1) != hd:
-            raise ValueError(f"k_cache and v_cache must have contiguous rows of hd={hd}, got strides {k_cache.stride()}")
+        check_caches(k_cache, v_cache, Hkv, hd)
         self._keep = tuple(None if t is None else t.detach() for t in (norm_weight, w_qkv, b_qkv, k_cache, v_cache,
                                                                         w_o, b_o))
         self._fn = lib.moekit_attention_token
@@ -206,11 +224,6 @@ class AttentionStep:
         self._out = (w_o.data_ptr(), w_o.stride(0), _ptr(b_o))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, start: int) -> None:
-        ck.tensor("x", x, numel=self.d)
-        ck.tensor("cos", cos, numel=self.hd)
-        ck.tensor("sin", sin, numel=self.hd)
-        if not 0 <= start <= pos < self.rows:
-            raise ValueError(f"pos and start must satisfy 0 <= start <= pos < {self.rows} (cache rows), "
-                             f"got pos={pos}, start={start}")
+        check_position(x, cos, sin, pos, start, self.d, self.hd, self.rows)
         check_rc(self._fn(x.data_ptr(), self.d, *self._qkv, cos.data_ptr(), sin.data_ptr(), *self._cache, pos, start,
                           *self._out, torch.get_num_threads()), "moekit_attention_token")

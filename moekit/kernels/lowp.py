@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from moekit.kernels import checks as ck
+from moekit.kernels.decode import check_caches, check_position
 from moekit.kernels.ffi import check_rc
 
 FORMAT_CODES = {"bf16": 0, "int8": 1, "int4": 2}
@@ -152,11 +153,7 @@ class LowpAttentionStep:
         ck.tensor("norm_weight", norm_weight, numel=d)
         ck.optional("b_qkv", b_qkv, numel=(H + 2 * Hkv) * hd)
         ck.optional("b_o", b_o, numel=d)
-        ck.tensor("k_cache", k_cache, shape=(Hkv, None, hd))
-        ck.tensor("v_cache", v_cache, shape=(Hkv, None, hd))
-        ck.same_layout("k_cache and v_cache", k_cache, v_cache)
-        if k_cache.stride(2) != 1 or k_cache.stride(1) != hd:
-            raise ValueError(f"k_cache and v_cache must have contiguous rows of hd={hd}, got strides {k_cache.stride()}")
+        check_caches(k_cache, v_cache, Hkv, hd)
         self._keep = (norm_weight, w_qkv, b_qkv, k_cache, v_cache, w_o, b_o)
         self._fn = lib.moekit_attention_token_lowp
         self.d, self.hd, self.rows = d, hd, k_cache.shape[1]
@@ -166,11 +163,6 @@ class LowpAttentionStep:
         self._out = (w_o.codes.data_ptr(), _ptr(w_o.scale), _ptr(b_o))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, start: int) -> None:
-        ck.tensor("x", x, numel=self.d)
-        ck.tensor("cos", cos, numel=self.hd)
-        ck.tensor("sin", sin, numel=self.hd)
-        if not 0 <= start <= pos < self.rows:
-            raise ValueError(f"pos and start must satisfy 0 <= start <= pos < {self.rows} (cache rows), "
-                             f"got pos={pos}, start={start}")
+        check_position(x, cos, sin, pos, start, self.d, self.hd, self.rows)
         check_rc(self._fn(*self._fmt, x.data_ptr(), self.d, *self._qkv, cos.data_ptr(), sin.data_ptr(), *self._cache,
                           pos, start, *self._out, torch.get_num_threads()), "moekit_attention_token_lowp")
