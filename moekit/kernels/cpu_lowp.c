@@ -14,8 +14,8 @@
  *     (high nibble), so both halves multiply contiguous x (the layout of llama.cpp's q4_0).
  * Integer dot products: AVX-512 VNNI (vpdpbusd: unsigned x signed bytes) where built, so
  * int8 rows meet activations offset by 128 (the offset's share, 128 * sum w, taken off) and
- * int4 codes (0..15, unsigned) meet the activations reordered once per vector to the order
- * the codes unpack in (the -8 offset's share pre-summed per lane); else AVX2 maddubs, else
+ * int4 codes (0..15, unsigned: a byte's two nibbles) meet the activations reordered once per
+ * vector to match (the -8 offset's share pre-summed per lane); else AVX2 maddubs, else
  * plain loops. Four weight rows at a time share each load of x. Parallel over blocks of rows.
  *
  * Decode steps (batch 1, in place on the residual x): moekit_moe_token_lowp (norm, the
@@ -281,40 +281,47 @@ static void i8_block_vnni(const int8_t *w, long K, long rows, const uint8_t *xu,
     s[2] = _mm512_reduce_add_epi32(_mm512_sub_epi32(a2, c2)), s[3] = _mm512_reduce_add_epi32(_mm512_sub_epi32(a3, c3));
 }
 
-/* Four int4 rows, 64 codes (32 bytes) a step: the bytes and their high nibbles side by side
- * are 64 unsigned codes in the order x was reordered to (lowp_prepare); vpdpbusd starts from
- * the lanes' -8 * sum(x) and each lane's sum is scaled by its group's scale in float. G32:
- * groups of 32 (a step holds two, lanes 0-3 and 8-11 the first), else G a multiple of 64. */
-static inline __m512 i4_scales(const float *sc, long c, long G, int g32)
+/* Four int4 rows, 128 codes (64 bytes) a step: the bytes' low nibbles meet x's values for
+ * them and the high nibbles theirs (x reordered once by lowp_prepare), both vpdpbusd into one
+ * sum per lane starting from the lane's -8 * sum(x); a lane's four bytes lie in one group, so
+ * each lane's sum is scaled by its group's scale in float. Groups of 32 (four a step: lanes
+ * 0-3 the first), 64 (two) or a multiple of 128 (one scale a step). */
+static inline __m512 i4_scales(const float *sc, long c, long G)
 {
-    if (g32) {
-        const __m512i pat = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    if (G == 32) {
+        const __m512i pat = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        return _mm512_permutexvar_ps(pat, _mm512_castps128_ps512(_mm_loadu_ps(sc + 4 * c)));
+    }
+    if (G == 64) {
+        const __m512i pat = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         return _mm512_permutexvar_ps(pat, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(sc + 2 * c)))));
     }
-    return _mm512_set1_ps(sc[c * 64 / G]);
+    return _mm512_set1_ps(sc[c * 128 / G]);
 }
-static inline __m512i i4_codes(const uint8_t *p)
+static inline __m512 i4_step(const uint8_t *w, __m512i bv, __m512i xlo, __m512i xhi, __m512 scale, __m512 acc)
 {
-    __m256i b = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1),
-                            _mm512_set1_epi8(15));
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512i b = _mm512_loadu_si512(w);
+    __m512i t = _mm512_dpbusd_epi32(bv, _mm512_and_si512(b, low), xlo);
+    t = _mm512_dpbusd_epi32(t, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), xhi);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc);
 }
 static inline void i4_block_vnni_g(const uint8_t *w, const float *scale, long K, long G, long rows, const int8_t *xp,
-                                   const int32_t *bias, float *s, int g32)
+                                   const int32_t *bias, float *s)
 {
     long half = K / 2, ns = K / G;
     const uint8_t *w0 = w, *w1 = w + (rows > 1) * half, *w2 = w + (rows > 2) * 2 * half, *w3 = w + (rows > 3) * 3 * half;
     const float *s0 = scale, *s1 = scale + (rows > 1) * ns, *s2 = scale + (rows > 2) * 2 * ns, *s3 = scale + (rows > 3) * 3 * ns;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (long c = 0; c < K / 64; c++) {
-        if (c % 2 == 0)
-            fetch_ahead(w0 + 32 * c, half), fetch_ahead(w1 + 32 * c, half), fetch_ahead(w2 + 32 * c, half),
-                fetch_ahead(w3 + 32 * c, half);
-        __m512i xv = _mm512_loadu_si512(xp + 64 * c), bv = _mm512_loadu_si512(bias + 16 * c);
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bv, i4_codes(w0 + 32 * c), xv)), i4_scales(s0, c, G, g32), a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bv, i4_codes(w1 + 32 * c), xv)), i4_scales(s1, c, G, g32), a1);
-        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bv, i4_codes(w2 + 32 * c), xv)), i4_scales(s2, c, G, g32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bv, i4_codes(w3 + 32 * c), xv)), i4_scales(s3, c, G, g32), a3);
+    for (long c = 0; c < K / 128; c++) {
+        fetch_ahead(w0 + 64 * c, half), fetch_ahead(w1 + 64 * c, half), fetch_ahead(w2 + 64 * c, half),
+            fetch_ahead(w3 + 64 * c, half);
+        __m512i xlo = _mm512_loadu_si512(xp + 128 * c), xhi = _mm512_loadu_si512(xp + 128 * c + 64);
+        __m512i bv = _mm512_loadu_si512(bias + 16 * c);
+        a0 = i4_step(w0 + 64 * c, bv, xlo, xhi, i4_scales(s0, c, G), a0);
+        a1 = i4_step(w1 + 64 * c, bv, xlo, xhi, i4_scales(s1, c, G), a1);
+        a2 = i4_step(w2 + 64 * c, bv, xlo, xhi, i4_scales(s2, c, G), a2);
+        a3 = i4_step(w3 + 64 * c, bv, xlo, xhi, i4_scales(s3, c, G), a3);
     }
     s[0] = _mm512_reduce_add_ps(a0), s[1] = _mm512_reduce_add_ps(a1);
     s[2] = _mm512_reduce_add_ps(a2), s[3] = _mm512_reduce_add_ps(a3);
@@ -322,11 +329,70 @@ static inline void i4_block_vnni_g(const uint8_t *w, const float *scale, long K,
 static void i4_block_vnni(const uint8_t *w, const float *scale, long K, long G, long rows, const int8_t *xp,
                           const int32_t *bias, float *s)
 {
-    if (G == 32)
-        i4_block_vnni_g(w, scale, K, G, rows, xp, bias, s, 1);
+    if (G == 32) /* the group size a constant where it is common: the scale pattern folds */
+        i4_block_vnni_g(w, scale, K, 32, rows, xp, bias, s);
     else
-        i4_block_vnni_g(w, scale, K, G, rows, xp, bias, s, 0);
+        i4_block_vnni_g(w, scale, K, G, rows, xp, bias, s);
 }
+
+/* Preparing a vector in registers (lowp_prepare): the same numbers as the scalar loops (an
+ * IEEE division and the rounding mode's nearest-even, as lrintf), 16 values a step. */
+static float amax_avx512(const float *x, long K)
+{
+    __m512 m = _mm512_setzero_ps();
+    for (long k = 0; k < K; k += 16) {
+        __mmask16 t = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(t, x + k)));
+    }
+    return _mm512_reduce_max_ps(m);
+}
+/* q[i] = round(x[i] / sx) + offset for the lanes of t */
+static inline void round16(const float *x, __m512 sx, int8_t *q, __mmask16 t, int offset)
+{
+    __m512i i = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(t, x), sx));
+    _mm_mask_storeu_epi8(q, t, _mm512_cvtepi32_epi8(_mm512_add_epi32(i, _mm512_set1_epi32(offset))));
+}
+static float quantize_avx512(const float *x, long K, int8_t *q, int offset)
+{
+    float amax = amax_avx512(x, K), sx = amax > 0.0f ? amax / 127.0f : 1.0f;
+    __m512 sv = _mm512_set1_ps(sx);
+    for (long k = 0; k < K; k += 16)
+        round16(x + k, sv, q + k, K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1), offset);
+    return sx;
+}
+/* int4's reordering (lowp_prepare), G / 2 a multiple of 16: runs of 16 values */
+static float quantize_int4_avx512(const float *x, long K, long G, int8_t *q, int32_t *bias)
+{
+    float amax = amax_avx512(x, K), sx = amax > 0.0f ? amax / 127.0f : 1.0f;
+    __m512 sv = _mm512_set1_ps(sx);
+    long half = G / 2;
+    for (long B = 0; B < K / 2; B += 16) {
+        long c = B / 64, j = B % 64, at = (B / half) * G + B % half;
+        round16(x + at, sv, q + 128 * c + j, 0xffff, 0);
+        round16(x + at + half, sv, q + 128 * c + 64 + j, 0xffff, 0);
+    }
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (long c = 0; c < K / 128; c++) {
+        __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(q + 128 * c));
+        t = _mm512_dpbusd_epi32(t, ones, _mm512_loadu_si512(q + 128 * c + 64));
+        _mm512_storeu_si512(bias + 16 * c, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(t, 3)));
+    }
+    return sx;
+}
+#if BF16_DOT
+/* x = hi + lo in bf16, rounded to nearest even as bf16_round */
+static void split_bf16_avx512(const float *x, long K, uint16_t *hi, uint16_t *lo)
+{
+    for (long k = 0; k < K; k += 16) {
+        __mmask16 t = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(t, x + k);
+        __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+        __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        _mm256_mask_storeu_epi16(hi + k, t, h);
+        _mm256_mask_storeu_epi16(lo + k, t, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, back)));
+    }
+}
+#endif
 #else
 #define VNNI 0
 #define BF16_DOT 0
@@ -356,7 +422,7 @@ static int int8_vnni(long K) { return K <= VNNI_I8_MAX_K; }
 #else
 static int int8_vnni(long K) { return 0 * K; }
 #endif
-static int int4_vnni(long K, long G) { return VNNI && K % 64 == 0 && (G == 32 || G % 64 == 0); }
+static int int4_vnni(long K, long G) { return VNNI && K % 128 == 0 && (G == 32 || G == 64 || G % 128 == 0); }
 
 /* The bytes lowp_prepare needs beside the vector: q (K; bf16: hi and lo, 4 K), bias (K / 4
  * int32s) aligned to 64 */
@@ -376,38 +442,26 @@ static void lowp_prepare(const lowp_mat *W, const float *x, lowp_vec *v, char *b
     long K = W->K, G = W->G;
     v->x = x, v->vnni = 0, v->q = (int8_t *)buf, v->bias = (int32_t *)(((uintptr_t)buf + 4 * K + 63) & ~(uintptr_t)63);
     if (W->fmt == 0) {
-        if (BF16_DOT) { /* x = hi + lo, two bf16 vectors (bf16_block_dot) */
-            uint16_t *hi = (uint16_t *)buf, *lo = hi + K;
-            for (long k = 0; k < K; k++) {
-                hi[k] = bf16_round(x[k]);
-                lo[k] = bf16_round(x[k] - bf16_value(hi[k]));
-            }
-            v->vnni = 1;
-        }
+#if BF16_DOT
+        split_bf16_avx512(x, K, (uint16_t *)buf, (uint16_t *)buf + K); /* x = hi + lo (bf16_block_dot) */
+        v->vnni = 1;
+#endif
         return;
     }
-    if (W->fmt == 1 || !int4_vnni(K, G)) {
-        v->sx = quantize_row(x, K, v->q);
-        if (W->fmt == 1 && int8_vnni(K)) {
-            for (long k = 0; k < K; k++) v->q[k] = (int8_t)(uint8_t)(v->q[k] + 128);
-            v->vnni = 1;
-        }
+#if VNNI
+    if (W->fmt == 1 && int8_vnni(K)) { /* offset to unsigned (i8_block_vnni) */
+        v->sx = quantize_avx512(x, K, v->q, 128), v->vnni = 1;
         return;
     }
-    /* int4 on VNNI: step c's 64 unpacked codes are the low then the high nibbles of packed
-     * bytes 32c..32c+31; byte B holds codes j and j + G/2 of group B / (G/2), j = B % (G/2) */
-    float amax = 0.0f;
-    for (long k = 0; k < K; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
-    float sx = amax > 0.0f ? amax / 127.0f : 1.0f;
-    long half = G / 2;
-    for (long B = 0; B < K / 2; B++) {
-        long c = B / 32, j = B % 32, at = (B / half) * G + B % half;
-        v->q[64 * c + j] = (int8_t)lrintf(x[at] / sx);
-        v->q[64 * c + 32 + j] = (int8_t)lrintf(x[at + half] / sx);
+    if (W->fmt == 2 && int4_vnni(K, G)) {
+        /* step c's values for the low nibbles of packed bytes 64c..64c+63, then for their high
+         * nibbles; byte B holds codes j and j + G/2 of group B / (G/2), j = B % (G/2); bias:
+         * -8 * the sum of each lane's four low and four high values */
+        v->sx = quantize_int4_avx512(x, K, G, v->q, v->bias), v->vnni = 1;
+        return;
     }
-    for (long l = 0; l < K / 4; l++)
-        v->bias[l] = -8 * (v->q[4 * l] + v->q[4 * l + 1] + v->q[4 * l + 2] + v->q[4 * l + 3]);
-    v->sx = sx, v->vnni = 1;
+#endif
+    v->sx = quantize_row(x, K, v->q);
 }
 
 /* s[r] = dot(row n + r of W, v) for r < rows (at most R) */

@@ -54,7 +54,7 @@ def moe_reference(x, g, eps, gate, top_k, fmt, p1, p3, p2, group):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("d,f,group", [(128, 192, 32), (128, 192, 64), (96, 160, 32)])
+@pytest.mark.parametrize("d,f,group", [(128, 256, 32), (128, 256, 64), (256, 384, 128), (128, 192, 32), (96, 160, 32)])
 @pytest.mark.parametrize("B", [1, 5])
 def test_moe_step_equals_the_reference(fmt, d, f, group, B):
     lib = _lib()
@@ -150,7 +150,7 @@ STEPS_CHECK = """
 import torch
 from tests.shrink import test_lowp_steps as t
 for fmt in t.FORMATS:
-    for shape in [(128, 192, 32), (96, 160, 32)]:
+    for shape in [(128, 256, 32), (256, 384, 128), (96, 160, 32)]:
         t.test_moe_step_equals_the_reference(fmt, *shape, 3)
     t.test_attention_step_equals_the_reference(fmt, True)
     t.test_the_head_folds_the_final_norm(fmt)
