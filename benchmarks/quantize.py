@@ -17,6 +17,7 @@ held-out windows of the validation split, and how often a token's chosen experts
 top-k set, per layer) differ from float32's.
 
     python benchmarks/quantize.py --run runs/moe      # about 3 minutes on 2 cores
+    python benchmarks/quantize.py --llama-build /tmp/llama/build   # llama.cpp in the same run
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from moekit.inference import generate_batch  # noqa: E402
 from moekit.interop import load_model  # noqa: E402
 
 # llama.cpp (llama-bench, batch 1) on this machine type, from issue 18: the anchors of the -all rows,
-# whole models in one format, as GGUF files are (the router aside: 8 x 512 weights)
+# whole models in one format, as GGUF files are (the router aside: 8 x 512 weights); with
+# --llama-build, measured in the same run instead (benchmarks/llama_bench.py), q4_0 beside int4
 LLAMA_CPP = {"float32": ("f32", 128.0), "bf16-all": ("f16", 283.0), "int8-all": ("q8_0", 408.0)}
+LLAMA_PAIRS = {"float32": "f32", "bf16-all": "f16", "int8-all": "q8_0", "int4-all": "q4_0"}
 FORMATS = ["float32", "bf16", "int8", "int4", "bf16-all", "int8-all", "int4-all"]  # -all: attention and head too
 
 
@@ -61,7 +64,20 @@ def load(path: Path, fmt: str):
     return load_model(path, quantize=name, quantize_what=what or "experts").model
 
 
-def speed(path: Path, new: int, batches: list[int], bandwidth: float) -> list[dict]:
+def llama_cpp(path: Path, build: Path, new: int) -> dict[str, tuple[str, float]]:
+    """llama-bench's batch-1 speed of the model as GGUF in each paired format, measured now."""
+    from llama_bench import bench, prepare
+
+    files = prepare(path, build, Path(tempfile.mkdtemp(prefix="moekit-gguf-")), [*LLAMA_PAIRS.values(), "bf16"])
+    measured = {fmt: (name, bench(build, files[name], new)) for fmt, name in LLAMA_PAIRS.items()}
+    bf16 = bench(build, files["bf16"], new)
+    print(f"llama.cpp (llama-bench tg{new}, 2 threads, measured in this run): "
+          + ", ".join(f"{name} {tps:.1f}" for name, tps in measured.values()) + f", bf16 {bf16:.1f} tok/s")
+    return measured
+
+
+def speed(path: Path, new: int, batches: list[int], bandwidth: float, llama: dict | None = None) -> list[dict]:
+    anchors = llama or LLAMA_CPP
     models = {fmt: load(path, fmt) for fmt in FORMATS}
     rows = []
     for batch in batches:
@@ -81,15 +97,18 @@ def speed(path: Path, new: int, batches: list[int], bandwidth: float) -> list[di
     print(f"  {'batch':>5} {'format':>8} {'tok/s':>8} {'vs fp32':>8} {'MB/step':>8} {'of bandwidth':>12} "
           f"{'vs llama.cpp':>12}")
     for r in rows:
-        anchor = LLAMA_CPP.get(r["format"]) if r["batch"] == 1 else None
+        anchor = anchors.get(r["format"]) if r["batch"] == 1 else None
         versus = f"{r['tok_s'] / anchor[1]:>11.2f}x" if anchor else ""
         print(f"  {r['batch']:>5} {r['format']:>8} {r['tok_s']:>8.1f} {r['ratio']:>7.2f}x {r['mb_per_token']:>8.1f} "
               f"{r['bandwidth_fraction']:>12.0%} {versus}")
         if anchor:
             r["llama_cpp"] = {"format": anchor[0], "tok_s": anchor[1]}
-    print("  vs llama.cpp: the same model converted to GGUF, llama-bench tg128 at batch 1 on this machine type (the\n"
-          "  2-core AVX-512 Xeon), quoted from issue 18, not run here: " +
-          ", ".join(f"{name} {tps:g} tok/s" for name, tps in LLAMA_CPP.values()))
+    if llama is None:
+        print("  vs llama.cpp: the same model converted to GGUF, llama-bench tg128 at batch 1 on this machine type (the\n"
+              "  2-core AVX-512 Xeon), quoted from issue 18, not run here: " +
+              ", ".join(f"{name} {tps:g} tok/s" for name, tps in LLAMA_CPP.values()))
+    else:
+        print("  vs llama.cpp: llama-bench on the same model as GGUF, measured in this run (above)")
     return rows
 
 
@@ -137,13 +156,18 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--model-dir", help="where the random Mixtral-format model is kept (default: a temporary folder)")
+    ap.add_argument("--llama-build", type=Path,
+                    help="a llama.cpp build (bin/llama-bench, bin/llama-quantize; the gguf package installed): "
+                         "llama.cpp timed in the same run (benchmarks/llama_bench.py)")
     ap.add_argument("--out", default="quantize.json")
     args = ap.parse_args()
     results = {"threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model_dir or tmp) / "mixtral-mini"
         make_model(path)
-        results["speed"] = speed(path, args.new_tokens, [int(b) for b in args.batches.split(",")], measure_bandwidth())
+        llama = llama_cpp(path, args.llama_build, args.new_tokens) if args.llama_build else None
+        results["speed"] = speed(path, args.new_tokens, [int(b) for b in args.batches.split(",")], measure_bandwidth(),
+                                 llama)
     results["quality"] = {run: quality(run, args.windows) for run in args.run}
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
