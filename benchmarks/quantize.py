@@ -8,7 +8,7 @@ LM head in the same format (the router stays float32), greedy decoding of ``--ne
 64-token prompt at batch 1 and batch 8, each format timed twice in alternation with
 float32, each timed run right after an untimed one of the same model (llama-bench's warm-up:
 the weights of the model being timed in the caches as a serving process has them; faster
-run kept). Printed: tokens/s, the ratio to float32, bytes of weights read
+run kept); and prefill of one 512-token prompt (best of 3). Printed: tokens/s, the ratio to float32, bytes of weights read
 per decoded token and that times tokens/s as a fraction of the read bandwidth measured in
 the same run.
 
@@ -93,6 +93,13 @@ def speed(path: Path, new: int, batches: list[int], bandwidth: float, llama: dic
             steps_per_s = best[fmt] / batch  # each step reads the weights once for the whole batch
             rows.append({"batch": batch, "format": fmt, "tok_s": best[fmt], "ratio": best[fmt] / best["float32"],
                          "mb_per_token": read / 1e6, "bandwidth_fraction": read * steps_per_s / 1e9 / bandwidth})
+    prompt = torch.randint(0, 32000, (1, 512), generator=torch.Generator().manual_seed(0)).tolist()
+    prefill = {fmt: 512 / min(generate_batch(models[fmt], prompt, 1, temperature=0).stats.prefill_s for _ in range(3))
+               for fmt in FORMATS}
+    print("prefill, one 512-token prompt: " + ", ".join(
+        f"{fmt} {tps:,.0f} tok/s ({tps / prefill['float32']:.2f}x)" for fmt, tps in prefill.items()))
+    for r in rows:
+        r["prefill_tok_s"] = prefill[r["format"]]
     print(f"decode, {new} new tokens (read bandwidth {bandwidth:.1f} GB/s)")
     print(f"  {'batch':>5} {'format':>8} {'tok/s':>8} {'vs fp32':>8} {'MB/step':>8} {'of bandwidth':>12} "
           f"{'vs llama.cpp':>12}")

@@ -7,7 +7,8 @@ the reference every fast product is tested against) and multiplies rows by it
 (:meth:`WeightFormat.matmul`, ``x [M, K] -> [M, N]``), through a C kernel where
 :mod:`moekit.kernels` has one for the format, else dequantise-then-matmul.
 
-- ``bf16``: the weight in bfloat16 (2 bytes a weight); products accumulate in float32.
+- ``bf16``: the weight in bfloat16 (2 bytes a weight); products accumulate in float32
+  (the kernel's few rows exactly; many rows as bf16 matrix products, :meth:`BF16.matmul`).
 - ``int8``: symmetric, one float32 scale per output channel, ``w ~ q * scale`` with
   ``q`` in -127..127 (1 byte a weight plus 4 per row). Per-channel rather than llama.cpp's
   per-32 blocks: one scale per row keeps the kernel's inner loop a plain integer dot.
@@ -117,6 +118,15 @@ class BF16(WeightFormat):
     def dequantize(self, parts, group_size):
         return parts["w"].float()
 
+    def matmul(self, x, parts, group_size, out=None, alpha=1.0, kernel=True):
+        """Beyond the kernel's rows (prefill), float32 rows on the CPU multiply in bfloat16:
+        ``x`` rounded to bf16, float32 accumulation, the product rounded to bf16 (as under
+        autocast), at about twice float32's speed (benchmarks/quantize.py --prefill);
+        otherwise as :meth:`WeightFormat.matmul`."""
+        if (not kernel or x.shape[0] > kernels.LOWP_MAX_ROWS) and x.dtype == torch.float32 and x.device.type == "cpu":
+            y = torch.nn.functional.linear(x.to(torch.bfloat16), parts["w"]).float()
+            return y if out is None else out.add_(y, alpha=alpha)
+        return super().matmul(x, parts, group_size, out, alpha, kernel)
 
     def bits_per_weight(self, group_size):
         return 16.0

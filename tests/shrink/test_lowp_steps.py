@@ -143,7 +143,9 @@ def test_a_batched_decode_step_equals_the_forward(fmt):
         assert all(isinstance(layer[4], kernels.LowpMoETokenStep) for layer in decoder.layers)
         step = decoder.step(ids[:, 11])
         expected = model(ids).logits[:, -1]
-    assert (step - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
+    # the forward's 36 rows take bf16's matrix products (bf16 activations), the step float32's
+    bound = 2e-2 if fmt == "bf16" else 1e-4
+    assert (step - expected).abs().max().item() < bound * expected.abs().max().item()
 
 
 STEPS_CHECK = """

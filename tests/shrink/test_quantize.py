@@ -84,6 +84,21 @@ def test_products_equal_dequantize_then_matmul(fmt, rows, group):
         assert (f.matmul(x, parts, group) - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
+def test_bf16_prefill_products_run_in_bfloat16():
+    """Many rows (prefill) multiply in bf16: x and the product rounded to bf16, float32
+    accumulation; within bf16's rounding of the float32 reference."""
+    f = get_format("bf16")
+    parts = f.quantize(torch.randn(48, 256), 32)
+    x = torch.randn(80, 256)
+    got = f.matmul(x, parts, 32, kernel=False)
+    assert torch.equal(got, torch.nn.functional.linear(x.bfloat16(), parts["w"]).float())
+    ref = f.reference(x, parts, 32)
+    assert (got - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+    assert (got - ref).abs().max().item() > 0  # not the float32 path
+    out = torch.randn(80, 48)
+    assert torch.allclose(f.matmul(x, parts, 32, out=out.clone(), alpha=0.5, kernel=False), out + 0.5 * got)
+
+
 def test_the_kernel_refuses_what_it_cannot_read():
     lib = kernels.load()
     if lib is None:
