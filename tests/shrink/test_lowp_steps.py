@@ -172,3 +172,28 @@ def test_the_steps_give_the_same_numbers_on_every_build(tmp_path, flags):
     assert done.returncode == 0 and done.stdout.split("\n")[-2] == "ok", done.stderr[-2000:]
     said = "plain C loops" if "avx2" in flags else "AVX2"  # kernels.status() names the build's products
     assert f"int8/int4 products: {said}" in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantized_models_run_on_cuda_through_torch_ops(fmt):
+    """On CUDA the formats run as dequantise-then-matmul (torch ops): the same products as the
+    CPU reference, a forward close to the CPU's and a decode that equals its own forward."""
+    fm = get_format(fmt)
+    parts = fm.quantize(torch.randn(48, 128), 32)
+    x = torch.randn(5, 128)
+    on_gpu = fm.matmul(x.cuda(), {k: t.cuda() for k, t in parts.items()}, 32).cpu()
+    assert (on_gpu - fm.reference(x, parts, 32)).abs().max().item() < 1e-4 * on_gpu.abs().max().item()
+    model = quantize_model(moe_model(d_ff=128), fmt)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cpu = model(ids).logits
+        model.cuda()
+        gpu = model(ids.cuda()).logits.cpu()
+        bound = 2e-2 if fmt == "bf16" else 1e-3  # the CPU's 24-row bf16 products run in bfloat16
+        assert (gpu - cpu).abs().max().item() < bound * cpu.abs().max().item()
+        cache = KVCache.for_model(model, 2, 32)
+        model(ids[:, :11].cuda(), kv_cache=cache)
+        step = Decoder(model, cache).step(ids[:, 11].cuda()).cpu()
+    assert (step - gpu[:, -1]).abs().max().item() < 1e-3 * gpu.abs().max().item()
