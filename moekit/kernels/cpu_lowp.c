@@ -335,6 +335,65 @@ static void i4_block_vnni(const uint8_t *w, const float *scale, long K, long G, 
         i4_block_vnni_g(w, scale, K, G, rows, xp, bias, s);
 }
 
+/* i8_block_vnni for two vectors at once: each weight load and the weights' sums serve both */
+static void i8_block_vnni2(const int8_t *w, long K, long rows, const uint8_t *xa, const uint8_t *xb, int32_t *sa,
+                           int32_t *sb)
+{
+    const int8_t *w0 = w, *w1 = w + (rows > 1) * K, *w2 = w + (rows > 2) * 2 * K, *w3 = w + (rows > 3) * 3 * K;
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    __m512i c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+    for (long k = 0; k < K; k += 64) {
+        __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        __m512i xv = _mm512_maskz_loadu_epi8(m, xa + k), yv = _mm512_maskz_loadu_epi8(m, xb + k);
+        __m512i v0 = _mm512_maskz_loadu_epi8(m, w0 + k), v1 = _mm512_maskz_loadu_epi8(m, w1 + k);
+        __m512i v2 = _mm512_maskz_loadu_epi8(m, w2 + k), v3 = _mm512_maskz_loadu_epi8(m, w3 + k);
+        a0 = _mm512_dpbusd_epi32(a0, xv, v0), b0 = _mm512_dpbusd_epi32(b0, yv, v0), c0 = _mm512_dpbusd_epi32(c0, c128, v0);
+        a1 = _mm512_dpbusd_epi32(a1, xv, v1), b1 = _mm512_dpbusd_epi32(b1, yv, v1), c1 = _mm512_dpbusd_epi32(c1, c128, v1);
+        a2 = _mm512_dpbusd_epi32(a2, xv, v2), b2 = _mm512_dpbusd_epi32(b2, yv, v2), c2 = _mm512_dpbusd_epi32(c2, c128, v2);
+        a3 = _mm512_dpbusd_epi32(a3, xv, v3), b3 = _mm512_dpbusd_epi32(b3, yv, v3), c3 = _mm512_dpbusd_epi32(c3, c128, v3);
+    }
+    sa[0] = _mm512_reduce_add_epi32(_mm512_sub_epi32(a0, c0)), sb[0] = _mm512_reduce_add_epi32(_mm512_sub_epi32(b0, c0));
+    sa[1] = _mm512_reduce_add_epi32(_mm512_sub_epi32(a1, c1)), sb[1] = _mm512_reduce_add_epi32(_mm512_sub_epi32(b1, c1));
+    sa[2] = _mm512_reduce_add_epi32(_mm512_sub_epi32(a2, c2)), sb[2] = _mm512_reduce_add_epi32(_mm512_sub_epi32(b2, c2));
+    sa[3] = _mm512_reduce_add_epi32(_mm512_sub_epi32(a3, c3)), sb[3] = _mm512_reduce_add_epi32(_mm512_sub_epi32(b3, c3));
+}
+
+/* i4_block_vnni for two vectors at once: each row's codes unpacked and its scales built once for both */
+static inline void i4_block_vnni2_g(const uint8_t *w, const float *scale, long K, long G, long rows,
+                                    const int8_t *xa, const int32_t *ba, const int8_t *xb, const int32_t *bb,
+                                    float *sa, float *sb)
+{
+    long half = K / 2, ns = K / G;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 a[R], b[R];
+    for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
+    for (long c = 0; c < K / 128; c++) {
+        __m512i xla = _mm512_loadu_si512(xa + 128 * c), xha = _mm512_loadu_si512(xa + 128 * c + 64);
+        __m512i xlb = _mm512_loadu_si512(xb + 128 * c), xhb = _mm512_loadu_si512(xb + 128 * c + 64);
+        __m512i bva = _mm512_loadu_si512(ba + 16 * c), bvb = _mm512_loadu_si512(bb + 16 * c);
+        for (int r = 0; r < R; r++) { /* unrolled: R is a constant */
+            const uint8_t *wr = w + (rows > r) * r * half + 64 * c;
+            __m512i v = _mm512_loadu_si512(wr);
+            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            __m512 sc = i4_scales(scale + (rows > r) * r * ns, c, G);
+            __m512i ta = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(bva, lo, xla), hi, xha);
+            __m512i tb = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(bvb, lo, xlb), hi, xhb);
+            a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ta), sc, a[r]);
+            b[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tb), sc, b[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) sa[r] = _mm512_reduce_add_ps(a[r]), sb[r] = _mm512_reduce_add_ps(b[r]);
+}
+static void i4_block_vnni2(const uint8_t *w, const float *scale, long K, long G, long rows, const int8_t *xa,
+                           const int32_t *ba, const int8_t *xb, const int32_t *bb, float *sa, float *sb)
+{
+    if (G == 32)
+        i4_block_vnni2_g(w, scale, K, 32, rows, xa, ba, xb, bb, sa, sb);
+    else
+        i4_block_vnni2_g(w, scale, K, G, rows, xa, ba, xb, bb, sa, sb);
+}
+
 /* Preparing a vector in registers (lowp_prepare): the same numbers as the scalar loops (an
  * IEEE division and the rounding mode's nearest-even, as lrintf), 16 values a step. */
 static float amax_avx512(const float *x, long K)
@@ -535,6 +594,9 @@ static int format_ok(int fmt, long K, long G)
     return fmt >= 0 && fmt <= 2 && K > 0 && (fmt != 2 || (G > 0 && G <= 1024 && G % 2 == 0 && K % G == 0));
 }
 
+static void lowp_dots_rows(const lowp_mat *W, lowp_vec *const *v, long M, long n0, long n1, float *const *y,
+                           const float *alpha, int accumulate);
+
 /* out[m] = alpha * W @ v_m (+ out[m] when accumulate) for m < M (at most 64), v_m = x[m], or
  * rmsnorm(x[m]) * g when g is given. Returns 0, 1 when out of memory, 2 for a bad format. */
 int moekit_rows_lowp(int fmt, const void *w, const float *scale, long N, long K, long G, const float *x, long M,
@@ -557,29 +619,62 @@ int moekit_rows_lowp(int fmt, const void *w, const float *scale, long N, long K,
         }
         lowp_prepare(&W, xm, &v[m], buf + m * pb);
     }
+    lowp_vec *vp[64];
+    float *ys[64], alphas[64];
+    for (long m = 0; m < M; m++) vp[m] = &v[m], ys[m] = out + m * N, alphas[m] = alpha;
     long blocks = (N + R - 1) / R;
 #pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= PARALLEL_MIN)
     for (long blk = 0; blk < blocks; blk++) {
         long n = blk * R, n1 = N - n < R ? N : n + R;
-        for (long m = 0; m < M; m++)
-            lowp_dots(&W, &v[m], n, n1, out + m * N, alpha, accumulate, NULL);
+        lowp_dots_rows(&W, vp, M, n, n1, ys, alphas, accumulate);
     }
     free(buf);
     return 0;
 }
 
-/* lowp_dots for M vectors at once (each block of weight rows read from memory once for all):
- * y[m][n] = alpha[m] * dot(row n of W, v[m]) (+ y[m][n] when accumulate) for n0 <= n < n1 */
+/* lowp_block for two vectors: the VNNI pair kernels where both took the VNNI preparation */
+static void lowp_block2(const lowp_mat *W, const lowp_vec *va, const lowp_vec *vb, long n, long rows, float *sa,
+                        float *sb)
+{
+#if VNNI
+    long K = W->K, G = W->G;
+    if (W->fmt == 1 && va->vnni && vb->vnni) {
+        int32_t ta[R], tb[R];
+        i8_block_vnni2((const int8_t *)W->w + n * K, K, rows, (const uint8_t *)va->q, (const uint8_t *)vb->q, ta, tb);
+        for (long r = 0; r < rows; r++)
+            sa[r] = (float)ta[r] * W->scale[n + r] * va->sx, sb[r] = (float)tb[r] * W->scale[n + r] * vb->sx;
+        return;
+    }
+    if (W->fmt == 2 && va->vnni && vb->vnni) {
+        i4_block_vnni2((const uint8_t *)W->w + n * (K / 2), W->scale + n * (K / G), K, G, rows, va->q, va->bias, vb->q,
+                       vb->bias, sa, sb);
+        for (long r = 0; r < rows; r++) sa[r] *= va->sx, sb[r] *= vb->sx;
+        return;
+    }
+#endif
+    lowp_block(W, va, n, rows, sa);
+    lowp_block(W, vb, n, rows, sb);
+}
+
+/* lowp_dots for M vectors at once (each block of weight rows read from memory once for all,
+ * two vectors a pass): y[m][n] = alpha[m] * dot(row n of W, v[m]) (+ y[m][n] when
+ * accumulate) for n0 <= n < n1 */
 static void lowp_dots_rows(const lowp_mat *W, lowp_vec *const *v, long M, long n0, long n1, float *const *y,
                            const float *alpha, int accumulate)
 {
     for (long n = n0; n < n1; n += R) {
         long rows = n1 - n < R ? n1 - n : R;
-        for (long m = 0; m < M; m++) {
-            float s[R];
-            lowp_block(W, v[m], n, rows, s);
-            float *o = y[m] + n;
-            for (long r = 0; r < rows; r++) o[r] = accumulate ? o[r] + alpha[m] * s[r] : alpha[m] * s[r];
+        for (long m = 0; m < M; m += 2) {
+            float s[2][R];
+            long pair = m + 1 < M;
+            if (pair)
+                lowp_block2(W, v[m], v[m + 1], n, rows, s[0], s[1]);
+            else
+                lowp_block(W, v[m], n, rows, s[0]);
+            for (long j = 0; j <= pair; j++) {
+                float *o = y[m + j] + n, al = alpha[m + j];
+                for (long r = 0; r < rows; r++) o[r] = accumulate ? o[r] + al * s[j][r] : al * s[j][r];
+            }
         }
     }
 }

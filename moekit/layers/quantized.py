@@ -1,8 +1,9 @@
 """Layers whose weights are held in a low-precision format (:mod:`moekit.ops.lowp`): routed
 SwiGLU experts (:class:`QuantizedExperts`) and linear layers (:class:`QuantizedLinear`, the
 attention projections and LM head of ``moekit quantize --what all``). Each product runs the
-format's kernel for up to ``lowp_kernel_max_rows`` rows (:data:`moekit.layers.thresholds.THRESHOLDS`),
-else dequantises once and multiplies (:func:`kernel_rows`).
+format's kernel (:func:`kernel_rows`: int8 and int4 always, bf16 up to ``lowp_kernel_max_rows``
+rows, :data:`moekit.layers.thresholds.THRESHOLDS`), else multiplies as the format says
+(bf16: in bfloat16; without the kernels: dequantise once and multiply).
 
 Each projection of all experts is stored as the format's parts in ``nn.Linear``'s
 ``[out, in]`` layout per expert (``w1``/``w3`` ``[E, d_ff, d_model]``, ``w2``
@@ -25,10 +26,11 @@ _PROJECTIONS = ("w1", "w3", "w2")
 _ATTENTION = ("wq", "wk", "wv", "wo")
 
 
-def kernel_rows(x: torch.Tensor) -> bool:
-    """Whether a product over the rows ``x`` takes the format's kernel (few rows: each weight
-    read once) rather than dequantise-then-matmul."""
-    return x.shape[0] <= threshold("lowp_kernel_max_rows")
+def kernel_rows(x: torch.Tensor, fmt) -> bool:
+    """Whether a product over the rows ``x`` takes the format's kernel (each weight read once
+    per 64 rows): int8 and int4 at every row count (at 64 rows as fast as float32's matmul),
+    bf16 up to ``lowp_kernel_max_rows`` (beyond, bfloat16 matrix products are faster)."""
+    return fmt.int8_activations or x.shape[0] <= threshold("lowp_kernel_max_rows")
 
 
 class QuantizedExperts(nn.Module):
@@ -72,12 +74,12 @@ class QuantizedExperts(nn.Module):
         return tuple(self.format.dequantize(self.parts(n), self.group_size).transpose(1, 2) for n in _PROJECTIONS)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        mm, g, k = self.format.matmul, self.group_size, kernel_rows(x)
+        mm, g, k = self.format.matmul, self.group_size, kernel_rows(x, self.format)
         hidden = F.silu(mm(x, self.parts("w1", e), g, kernel=k)) * mm(x, self.parts("w3", e), g, kernel=k)  # [n, f]
         return mm(hidden, self.parts("w2", e), g, kernel=k)  # [n, d]
 
     def expert_add_(self, e: int, x: torch.Tensor, out: torch.Tensor, weight: float) -> None:
-        mm, g, k = self.format.matmul, self.group_size, kernel_rows(x)
+        mm, g, k = self.format.matmul, self.group_size, kernel_rows(x, self.format)
         hidden = F.silu(mm(x, self.parts("w1", e), g, kernel=k)).mul_(mm(x, self.parts("w3", e), g, kernel=k))
         mm(hidden, self.parts("w2", e), g, out=out, alpha=weight, kernel=k)  # the down projection adds into out
 
@@ -130,7 +132,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [..., in] -> [T, in]
-        y = self.format.matmul(flat, self.parts(), self.group_size, kernel=kernel_rows(flat))
+        y = self.format.matmul(flat, self.parts(), self.group_size, kernel=kernel_rows(flat, self.format))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -78,19 +78,21 @@ class WeightFormat:
                out: torch.Tensor | None = None, alpha: float = 1.0, kernel: bool = True) -> torch.Tensor:
         """``x [M, K] @ w.T -> [M, N]`` in ``x``'s dtype; with ``out``: ``out += alpha *`` that.
         With ``kernel`` (the module's choice, from its rows), float32 rows on the CPU go through
-        ``moekit.kernels.rows_lowp`` (each weight read once, dequantised in registers); else
-        dequantise, then matmul (:meth:`reference`)."""
-        lib = kernels.for_tensors(x) if kernel and x.shape[0] <= kernels.LOWP_MAX_ROWS else None
-        if lib is not None:
-            w = parts[self.parts[0]]
-            if out is None:
-                out = x.new_empty(x.shape[0], w.shape[0])
-                alpha, accumulate = 1.0, False
-            else:
-                accumulate = True
-            return kernels.rows_lowp(lib, self.name, w, parts.get("scale"), group_size, x.contiguous(), out, alpha,
-                                     accumulate)
-        return self.reference(x, parts, group_size, out, alpha)
+        ``moekit.kernels.rows_lowp`` (each weight read once per 64 rows, dequantised in
+        registers); else dequantise, then matmul (:meth:`reference`)."""
+        lib = kernels.for_tensors(x) if kernel else None
+        if lib is None:
+            return self.reference(x, parts, group_size, out, alpha)
+        w, x = parts[self.parts[0]], x.contiguous()
+        if out is None:
+            out, alpha, accumulate = x.new_empty(x.shape[0], w.shape[0]), 1.0, False
+        else:
+            accumulate = True
+        step = kernels.LOWP_MAX_ROWS
+        for a in range(0, x.shape[0], step):  # the rows a call takes; each call reads the weights once
+            kernels.rows_lowp(lib, self.name, w, parts.get("scale"), group_size, x[a : a + step], out[a : a + step],
+                              alpha, accumulate)
+        return out
 
     def reference(self, x: torch.Tensor, parts: dict[str, torch.Tensor], group_size: int,
                   out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
@@ -123,7 +125,7 @@ class BF16(WeightFormat):
         ``x`` rounded to bf16, float32 accumulation, the product rounded to bf16 (as under
         autocast), at about twice float32's speed (benchmarks/quantize.py --prefill);
         otherwise as :meth:`WeightFormat.matmul`."""
-        if (not kernel or x.shape[0] > kernels.LOWP_MAX_ROWS) and x.dtype == torch.float32 and x.device.type == "cpu":
+        if not kernel and x.dtype == torch.float32 and x.device.type == "cpu":
             y = torch.nn.functional.linear(x.to(torch.bfloat16), parts["w"]).float()
             return y if out is None else out.add_(y, alpha=alpha)
         return super().matmul(x, parts, group_size, out, alpha, kernel)

@@ -64,7 +64,7 @@ def test_quantizing_the_dequantized_weights_changes_nothing(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows", [1, 5, 40])  # the kernel's few rows, and the dequantising path
+@pytest.mark.parametrize("rows", [1, 5, 40, 150])  # one call of the kernel, and calls of 64 rows
 @pytest.mark.parametrize("group", [32, 64])
 def test_products_equal_dequantize_then_matmul(fmt, rows, group):
     f = get_format(fmt)
