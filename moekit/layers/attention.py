@@ -18,6 +18,11 @@ from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import apply_rotary
 
 
+
+def _float32_attention(q: torch.Tensor) -> bool:
+    """Whether a causal attention over ``q`` runs in float32: bfloat16 on the CPU, in training."""
+    return q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+
 class Attention(nn.Module):
     """Multi-head attention where ``n_kv_heads`` key/value heads are shared by groups of
     ``n_heads // n_kv_heads`` query heads (Mixtral: 32 query heads, 8 KV heads).
@@ -142,7 +147,13 @@ class Attention(nn.Module):
                 k, v = cached_k, cached_v
         gqa = self.n_heads != self.n_kv_heads
         mask = self._mask(past, S, key_mask, x.device)
-        if mask is None and past == 0:
+        if mask is None and past == 0 and _float32_attention(q):
+            # the CPU's flash attention trains 2.2x slower in bfloat16 than in float32 (its
+            # backward; benchmarks/moe_vs_dense.py --dtype bfloat16): there it runs in float32
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+                                                   enable_gqa=gqa).to(q.dtype)
+        elif mask is None and past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # mask None here: one new token sees every cached one
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
