@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moekit import kernels
+from moekit.ops.lowp import get_format
 
 lib = kernels.load()
 pytestmark = pytest.mark.skipif(lib is None, reason=f"kernels not built here: {kernels.status()}")
@@ -24,6 +25,13 @@ def calls():
     counts = torch.tensor([2, 0, 3])
     norm_w, gate_w = torch.ones(D), torch.randn(E, D)
     k_cache, v_cache = torch.zeros(1, 6, 4), torch.zeros(1, 6, 4)
+    int8 = get_format("int8")
+    q8, q8_down = int8.quantize(torch.randn(E, FF, 64), 32), int8.quantize(torch.randn(E, 64, FF), 32)
+    q8_qkv, q8_o = int8.quantize(torch.randn(96, 64), 32), int8.quantize(torch.randn(64, 32), 32)
+
+    def lw(name, parts, lead=()):
+        return kernels.lowp_weights(name, "int8", parts["q"], parts["scale"], 32, lead)
+
     return {
         "rows": (kernels.rows, dict(lib=lib, w=torch.randn(N, D), x=torch.randn(D), out=torch.empty(N),
                                     bias=torch.randn(N), add=torch.randn(N), norm_weight=norm_w, eps=1e-5)),
@@ -49,6 +57,15 @@ def calls():
                                                       w_qkv=torch.randn(3 * 4, D), b_qkv=None, heads=(1, 1, 4),
                                                       k_cache=k_cache, v_cache=v_cache, w_o=torch.randn(D, 4),
                                                       b_o=None)),
+        "rows_lowp": (kernels.rows_lowp, dict(lib=lib, fmt="int8", w=q8["q"][0], scale=q8["scale"][0], group_size=32,
+                                              x=torch.randn(2, 64), out=torch.empty(2, FF), norm_weight=torch.ones(64),
+                                              eps=1e-5)),
+        "LowpMoETokenStep": (kernels.LowpMoETokenStep, dict(
+            lib=lib, norm_weight=torch.ones(64), eps=1e-5, gate_weight=torch.randn(E, 64), gate_bias=None, top_k=K,
+            renormalize=True, scale=1.0, w1=lw("w1", q8, (E,)), w3=lw("w3", q8, (E,)), w2=lw("w2", q8_down, (E,)))),
+        "LowpAttentionStep": (kernels.LowpAttentionStep, dict(
+            lib=lib, norm_weight=torch.ones(64), eps=1e-5, w_qkv=lw("w_qkv", q8_qkv), b_qkv=None, heads=(1, 1, 32),
+            k_cache=torch.zeros(1, 6, 32), v_cache=torch.zeros(1, 6, 32), w_o=lw("w_o", q8_o), b_o=None)),
         "gather_rows": (kernels.gather_rows, dict(lib=lib, src=torch.randn(T, D), idx=torch.tensor([0, 3, -1, 1]),
                                                   k=2, weight=torch.rand(4))),
         "combine_backward": (kernels.combine_backward, dict(
@@ -159,6 +176,36 @@ def test_bound_steps_check_each_call_and_keep_their_weights_alive():
     step = fn(**kw)
     with pytest.raises(ValueError, match="pos and start"):
         step(torch.zeros(D), torch.ones(4), torch.zeros(4), 6, 0)  # the cache holds 6 rows
+
+
+def test_low_precision_weights_are_checked_when_bound():
+    """The formats' codes and scales, the step's shapes and the rows a call takes."""
+    int8, int4 = get_format("int8"), get_format("int4")
+    q8, q4 = int8.quantize(torch.randn(E, FF, 64), 32), int4.quantize(torch.randn(E, FF, 64), 32)
+    with pytest.raises(ValueError, match="unknown|no kernel for weight format 'int5'"):
+        kernels.lowp_weights("w1", "int5", q8["q"], q8["scale"], 32, (E,))
+    with pytest.raises(ValueError, match=r"w1: int4 codes must be a contiguous \[3, N, K/2\]"):
+        kernels.lowp_weights("w1", "int4", q8["q"], q8["scale"], 32, (E,))
+    with pytest.raises(ValueError, match="group_size 48"):
+        kernels.lowp_weights("w1", "int4", q4["q"], q4["scale"], 48, (E,))
+    with pytest.raises(ValueError, match="w1 scale must have shape"):
+        kernels.lowp_weights("w1", "int8", q8["q"], q8["scale"][:, :-1], 32, (E,))
+    w = kernels.lowp_weights("w", "int8", q8["q"], q8["scale"], 32, (E,))
+    w4 = kernels.lowp_weights("w", "int4", q4["q"], q4["scale"], 32, (E,))
+    with pytest.raises(ValueError, match="share one format"):
+        kernels.LowpMoETokenStep(lib, None, 0.0, torch.randn(E, 64), None, K, True, 1.0, w, w4, w)
+    with pytest.raises(ValueError, match="w2 must hold rows"):
+        kernels.LowpMoETokenStep(lib, None, 0.0, torch.randn(E, 64), None, K, True, 1.0, w, w, w)
+    fn, kw = calls()["LowpMoETokenStep"]
+    step = fn(**kw)
+    with pytest.raises(ValueError, match="1 <= B <= 64"):
+        step(torch.randn(65, 64))
+    with pytest.raises(ValueError, match=r"x must be a contiguous \[B, 64\]"):
+        step(torch.randn(64, 2).t())
+    fn, kw = calls()["rows_lowp"]
+    kw["x"] = torch.randn(65, 64)
+    with pytest.raises(ValueError, match="rows_lowp takes 1 to 64"):
+        fn(**kw)
 
 
 def test_top_k_beyond_the_experts_is_refused():
