@@ -1,12 +1,13 @@
-/* moekit CPU kernels: products with low-precision weights (moekit.quant's formats), and the
- * one-token decode steps built on them.
+/* moekit CPU kernels: products with low-precision weights (moekit/ops/lowp.py's formats), and
+ * the decode steps built on them.
  *
- * out[m, n] = alpha * sum_k W[n, k] x[m, k] (+ out[m, n] when accumulate), for the few rows x
- * of a decode step: each weight row is read once for all rows of x, so a step costs the
+ * out[m, n] = alpha * sum_k W[n, k] x[m, k] (+ out[m, n] when accumulate), for up to 64 rows
+ * x a call: each weight row is read once for all rows of x, so a decode step costs the
  * weights' bytes at memory speed, a half (bf16), a quarter (int8) or about an eighth (int4)
- * of float32's. bf16 weights are widened in registers and multiplied in float32; for int8 and
- * int4 each row of x is first quantised to int8 with one scale (llama.cpp's q8 activations)
- * and the products are integer dot products, scaled back in float32:
+ * of float32's. bf16 weights multiply x in float32 (vdpbf16ps on x split into two bf16
+ * halves where AVX-512 BF16 is built, else widened in registers); for int8 and int4 each row
+ * of x is first quantised to int8 with one scale (llama.cpp's q8 activations) and the
+ * products are integer dot products, scaled back in float32:
  *   fmt 0, bf16: w uint16 [N, K] (bfloat16 bits);
  *   fmt 1, int8: w int8 [N, K], scale float [N]            (W = q * scale[n]);
  *   fmt 2, int4: w uint8 [N, K/2], scale float [N, K/G]   (W = (code - 8) * scale[n, g]),
@@ -16,10 +17,12 @@
  * int8 rows meet activations offset by 128 (the offset's share, 128 * sum w, taken off) and
  * int4 codes (0..15, unsigned: a byte's two nibbles) meet the activations reordered once per
  * vector to match (the -8 offset's share pre-summed per lane); else AVX2 maddubs, else
- * plain loops. Four weight rows at a time share each load of x. Parallel over blocks of rows.
+ * plain loops. Four weight rows at a time share each load of x, and with VNNI two rows of x
+ * share each load of the weights. Parallel over blocks of rows.
  *
- * Decode steps (batch 1, in place on the residual x): moekit_moe_token_lowp (norm, the
- * float32 router, each chosen SwiGLU expert) and moekit_attention_token_lowp (norm, q/k/v,
+ * Decode steps, in place on the residual: moekit_moe_token_lowp (norm, the float32 router,
+ * each chosen SwiGLU expert, for up to 64 tokens: each chosen expert's codes read once for
+ * all the tokens that chose it) and moekit_attention_token_lowp (one token: norm, q/k/v,
  * RoPE, cache, attention, output projection), the weights in one format; the router and the
  * attention middle are cpu_gemv.c's. Built with the other kernels by moekit/kernels/library.py;
  * moekit/ops/lowp.py holds the torch reference.
