@@ -17,6 +17,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <stdint.h>
+#include <string.h>
 #include <omp.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -373,6 +374,63 @@ void moekit_silu_mul_backward(const float *dh, const float *g, const float *u, f
         long a, b;
         share(n, 16, &a, &b);
         silu_mul_grad_n(dh + a, g + a, u + a, dg + a, du + a, b - a);
+    }
+}
+
+/* The same two over bfloat16 buffers (uint16 bits), for bfloat16 training: each value widened
+ * to float32, the activation and its gradient computed there and rounded once to the
+ * nearest bfloat16 (ties to even; NaN stays NaN), ACT_CHUNK values at a time through the
+ * float32 loops. torch's bfloat16 silu and mul take several passes and round between them
+ * (benchmarks/moe_vs_dense.py --dtype bfloat16). */
+#define ACT_CHUNK 512
+static inline float bf16_in(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint16_t bf16_out(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r);
+}
+
+/* out[i] = silu(g[i]) * u[i] for i < n, bfloat16 (out may be g). */
+void moekit_silu_mul_bf16(const uint16_t *g, const uint16_t *u, uint16_t *out, long n, int nthreads)
+{
+    #pragma omp parallel num_threads(n < ACT_PARALLEL_MIN ? 1 : nthreads)
+    {
+        long a, b;
+        share(n, 16, &a, &b);
+        float gf[ACT_CHUNK], uf[ACT_CHUNK];
+        for (long i = a; i < b; i += ACT_CHUNK) {
+            long m = b - i < ACT_CHUNK ? b - i : ACT_CHUNK;
+            for (long j = 0; j < m; j++) gf[j] = bf16_in(g[i + j]), uf[j] = bf16_in(u[i + j]);
+            silu_mul_n(gf, uf, gf, m);
+            for (long j = 0; j < m; j++) out[i + j] = bf16_out(gf[j]);
+        }
+    }
+}
+
+/* silu_mul_grad_n over bfloat16 buffers (du may be dh). */
+void moekit_silu_mul_backward_bf16(const uint16_t *dh, const uint16_t *g, const uint16_t *u, uint16_t *dg,
+                                   uint16_t *du, long n, int nthreads)
+{
+    #pragma omp parallel num_threads(n < ACT_PARALLEL_MIN ? 1 : nthreads)
+    {
+        long a, b;
+        share(n, 16, &a, &b);
+        float hf[ACT_CHUNK], gf[ACT_CHUNK], uf[ACT_CHUNK], dgf[ACT_CHUNK], duf[ACT_CHUNK];
+        for (long i = a; i < b; i += ACT_CHUNK) {
+            long m = b - i < ACT_CHUNK ? b - i : ACT_CHUNK;
+            for (long j = 0; j < m; j++)
+                hf[j] = bf16_in(dh[i + j]), gf[j] = bf16_in(g[i + j]), uf[j] = bf16_in(u[i + j]);
+            silu_mul_grad_n(hf, gf, uf, dgf, duf, m);
+            for (long j = 0; j < m; j++) dg[i + j] = bf16_out(dgf[j]), du[i + j] = bf16_out(duf[j]);
+        }
     }
 }
 

@@ -18,6 +18,8 @@ SIGNATURES: dict[str, tuple[list, type | None]] = {
     "moekit_swiglu_blocks_backward": ([P, L, P, L, P, P, L, L, L, P, L, L, L, P, P, P, P, P, P, P, I], I),
     "moekit_silu_mul": ([P, P, P, L, I], None),
     "moekit_silu_mul_backward": ([P, P, P, P, P, L, I], None),
+    "moekit_silu_mul_bf16": ([P, P, P, L, I], None),
+    "moekit_silu_mul_backward_bf16": ([P, P, P, P, P, L, I], None),
     "moekit_topk_softmax": ([P, L, L, I, I, F, P, P, P, I], I),
     "moekit_topk_softmax_backward": ([P, P, P, P, P, L, L, I, I, F, P, I], I),
     "moekit_gather_rows": ([P, L, P, P, L, L, P, I], I),

@@ -54,10 +54,20 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Te
     return F.grouped_mm(x, w, offs=offs)
 
 
+def _act_kernels(*tensors: torch.Tensor) -> bool:
+    """Whether the one-pass activation kernels take these: contiguous, on the CPU, all float32
+    or all bfloat16, the kernels on (and outside ``torch.compile``)."""
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.bfloat16) or any(
+            t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return False
+    return kernels.is_enabled() and not torch.compiler.is_compiling() and kernels.load() is not None
+
+
 def silu_mul(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(g) * u``: in one kernel pass where the kernels take ``g`` (contiguous float32
-    on the CPU), else in torch ops. ``out`` may be ``g``."""
-    if kernels.for_tensors(g) is not None and g.is_contiguous() and u.is_contiguous():
+    or bfloat16 on the CPU), else in torch ops. ``out`` may be ``g``."""
+    if _act_kernels(g, u):
         return kernels.silu_mul(lib(), g, u, out=out)
     if out is None:
         return F.silu(g) * u
@@ -68,7 +78,7 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) 
 
 def _silu_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dg, du)`` of :func:`silu_mul` for ``dh`` (``dh`` may be overwritten)."""
-    if kernels.for_tensors(g) is not None and dh.is_contiguous() and g.is_contiguous() and u.is_contiguous():
+    if _act_kernels(dh, g, u):
         return kernels.silu_mul_backward(lib(), dh, g, u)
     du = dh.mul(F.silu(g))
     return torch.ops.aten.silu_backward(dh.mul_(u), g), du

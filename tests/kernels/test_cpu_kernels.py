@@ -280,6 +280,29 @@ def test_silu_mul_and_its_backward_equal_float64_torch(n):
 
 
 @needs_lib
+@pytest.mark.parametrize("n", [1, 17, 513, 70_001])  # a chunk's tail, chunks, two threads
+def test_bfloat16_silu_mul_rounds_the_float32_result_once(n):
+    """bfloat16 buffers: each value computed in float32 from the widened inputs and rounded
+    once (within half a bfloat16 step, where torch's two rounded passes may miss by more);
+    NaN stays NaN, infinities stay infinite."""
+    torch.manual_seed(n)
+    g, u, dh = (torch.randn(n) * 4).bfloat16(), torch.randn(n).bfloat16(), torch.randn(n).bfloat16()
+    g[: min(n, 4)] = torch.tensor([-100.0, 0.0, 20.0, 100.0])[: min(n, 4)].bfloat16()
+    gg, uu = g.double().requires_grad_(), u.double().requires_grad_()
+    want = F.silu(gg) * uu
+    want.backward(dh.double())
+    half_step = lambda t: t.abs() * 2.0**-8 + 1e-30  # noqa: E731 (half a bf16 step, with the polynomial's ulp)
+    got = kernels.silu_mul(lib, g, u)
+    assert got.dtype == torch.bfloat16 and ((got.double() - want.detach()).abs() <= half_step(want.detach())).all()
+    dg, du = kernels.silu_mul_backward(lib, dh, g, u)
+    assert ((dg.double() - gg.grad).abs() <= half_step(gg.grad)).all()
+    assert ((du.double() - uu.grad).abs() <= half_step(uu.grad)).all()
+    special = torch.tensor([float("nan"), float("inf"), 1.0]).bfloat16()
+    out = kernels.silu_mul(lib, special, torch.tensor([1.0, 1.0, float("-inf")]).bfloat16())
+    assert out[0].isnan() and out[1] == float("inf") and out[2] == float("-inf")
+
+
+@needs_lib
 @pytest.mark.parametrize("d, f, counts", SEGMENT_CASES + [(20, 50, [17, 0, 9]), (24, 40, [0, 0])])
 @pytest.mark.parametrize("prepared", [False, True], ids=["plain", "fused gate/up"])
 @pytest.mark.parametrize("blocked", [False, True], ids=["rows", "blocked"])
