@@ -42,6 +42,9 @@ static void share(long n, long align, long *a, long *b)
     if (*b > n) *b = n;
 }
 
+/* share for cpu_lowp.c's parallel regions */
+void moekit_share(long n, long align, long *a, long *b) { share(n, align, a, b); }
+
 /* a hint, never a fault: the address may lie past the end of the weights */
 static inline void prefetch(const float *p, long offset)
 {

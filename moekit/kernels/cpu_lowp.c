@@ -40,9 +40,11 @@ void moekit_route_token(const float *h, long K, const float *wr, const float *br
                         float *probs_out, long *counts_out);                                   /* cpu_gemv.c */
 void moekit_attend_token(float *qkv, float *y, float *scores, long H, long Hkv, long hd, const float *cos,
                          const float *sin, float *kc, float *vc, long hs, long pos, long start, int nthreads);
+void moekit_share(long n, long align, long *a, long *b); /* cpu_gemv.c: this thread's [a, b) of n */
 
 #define PARALLEL_MIN 65536 /* weights: below this one thread (a parallel region costs microseconds) */
 #define R 4                /* weight rows per block */
+#define LOWP_MAX_ROWS 64   /* rows of x (tokens) one call takes: kernels/lowp.py's LOWP_MAX_ROWS */
 
 static inline float bf16_value(uint16_t h)
 {
@@ -442,7 +444,7 @@ static float quantize_int4_avx512(const float *x, long K, long G, int8_t *q, int
     return sx;
 }
 #if BF16_DOT
-/* x = hi + lo in bf16, rounded to nearest even as bf16_round */
+/* x = hi + lo in bf16, each rounded to the nearest (ties to even) */
 static void split_bf16_avx512(const float *x, long K, uint16_t *hi, uint16_t *lo)
 {
     for (long k = 0; k < K; k += 16) {
@@ -479,29 +481,19 @@ typedef struct {
     int vnni;
 } lowp_vec;
 
-#if VNNI
+#if VNNI /* the shapes the VNNI blocks take */
 static int int8_vnni(long K) { return K <= VNNI_I8_MAX_K; }
-#else
-static int int8_vnni(long K) { return 0 * K; }
+static int int4_vnni(long K, long G) { return K % 128 == 0 && (G == 32 || G == 64 || G % 128 == 0); }
 #endif
-static int int4_vnni(long K, long G) { return VNNI && K % 128 == 0 && (G == 32 || G == 64 || G % 128 == 0); }
 
 /* The bytes lowp_prepare needs beside the vector: q (K; bf16: hi and lo, 4 K), bias (K / 4
  * int32s) aligned to 64 */
 static long prep_bytes(long K) { return 4 * K + 4 * (K / 4 + 1) + 64; }
 
-/* the bfloat16 nearest to v (ties to even; v finite) */
-static inline uint16_t bf16_round(float v)
-{
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
 /* v prepared from x for the rows of W; buf: prep_bytes(W->K) bytes */
 static void lowp_prepare(const lowp_mat *W, const float *x, lowp_vec *v, char *buf)
 {
-    long K = W->K, G = W->G;
+    long K = W->K;
     v->x = x, v->vnni = 0, v->q = (int8_t *)buf, v->bias = (int32_t *)(((uintptr_t)buf + 4 * K + 63) & ~(uintptr_t)63);
     if (W->fmt == 0) {
 #if BF16_DOT
@@ -515,11 +507,11 @@ static void lowp_prepare(const lowp_mat *W, const float *x, lowp_vec *v, char *b
         v->sx = quantize_avx512(x, K, v->q, 128), v->vnni = 1;
         return;
     }
-    if (W->fmt == 2 && int4_vnni(K, G)) {
+    if (W->fmt == 2 && int4_vnni(K, W->G)) {
         /* step c's values for the low nibbles of packed bytes 64c..64c+63, then for their high
          * nibbles; byte B holds codes j and j + G/2 of group B / (G/2), j = B % (G/2); bias:
          * -8 * the sum of each lane's four low and four high values */
-        v->sx = quantize_int4_avx512(x, K, G, v->q, v->bias), v->vnni = 1;
+        v->sx = quantize_int4_avx512(x, K, W->G, v->q, v->bias), v->vnni = 1;
         return;
     }
 #endif
@@ -568,71 +560,9 @@ static void lowp_block(const lowp_mat *W, const lowp_vec *v, long n, long rows, 
     }
 }
 
-/* y[n] = alpha * dot(row n of W, v) + bias[n] (+ y[n] when accumulate) for n0 <= n < n1: one thread's share */
-static void lowp_dots(const lowp_mat *W, const lowp_vec *v, long n0, long n1, float *y, float alpha, int accumulate,
-                      const float *bias)
-{
-    for (long n = n0; n < n1; n += R) {
-        long rows = n1 - n < R ? n1 - n : R;
-        float s[R];
-        lowp_block(W, v, n, rows, s);
-        for (long r = 0; r < rows; r++) {
-            float t = alpha * s[r] + (bias ? bias[n + r] : 0.0f);
-            y[n + r] = accumulate ? y[n + r] + t : t;
-        }
-    }
-}
-
-/* [a, b): this thread's share of n rows, in blocks of 16 */
-static void share16(long n, long *a, long *b)
-{
-    int t = omp_get_thread_num(), T = omp_get_num_threads();
-    long blocks = (n + 15) / 16;
-    *a = blocks * t / T * 16, *b = blocks * (t + 1) / T * 16;
-    *a = *a > n ? n : *a, *b = *b > n ? n : *b;
-}
-
 static int format_ok(int fmt, long K, long G)
 {
     return fmt >= 0 && fmt <= 2 && K > 0 && (fmt != 2 || (G > 0 && G <= 1024 && G % 2 == 0 && K % G == 0));
-}
-
-static void lowp_dots_rows(const lowp_mat *W, lowp_vec *const *v, long M, long n0, long n1, float *const *y,
-                           const float *alpha, int accumulate);
-
-/* out[m] = alpha * W @ v_m (+ out[m] when accumulate) for m < M (at most 64), v_m = x[m], or
- * rmsnorm(x[m]) * g when g is given. Returns 0, 1 when out of memory, 2 for a bad format. */
-int moekit_rows_lowp(int fmt, const void *w, const float *scale, long N, long K, long G, const float *x, long M,
-                     float *out, float alpha, int accumulate, const float *g, float eps, int threads)
-{
-    if (!format_ok(fmt, K, G) || M < 1 || M > 64)
-        return 2;
-    lowp_mat W = {fmt, w, scale, K, G};
-    long pb = prep_bytes(K);
-    char *buf = malloc(M * pb + (g ? M * K * sizeof(float) : 0));
-    if (!buf)
-        return 1;
-    lowp_vec v[64];
-    float *normed = (float *)(buf + M * pb);
-    for (long m = 0; m < M; m++) {
-        const float *xm = x + m * K;
-        if (g) {
-            moekit_rmsnorm(xm, g, K, eps, normed + m * K);
-            xm = normed + m * K;
-        }
-        lowp_prepare(&W, xm, &v[m], buf + m * pb);
-    }
-    lowp_vec *vp[64];
-    float *ys[64], alphas[64];
-    for (long m = 0; m < M; m++) vp[m] = &v[m], ys[m] = out + m * N, alphas[m] = alpha;
-    long blocks = (N + R - 1) / R;
-#pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= PARALLEL_MIN)
-    for (long blk = 0; blk < blocks; blk++) {
-        long n = blk * R, n1 = N - n < R ? N : n + R;
-        lowp_dots_rows(&W, vp, M, n, n1, ys, alphas, accumulate);
-    }
-    free(buf);
-    return 0;
 }
 
 /* lowp_block for two vectors: the VNNI pair kernels where both took the VNNI preparation */
@@ -659,11 +589,11 @@ static void lowp_block2(const lowp_mat *W, const lowp_vec *va, const lowp_vec *v
     lowp_block(W, vb, n, rows, sb);
 }
 
-/* lowp_dots for M vectors at once (each block of weight rows read from memory once for all,
- * two vectors a pass): y[m][n] = alpha[m] * dot(row n of W, v[m]) (+ y[m][n] when
- * accumulate) for n0 <= n < n1 */
+/* One thread's share of products with M vectors at once (each block of weight rows read
+ * from memory once for all, two vectors a pass): y[m][n] = alpha[m] * dot(row n of W, v[m])
+ * + bias[n] (+ y[m][n] when accumulate) for n0 <= n < n1; bias may be NULL. */
 static void lowp_dots_rows(const lowp_mat *W, lowp_vec *const *v, long M, long n0, long n1, float *const *y,
-                           const float *alpha, int accumulate)
+                           const float *alpha, int accumulate, const float *bias)
 {
     for (long n = n0; n < n1; n += R) {
         long rows = n1 - n < R ? n1 - n : R;
@@ -676,13 +606,49 @@ static void lowp_dots_rows(const lowp_mat *W, lowp_vec *const *v, long M, long n
                 lowp_block(W, v[m], n, rows, s[0]);
             for (long j = 0; j <= pair; j++) {
                 float *o = y[m + j] + n, al = alpha[m + j];
-                for (long r = 0; r < rows; r++) o[r] = accumulate ? o[r] + al * s[j][r] : al * s[j][r];
+                for (long r = 0; r < rows; r++) {
+                    float t = al * s[j][r] + (bias ? bias[n + r] : 0.0f);
+                    o[r] = accumulate ? o[r] + t : t;
+                }
             }
         }
     }
 }
 
-#define MOE_MAX_ROWS 64 /* tokens one call of moekit_moe_token_lowp takes */
+/* out[m] = alpha * W @ v_m (+ out[m] when accumulate) for m < M (at most 64), v_m = x[m], or
+ * rmsnorm(x[m]) * g when g is given. Returns 0, 1 when out of memory, 2 for a bad format. */
+int moekit_rows_lowp(int fmt, const void *w, const float *scale, long N, long K, long G, const float *x, long M,
+                     float *out, float alpha, int accumulate, const float *g, float eps, int threads)
+{
+    if (!format_ok(fmt, K, G) || M < 1 || M > LOWP_MAX_ROWS)
+        return 2;
+    lowp_mat W = {fmt, w, scale, K, G};
+    long pb = prep_bytes(K);
+    char *buf = malloc(M * pb + (g ? M * K * sizeof(float) : 0));
+    if (!buf)
+        return 1;
+    lowp_vec v[LOWP_MAX_ROWS];
+    float *normed = (float *)(buf + M * pb);
+    for (long m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        if (g) {
+            moekit_rmsnorm(xm, g, K, eps, normed + m * K);
+            xm = normed + m * K;
+        }
+        lowp_prepare(&W, xm, &v[m], buf + m * pb);
+    }
+    lowp_vec *vp[LOWP_MAX_ROWS];
+    float *ys[LOWP_MAX_ROWS], alphas[LOWP_MAX_ROWS];
+    for (long m = 0; m < M; m++) vp[m] = &v[m], ys[m] = out + m * N, alphas[m] = alpha;
+    long blocks = (N + R - 1) / R;
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= PARALLEL_MIN)
+    for (long blk = 0; blk < blocks; blk++) {
+        long n = blk * R, n1 = N - n < R ? N : n + R;
+        lowp_dots_rows(&W, vp, M, n, n1, ys, alphas, accumulate, NULL);
+    }
+    free(buf);
+    return 0;
+}
 
 /* B tokens (at most 64) through an MoE feed-forward with the softmax top-k router, its
  * experts in format fmt (group G), in place on x [B, K]: h = rmsnorm(x) * g (g NULL: h = x);
@@ -697,7 +663,7 @@ int moekit_moe_token_lowp(int fmt, long G, float *x, long B, long K, const float
                           const float *s1, const void *q3, const float *s3, const void *q2, const float *s2, long F,
                           long *chosen, float *chosen_w, int threads)
 {
-    if (!format_ok(fmt, K, G) || !format_ok(fmt, F, G) || k < 1 || k > E || B < 1 || B > MOE_MAX_ROWS)
+    if (!format_ok(fmt, K, G) || !format_ok(fmt, F, G) || k < 1 || k > E || B < 1 || B > LOWP_MAX_ROWS)
         return 2;
     long pK = prep_bytes(K), pF = prep_bytes(F);
     /* h [B, K], logits [E]; two sets (experts alternate, so a thread still reading one
@@ -712,7 +678,7 @@ int moekit_moe_token_lowp(int fmt, long G, float *x, long B, long K, const float
     float *h = (float *)(buf + longs * sizeof(long)), *logits = h + B * K, *act = logits + E;
     char *prep_h = (char *)(h + floats), *prep_hidden = prep_h + B * pK;
     lowp_mat W1 = {fmt, q1, s1, K, G};
-    lowp_vec vh[MOE_MAX_ROWS], vhid[2][MOE_MAX_ROWS];
+    lowp_vec vh[LOWP_MAX_ROWS], vhid[2][LOWP_MAX_ROWS];
     for (long b = 0; b < B; b++) {
         moekit_rmsnorm(x + b * K, g, K, eps, h + b * K);
         moekit_route_token(h + b * K, K, wr, br, E, k, renormalize, scale, logits, chosen + b * k, chosen_w + b * k,
@@ -734,8 +700,8 @@ int moekit_moe_token_lowp(int fmt, long G, float *x, long B, long K, const float
             if (M == 0)
                 continue;
             int set = (int)(j++ % 2);
-            lowp_vec *vin[MOE_MAX_ROWS], *vmid[MOE_MAX_ROWS];
-            float *gate[MOE_MAX_ROWS], *up[MOE_MAX_ROWS], *xo[MOE_MAX_ROWS], w[MOE_MAX_ROWS], one[MOE_MAX_ROWS];
+            lowp_vec *vin[LOWP_MAX_ROWS], *vmid[LOWP_MAX_ROWS];
+            float *gate[LOWP_MAX_ROWS], *up[LOWP_MAX_ROWS], *xo[LOWP_MAX_ROWS], w[LOWP_MAX_ROWS], one[LOWP_MAX_ROWS];
             for (long m = 0; m < M; m++) {
                 long s = slots[start[e] + m], b = s / k;
                 vin[m] = &vh[b], vmid[m] = &vhid[set][m];
@@ -746,17 +712,17 @@ int moekit_moe_token_lowp(int fmt, long G, float *x, long B, long K, const float
             lowp_mat w3 = {fmt, (const char *)q3 + e * b1, s3 ? s3 + e * n1 : NULL, K, G};
             lowp_mat w2 = {fmt, (const char *)q2 + e * b2, s2 ? s2 + e * n2 : NULL, F, G};
             long a, b;
-            share16(F, &a, &b);
+            moekit_share(F, 16, &a, &b);
             if (b > a) {
-                lowp_dots_rows(&w1, vin, M, a, b, gate, one, 0);
-                lowp_dots_rows(&w3, vin, M, a, b, up, one, 0);
+                lowp_dots_rows(&w1, vin, M, a, b, gate, one, 0, NULL);
+                lowp_dots_rows(&w3, vin, M, a, b, up, one, 0, NULL);
                 for (long m = 0; m < M; m++) moekit_silu_mul_rows(gate[m] + a, up[m] + a, up[m] + F + a, b - a);
             }
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (long m = 0; m < M; m++) lowp_prepare(&w2, up[m] + F, vmid[m], prep_hidden + (set * B + m) * pF);
-            share16(K, &a, &b); /* the same columns of x for every expert: no two threads write one */
-            lowp_dots_rows(&w2, vmid, M, a, b, xo, w, 1);
+            moekit_share(K, 16, &a, &b); /* the same columns of x for every expert: no two threads write one */
+            lowp_dots_rows(&w2, vmid, M, a, b, xo, w, 1, NULL);
         }
     }
     free(buf);
@@ -781,22 +747,23 @@ int moekit_attention_token_lowp(int fmt, long G, float *x, long d, const float *
     float *h = (float *)buf, *qkv = h + d, *y = qkv + n, *scores = y + H * hd;
     char *prep1 = (char *)(scores + H * L), *prep2 = prep1 + p1;
     lowp_mat Wqkv = {fmt, qkv_w, qkv_s, d, G}, Wo = {fmt, wo_w, wo_s, H * hd, G};
-    lowp_vec vh, vy;
+    lowp_vec vh, vy, *pvh = &vh, *pvy = &vy;
+    const float one = 1.0f;
     moekit_rmsnorm(x, g, d, eps, h);
     lowp_prepare(&Wqkv, h, &vh, prep1);
 #pragma omp parallel num_threads(threads) if (n * d >= PARALLEL_MIN)
     {
         long a, b;
-        share16(n, &a, &b);
-        lowp_dots(&Wqkv, &vh, a, b, qkv, 1.0f, 0, bqkv);
+        moekit_share(n, 16, &a, &b);
+        lowp_dots_rows(&Wqkv, &pvh, 1, a, b, &qkv, &one, 0, bqkv);
     }
     moekit_attend_token(qkv, y, scores, H, Hkv, hd, cos, sin, kc, vc, hs, pos, start, threads);
     lowp_prepare(&Wo, y, &vy, prep2);
 #pragma omp parallel num_threads(threads) if (d * H * hd >= PARALLEL_MIN)
     {
         long a, b;
-        share16(d, &a, &b);
-        lowp_dots(&Wo, &vy, a, b, x, 1.0f, 1, bo);
+        moekit_share(d, 16, &a, &b);
+        lowp_dots_rows(&Wo, &pvy, 1, a, b, &x, &one, 1, bo);
     }
     free(buf);
     return 0;
