@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,6 @@ class RunLock:
         """The lock's pid and host; ``None`` where it is unreadable. A writer creates the file
         and then writes it: an empty or partial lock is read again for up to ``settle_s``
         seconds, so that a writer caught in between is named, not called unknown."""
-        import time
-
         deadline = time.monotonic() + settle_s
         while True:
             try:

@@ -379,8 +379,8 @@ static void gemm(long m, long n, long k, const float *A, long ras, long cas, con
         return;
     }
     /* few rows and a weight that fits L2 (fetched there by the previous product): B read in
-     * place, where packing it would copy each value for only MR-row tiles' use (64 experts of
-     * d_ff 224 at 16-32 rows: +11-25% forward, benchmarks/moe_layer.py) */
+     * place, where packing it would copy each value for only MR-row tiles' use
+     * (benchmarks/moe_layer.py, fine-grained rows) */
     int direct = m <= DIRECT_ROWS && k * n * (long)sizeof(float) <= DIRECT_BYTES && cbs == 1 && n % NR == 0;
     long ncmax = (n + NR - 1) / NR * NR;
     ncmax = ncmax < NC ? ncmax : NC;

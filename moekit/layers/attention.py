@@ -148,8 +148,8 @@ class Attention(nn.Module):
         gqa = self.n_heads != self.n_kv_heads
         mask = self._mask(past, S, key_mask, x.device)
         if mask is None and past == 0 and _float32_attention(q):
-            # the CPU's flash attention trains 2.2x slower in bfloat16 than in float32 (its
-            # backward; benchmarks/moe_vs_dense.py --dtype bfloat16): there it runs in float32
+            # the CPU's flash attention trains slower in bfloat16 than in float32 (its backward;
+            # benchmarks/moe_vs_dense.py --dtype bfloat16): there it runs in float32
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
                                                    enable_gqa=gqa).to(q.dtype)

@@ -67,8 +67,8 @@ def padded_segments(tokens_per_expert: torch.Tensor, multiple: int) -> tuple[tor
     the sorted rows goes in the padded layout, and the padded counts.
 
     oneDNN, which runs bfloat16 and float16 matrix products on the CPU, builds a kernel for
-    every new shape (about 1 ms, where the product itself takes 0.06 ms): segment lengths that
-    change with every batch's routing would pay that on every product. Padded to a multiple of
+    every new shape (longer than the product itself takes): segment lengths that change with
+    every batch's routing would pay that on every product. Padded to a multiple of
     64 the shapes repeat and the built kernels are reused (benchmarks/moe_vs_dense.py
     --dtype bfloat16)."""
     counts = tokens_per_expert.to(torch.int64)

@@ -28,7 +28,7 @@ _ATTENTION = ("wq", "wk", "wv", "wo")
 
 def kernel_rows(x: torch.Tensor, fmt) -> bool:
     """Whether a product over the rows ``x`` takes the format's kernel (each weight read once
-    per 64 rows): int8 and int4 at every row count (at 64 rows as fast as float32's matmul),
+    per 64 rows): int8 and int4 at every row count (benchmarks/quantize.py's prefill line),
     bf16 up to ``lowp_kernel_max_rows`` (beyond, bfloat16 matrix products are faster)."""
     return fmt.int8_activations or x.shape[0] <= threshold("lowp_kernel_max_rows")
 

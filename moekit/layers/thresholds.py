@@ -32,9 +32,8 @@ THRESHOLDS: dict[str, Threshold] = {
     "blocks_max_rows_avx512": Threshold(
         512, "benchmarks/moe_layer.py",
         "blocks_max_rows where the kernels' AVX-512 loops are built: above it BLAS's AVX-512 products on "
-        "long segments win on a quiet machine (8 experts d_ff 1792 at 1024 rows per expert: blocked "
-        "0.91x forward, 0.85x training); up to it the blocked kernel, also where it is 0.9x of BLAS quiet, "
-        "because BLAS's many parallel regions collapse beside busy processes (64 experts at 512 rows: 7x slower)"),
+        "long segments win on a quiet machine; up to it the blocked kernel, also where BLAS is a little faster "
+        "quiet, because BLAS's many parallel regions collapse beside busy processes (docs/throughput.md)"),
     "loop_inference_min_rows": Threshold(
         32, "benchmarks/moe_layer.py",
         "inference from here: the segment loop (buffers reused, one segment's activation in cache); "
@@ -51,8 +50,8 @@ THRESHOLDS: dict[str, Threshold] = {
     "lowp_kernel_max_rows": Threshold(
         16, "benchmarks/quantize.py",
         "bf16: up to here moekit.kernels.rows_lowp (weights widened in registers, read once for all rows); "
-        "from here bfloat16 matrix products (twice float32's speed); int8 and int4 take the kernel at every "
-        "row count, 64 rows a call (as fast as float32's matmul there)"),
+        "from here bfloat16 matrix products (faster); int8 and int4 take the kernel at every row count, "
+        "64 rows a call (faster than dequantise-then-matmul)"),
     # the dispatch, inference: (token, slot) pairs in one call
     "unsorted_max_slots": Threshold(
         4, "benchmarks/generate.py",

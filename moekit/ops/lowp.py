@@ -123,7 +123,7 @@ class BF16(WeightFormat):
     def matmul(self, x, parts, group_size, out=None, alpha=1.0, kernel=True):
         """Beyond the kernel's rows (prefill), float32 rows on the CPU multiply in bfloat16:
         ``x`` rounded to bf16, float32 accumulation, the product rounded to bf16 (as under
-        autocast), at about twice float32's speed (benchmarks/quantize.py, its prefill line);
+        autocast), faster than float32 there (benchmarks/quantize.py, its prefill line);
         otherwise as :meth:`WeightFormat.matmul`."""
         if not kernel and x.dtype == torch.float32 and x.device.type == "cpu":
             y = torch.nn.functional.linear(x.to(torch.bfloat16), parts["w"]).float()
