@@ -10,11 +10,7 @@ import ctypes
 import torch
 
 from moekit.kernels import checks as ck
-from moekit.kernels.ffi import check_rc
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+from moekit.kernels.ffi import check_rc, ptr
 
 
 def rows_ok(w: torch.Tensor) -> bool:
@@ -36,8 +32,8 @@ def rows(lib: ctypes.CDLL, w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, 
     ck.optional("bias", bias, numel=N)
     ck.optional("add", add, numel=N)
     ck.optional("norm_weight", norm_weight, numel=K)
-    check_rc(lib.moekit_rows(w.data_ptr(), N, K, w.stride(0), x.data_ptr(), _ptr(norm_weight), eps, out.data_ptr(),
-                             alpha, _ptr(bias), _ptr(add), torch.get_num_threads()), "moekit_rows")
+    check_rc(lib.moekit_rows(w.data_ptr(), N, K, w.stride(0), x.data_ptr(), ptr(norm_weight), eps, out.data_ptr(),
+                             alpha, ptr(bias), ptr(add), torch.get_num_threads()), "moekit_rows")
     return out
 
 
@@ -99,7 +95,7 @@ def _moe_token_args(norm_weight, eps, gate_weight, gate_bias, top_k, renormalize
     ck.optional("gate_bias", gate_bias, numel=E)
     ck.optional("norm_weight", norm_weight, numel=K)
     ck.positive("top_k", top_k, E)
-    return (_ptr(norm_weight), eps, gate_weight.data_ptr(), _ptr(gate_bias), E, top_k, int(renormalize), scale,
+    return (ptr(norm_weight), eps, gate_weight.data_ptr(), ptr(gate_bias), E, top_k, int(renormalize), scale,
             w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.stride(1), Fw, w2.data_ptr(), w2.stride(0), w2.stride(1))
 
 
@@ -219,9 +215,9 @@ class AttentionStep:
                                                                         w_o, b_o))
         self._fn = lib.moekit_attention_token
         self.d, self.hd, self.rows = d, hd, k_cache.shape[1]
-        self._qkv = (norm_weight.data_ptr(), eps, w_qkv.data_ptr(), _ptr(b_qkv), H, Hkv, hd)
+        self._qkv = (norm_weight.data_ptr(), eps, w_qkv.data_ptr(), ptr(b_qkv), H, Hkv, hd)
         self._cache = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0))
-        self._out = (w_o.data_ptr(), w_o.stride(0), _ptr(b_o))
+        self._out = (w_o.data_ptr(), w_o.stride(0), ptr(b_o))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, start: int) -> None:
         check_position(x, cos, sin, pos, start, self.d, self.hd, self.rows)

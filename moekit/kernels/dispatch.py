@@ -10,11 +10,7 @@ import ctypes
 import torch
 
 from moekit.kernels import checks as ck
-from moekit.kernels.ffi import check_rc
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+from moekit.kernels.ffi import check_rc, ptr
 
 
 def gather_rows(lib: ctypes.CDLL, src: torch.Tensor, idx: torch.Tensor, k: int,
@@ -32,7 +28,7 @@ def gather_rows(lib: ctypes.CDLL, src: torch.Tensor, idx: torch.Tensor, k: int,
     weight = ck.optional("weight", None if weight is None else weight.contiguous(), numel=idx.numel())
     n, d = idx.numel() // k, src.shape[1]
     out = src.new_empty(n, d)
-    check_rc(lib.moekit_gather_rows(src.data_ptr(), d, idx.data_ptr(), _ptr(weight), k, n, out.data_ptr(),
+    check_rc(lib.moekit_gather_rows(src.data_ptr(), d, idx.data_ptr(), ptr(weight), k, n, out.data_ptr(),
                                     torch.get_num_threads()), "moekit_gather_rows")
     return out
 
@@ -53,7 +49,7 @@ def combine_backward(lib: ctypes.CDLL, dout: torch.Tensor, y: torch.Tensor, toke
     dy = y.new_empty(n, d) if need_dy else None
     dw = y.new_empty(n) if need_dw else None
     check_rc(lib.moekit_combine_backward(dout.data_ptr(), y.data_ptr(), d, token_idx.data_ptr(), weight.data_ptr(), n,
-                                         _ptr(dy), _ptr(dw), torch.get_num_threads()), "moekit_combine_backward")
+                                         ptr(dy), ptr(dw), torch.get_num_threads()), "moekit_combine_backward")
     return dy, dw
 
 
@@ -87,7 +83,7 @@ def topk_softmax_backward(lib: ctypes.CDLL, probs: torch.Tensor, indices: torch.
     dprobs = ck.optional("dprobs", None if dprobs is None else dprobs.contiguous(), shape=(T, E))
     dweights = ck.optional("dweights", None if dweights is None else dweights.contiguous(), shape=(T, k))
     dlogits = probs.new_empty(T, E)
-    check_rc(lib.moekit_topk_softmax_backward(probs.data_ptr(), indices.data_ptr(), weights.data_ptr(), _ptr(dprobs),
-                                              _ptr(dweights), T, E, k, int(renormalize), scale, dlogits.data_ptr(),
+    check_rc(lib.moekit_topk_softmax_backward(probs.data_ptr(), indices.data_ptr(), weights.data_ptr(), ptr(dprobs),
+                                              ptr(dweights), T, E, k, int(renormalize), scale, dlogits.data_ptr(),
                                               torch.get_num_threads()), "moekit_topk_softmax_backward")
     return dlogits

@@ -40,6 +40,11 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def ptr(t) -> int | None:
+    """A tensor's data pointer for C, ``None`` (NULL) for an optional one left out."""
+    return None if t is None else t.data_ptr()
+
+
 def check_rc(rc: int | None, name: str) -> None:
     """Raise for a C function's non-zero return code: 2 (the low-precision kernels) an
     argument the wrappers should have refused, any other a failed allocation."""

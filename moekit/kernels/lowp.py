@@ -11,15 +11,11 @@ import torch
 
 from moekit.kernels import checks as ck
 from moekit.kernels.decode import check_caches, check_position
-from moekit.kernels.ffi import check_rc
+from moekit.kernels.ffi import check_rc, ptr
 
 FORMAT_CODES = {"bf16": 0, "int8": 1, "int4": 2}
 LOWP_MAX_ROWS = 64  # rows of x one call takes (the C side's activation scales)
 _CODE_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 class LowpWeights(NamedTuple):
@@ -77,8 +73,8 @@ def rows_lowp(lib: ctypes.CDLL, fmt: str, w: torch.Tensor, scale: torch.Tensor |
         raise ValueError(f"x has {M} rows; rows_lowp takes 1 to {LOWP_MAX_ROWS} a call")
     ck.tensor("out", out, numel=M * W.N)
     ck.optional("norm_weight", norm_weight, numel=W.K)
-    check_rc(lib.moekit_rows_lowp(FORMAT_CODES[fmt], w.data_ptr(), _ptr(W.scale), W.N, W.K, group_size, x.data_ptr(),
-                                  M, out.data_ptr(), alpha, int(accumulate), _ptr(norm_weight), eps,
+    check_rc(lib.moekit_rows_lowp(FORMAT_CODES[fmt], w.data_ptr(), ptr(W.scale), W.N, W.K, group_size, x.data_ptr(),
+                                  M, out.data_ptr(), alpha, int(accumulate), ptr(norm_weight), eps,
                                   torch.get_num_threads()), "moekit_rows_lowp")
     return out
 
@@ -115,8 +111,8 @@ class LowpMoETokenStep:
         self._keep = (norm_weight, gate_weight, gate_bias, w1, w3, w2)
         self._fn, self.d, self.top_k = lib.moekit_moe_token_lowp, d, top_k
         self._fmt = (FORMAT_CODES[w1.fmt], w1.group_size)
-        self._rest = (_ptr(norm_weight), eps, gate_weight.data_ptr(), _ptr(gate_bias), E, top_k, int(renormalize),
-                      scale, *(p for w in (w1, w3, w2) for p in (w.codes.data_ptr(), _ptr(w.scale))), f)
+        self._rest = (ptr(norm_weight), eps, gate_weight.data_ptr(), ptr(gate_bias), E, top_k, int(renormalize),
+                      scale, *(p for w in (w1, w3, w2) for p in (w.codes.data_ptr(), ptr(w.scale))), f)
         self._chosen = (ctypes.c_long * (self.max_rows * top_k))()
         self._weights = (ctypes.c_float * (self.max_rows * top_k))()
 
@@ -158,9 +154,9 @@ class LowpAttentionStep:
         self._fn = lib.moekit_attention_token_lowp
         self.d, self.hd, self.rows = d, hd, k_cache.shape[1]
         self._fmt = (FORMAT_CODES[w_qkv.fmt], w_qkv.group_size)
-        self._qkv = (norm_weight.data_ptr(), eps, w_qkv.codes.data_ptr(), _ptr(w_qkv.scale), _ptr(b_qkv), H, Hkv, hd)
+        self._qkv = (norm_weight.data_ptr(), eps, w_qkv.codes.data_ptr(), ptr(w_qkv.scale), ptr(b_qkv), H, Hkv, hd)
         self._cache = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0))
-        self._out = (w_o.codes.data_ptr(), _ptr(w_o.scale), _ptr(b_o))
+        self._out = (w_o.codes.data_ptr(), ptr(w_o.scale), ptr(b_o))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, start: int) -> None:
         check_position(x, cos, sin, pos, start, self.d, self.hd, self.rows)
