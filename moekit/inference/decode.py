@@ -57,11 +57,10 @@ def _norm_ok(norm) -> bool:
     return isinstance(norm, RMSNorm) and kernels.for_tensors(w) is not None and w.is_contiguous()
 
 
-def _lowp_parts(name: str, fmt: str, parts: dict, group_size: int, lead: tuple[int, ...] = ()):
-    """A quantised weight's parts (``moekit.layers.quantized``) as the kernels' checked
-    :class:`moekit.kernels.LowpWeights`."""
-    codes, scale = parts.get("w", parts.get("q")), parts.get("scale")
-    return kernels.lowp_weights(name, fmt, codes, scale, group_size, lead)
+def _lowp_parts(name: str, fmt, parts: dict, group_size: int, lead: tuple[int, ...] = ()):
+    """A quantised weight's parts (``moekit.layers.quantized``; ``fmt`` its
+    :class:`moekit.ops.lowp.WeightFormat`) as the kernels' checked :class:`moekit.kernels.LowpWeights`."""
+    return kernels.lowp_weights(name, fmt.name, parts[fmt.parts[0]], parts.get("scale"), group_size, lead)
 
 
 def _lowp_attention(attn):
@@ -71,7 +70,7 @@ def _lowp_attention(attn):
     mods = [attn.wq, attn.wk, attn.wv, attn.wo]
     if not all(isinstance(m, QuantizedLinear) for m in mods) or len({(m.format.name, m.group_size) for m in mods}) > 1:
         return None
-    fmt, group = mods[0].format.name, mods[0].group_size
+    fmt, group = mods[0].format, mods[0].group_size
     qkv = [m.parts() for m in mods[:3]]
     joined = {part: torch.cat([p[part] for p in qkv]) for part in qkv[0]}
     w_qkv = _lowp_parts("w_qkv", fmt, joined, group)
@@ -132,7 +131,7 @@ class Decoder:
         if self.lib is not None and isinstance(head, nn.Linear) and kernels.rows_ok(head.weight):
             self.head = "float"
         elif self.lib is not None and isinstance(head, QuantizedLinear) and head.bias is None:
-            self.head = _lowp_parts("lm_head", head.format.name, head.parts(), head.group_size)
+            self.head = _lowp_parts("lm_head", head.format, head.parts(), head.group_size)
         self.layers = [self._plan(layer, block) for layer, block in enumerate(model.blocks)]
 
     def _plan(self, layer, block):
@@ -186,7 +185,7 @@ class Decoder:
                                          moe[2], moe[3], *ffn.experts.weights())
         elif lean_moe and type(ffn.experts) is QuantizedExperts and ffn.experts.d_out == ffn.experts.d_model:
             ex, norm, gate = ffn.experts, block.ffn_norm, ffn.router.gate
-            w1, w3, w2 = (_lowp_parts(name, ex.format.name, ex.parts(name), ex.group_size, lead=(ex.num_experts,))
+            w1, w3, w2 = (_lowp_parts(name, ex.format, ex.parts(name), ex.group_size, lead=(ex.num_experts,))
                           for name in ("w1", "w3", "w2"))
             k_moe = kernels.LowpMoETokenStep(self.lib, norm.weight, norm.eps, gate.weight, gate.bias,
                                              ffn.config.top_k, moe[2], moe[3], w1, w3, w2)
