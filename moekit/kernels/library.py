@@ -154,11 +154,11 @@ def is_enabled() -> bool:
     return _switch["on"]
 
 
-def for_tensors(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+def for_tensors(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> ctypes.CDLL | None:
     """The kernels where the modules should use them on ``tensors``, else ``None``: switched
-    on, built, every tensor float32 on the CPU, and outside ``torch.compile`` (which cannot
-    trace a foreign call)."""
-    if not _switch["on"] or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+    on, built, every tensor on the CPU in one of ``dtypes`` (float32 unless the kernel takes
+    more), and outside ``torch.compile`` (which cannot trace a foreign call)."""
+    if not _switch["on"] or not all(t.dtype in dtypes and t.device.type == "cpu" for t in tensors):
         return None
     if torch.compiler.is_compiling():
         return None

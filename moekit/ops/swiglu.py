@@ -57,11 +57,9 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Te
 def _act_kernels(*tensors: torch.Tensor) -> bool:
     """Whether the one-pass activation kernels take these: contiguous, on the CPU, all float32
     or all bfloat16, the kernels on (and outside ``torch.compile``)."""
-    dtype = tensors[0].dtype
-    if dtype not in (torch.float32, torch.bfloat16) or any(
-            t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+    if any(t.dtype != tensors[0].dtype or not t.is_contiguous() for t in tensors):
         return False
-    return kernels.is_enabled() and not torch.compiler.is_compiling() and kernels.load() is not None
+    return kernels.for_tensors(*tensors, dtypes=(torch.float32, torch.bfloat16)) is not None
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
