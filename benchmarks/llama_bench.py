@@ -18,6 +18,7 @@ llama.cpp's RoPE): the work per token is the same, the logits are not compared.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -82,19 +83,24 @@ def write_gguf(hf_dir: Path, out: Path) -> Path:
 
 
 def prepare(hf_dir: Path, build: Path, work: Path, formats: list[str]) -> dict[str, Path]:
-    """GGUF files of the model in each of ``formats`` (keys of LLAMA_TYPES), under ``work``."""
+    """GGUF files of the model in each of ``formats`` (keys of LLAMA_TYPES), under a folder of
+    ``work`` named after the model's weights file (path, size, time), so a file written for
+    another model, or an older copy of this one, is never reused."""
+    weights = (hf_dir / "model.safetensors").resolve()
+    st = weights.stat()
+    work = work / hashlib.sha256(f"{weights}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     work.mkdir(parents=True, exist_ok=True)
     f32 = work / "model-f32.gguf"
-    if not f32.exists():
-        write_gguf(hf_dir, f32)
+    if not f32.exists():  # each file written beside and renamed: an interrupted run leaves none half-written
+        write_gguf(hf_dir, f32.with_suffix(".part"))
+        f32.with_suffix(".part").replace(f32)
     files = {"f32": f32}
     for fmt in formats:
-        if fmt == "f32":
-            continue
         path = work / f"model-{fmt}.gguf"
-        if not path.exists():
-            subprocess.run([str(build / "bin" / "llama-quantize"), str(f32), str(path), LLAMA_TYPES[fmt]],
-                           check=True, capture_output=True)
+        if fmt != "f32" and not path.exists():
+            subprocess.run([str(build / "bin" / "llama-quantize"), str(f32), str(path.with_suffix(".part")),
+                            LLAMA_TYPES[fmt]], check=True, capture_output=True)
+            path.with_suffix(".part").replace(path)
         files[fmt] = path
     return files
 
