@@ -64,11 +64,12 @@ def load(path: Path, fmt: str):
     return load_model(path, quantize=name, quantize_what=what or "experts").model
 
 
-def llama_cpp(path: Path, build: Path, new: int) -> dict[str, tuple[str, float]]:
-    """llama-bench's batch-1 speed of the model as GGUF in each paired format, measured now."""
+def llama_cpp(path: Path, build: Path, new: int, work: Path) -> dict[str, tuple[str, float]]:
+    """llama-bench's batch-1 speed of the model as GGUF (written under ``work``) in each paired
+    format, measured now."""
     from llama_bench import bench, prepare
 
-    files = prepare(path, build, Path(tempfile.mkdtemp(prefix="moekit-gguf-")), [*LLAMA_PAIRS.values(), "bf16"])
+    files = prepare(path, build, work, [*LLAMA_PAIRS.values(), "bf16"])
     measured = {fmt: (name, bench(build, files[name], new)) for fmt, name in LLAMA_PAIRS.items()}
     bf16 = bench(build, files["bf16"], new)
     print(f"llama.cpp (llama-bench tg{new}, 2 threads, measured in this run): "
@@ -172,7 +173,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model_dir or tmp) / "mixtral-mini"
         make_model(path)
-        llama = llama_cpp(path, args.llama_build, args.new_tokens) if args.llama_build else None
+        llama = llama_cpp(path, args.llama_build, args.new_tokens, Path(tmp) / "gguf") if args.llama_build else None
         results["speed"] = speed(path, args.new_tokens, [int(b) for b in args.batches.split(",")], measure_bandwidth(),
                                  llama)
     results["quality"] = {run: quality(run, args.windows) for run in args.run}
