@@ -17,9 +17,10 @@ checks every return code. Modules decide when to call it (``moekit.layers``,
   pass (:func:`silu_mul`).
 - :mod:`~moekit.kernels.lowp`: the same products and steps with weights in bf16, int8 or int4
   (:func:`rows_lowp`, :class:`LowpMoETokenStep`, :class:`LowpAttentionStep`).
-- :mod:`~moekit.kernels.dispatch`: the dispatch's gather and combine and their backward
-  passes, one pass each with no scatter (:func:`gather_rows`, :func:`combine_backward`), and
-  the softmax top-k router (:func:`topk_softmax`).
+- :mod:`~moekit.kernels.dispatch`: the dispatch's plan (:func:`sort_slots`, a counting sort,
+  with padding between the experts' segments), its gather and combine and their backward
+  passes, one pass each with no scatter, float32 or bfloat16 rows (:func:`gather_rows`,
+  :func:`combine_backward`), and the softmax top-k router (:func:`topk_softmax`).
 
 Why each exists, and what it measured, is in ``docs/internals.md`` and
 ``docs/benchmarks.md``.
@@ -39,11 +40,19 @@ from moekit.kernels.decode import (
 from moekit.kernels.experts import silu_mul, silu_mul_backward, swiglu_segments, swiglu_segments_backward
 from moekit.kernels.library import cache_dir, enabled, few_rows_vectorised, for_tensors, is_enabled, load, status
 from moekit.kernels.lowp import LOWP_MAX_ROWS, LowpAttentionStep, LowpMoETokenStep, LowpWeights, lowp_weights, rows_lowp
-from moekit.kernels.dispatch import combine_backward, gather_rows, topk_softmax, topk_softmax_backward
+from moekit.kernels.dispatch import (
+    ROW_DTYPES,
+    SortedSlots,
+    combine_backward,
+    gather_rows,
+    sort_slots,
+    topk_softmax,
+    topk_softmax_backward,
+)
 
 __all__ = [
-    "LOWP_MAX_ROWS", "AttentionStep", "LowpAttentionStep", "LowpMoETokenStep", "LowpWeights", "lowp_weights", "MoETokenStep", "attention_ok", "cache_dir", "combine_backward", "enabled", "few_rows_vectorised", "for_tensors",
+    "LOWP_MAX_ROWS", "ROW_DTYPES", "SortedSlots", "AttentionStep", "LowpAttentionStep", "LowpMoETokenStep", "LowpWeights", "lowp_weights", "MoETokenStep", "attention_ok", "cache_dir", "combine_backward", "enabled", "few_rows_vectorised", "for_tensors",
     "gather_rows", "is_enabled", "load", "moe_token", "moe_token_ok", "rows", "rows_lowp", "rows_ok", "silu_mul",
-    "silu_mul_backward", "status", "swiglu_add", "swiglu_ok", "swiglu_segments", "swiglu_segments_backward",
+    "silu_mul_backward", "sort_slots", "status", "swiglu_add", "swiglu_ok", "swiglu_segments", "swiglu_segments_backward",
     "topk_softmax", "topk_softmax_backward",
 ]

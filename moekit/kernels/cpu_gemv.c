@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
+
+#include "cpu_bf16.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -386,20 +388,6 @@ void moekit_silu_mul_backward(const float *dh, const float *g, const float *u, f
  * float32 loops. torch's bfloat16 silu and mul take several passes and round between them
  * (benchmarks/moe_vs_dense.py --dtype bfloat16). */
 #define ACT_CHUNK 512
-static inline float bf16_in(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-static inline uint16_t bf16_out(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r);
-}
 
 /* out[i] = silu(g[i]) * u[i] for i < n, bfloat16 (out may be g). */
 void moekit_silu_mul_bf16(const uint16_t *g, const uint16_t *u, uint16_t *out, long n, int nthreads)

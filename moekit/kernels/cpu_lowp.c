@@ -33,6 +33,8 @@
 #include <string.h>
 #include <omp.h>
 
+#include "cpu_bf16.h"
+
 void moekit_rmsnorm(const float *x, const float *g, long n, float eps, float *out);          /* cpu_gemv.c */
 void moekit_silu_mul_rows(const float *g, const float *u, float *out, long n);                 /* cpu_gemv.c */
 void moekit_route_token(const float *h, long K, const float *wr, const float *br, long E, int k, int renormalize,
@@ -46,14 +48,6 @@ void moekit_share(long n, long align, long *a, long *b); /* cpu_gemv.c: this thr
 #define R 4                /* weight rows per block */
 #define LOWP_MAX_ROWS 64   /* rows of x (tokens) one call takes: kernels/lowp.py's LOWP_MAX_ROWS */
 
-static inline float bf16_value(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float v;
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
-
 /* s[r] = dot(row r of the block, x) for the R rows starting at w (row stride K), r < rows */
 __attribute__((unused)) static void bf16_block(const uint16_t *w, long K, long rows, const float *x, float *s)
 {
@@ -62,10 +56,10 @@ __attribute__((unused)) static void bf16_block(const uint16_t *w, long K, long r
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
     for (long k = 0; k < K; k++) {
         float v = x[k];
-        a0 += bf16_value(w0[k]) * v;
-        a1 += bf16_value(w1[k]) * v;
-        a2 += bf16_value(w2[k]) * v;
-        a3 += bf16_value(w3[k]) * v;
+        a0 += bf16_in(w0[k]) * v;
+        a1 += bf16_in(w1[k]) * v;
+        a2 += bf16_in(w2[k]) * v;
+        a3 += bf16_in(w3[k]) * v;
     }
     s[0] = a0, s[1] = a1, s[2] = a2, s[3] = a3;
 }

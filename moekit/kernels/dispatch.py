@@ -1,11 +1,12 @@
-"""Wrappers of the row-moving and routing kernels (``cpu_rows.c``): the gather into expert
-order and the weighted combine back, their backward passes, and the softmax top-k router
-with its backward. Tensors and scalars in, tensors out; every argument checked, index
+"""Wrappers of the row-moving and routing kernels (``cpu_rows.c``): the plan (slots sorted by
+expert), the gather into expert order and the weighted combine back, their backward passes
+(float32 or bfloat16 on either side), and the softmax top-k router with its backward. Tensors and scalars in, tensors out; every argument checked, index
 values included, before it reaches C."""
 
 from __future__ import annotations
 
 import ctypes
+from typing import NamedTuple
 
 import torch
 
@@ -13,12 +14,26 @@ from moekit.kernels import checks as ck
 from moekit.kernels.ffi import check_rc, ptr
 
 
+ROW_DTYPES = (torch.float32, torch.bfloat16)  # what the row kernels read and write
+
+
+def _row_dtype(name: str, t: torch.Tensor | torch.dtype) -> int:
+    """1 where ``t`` (a tensor or a dtype) is bfloat16, 0 where float32; else a ValueError."""
+    dtype = t if isinstance(t, torch.dtype) else t.dtype
+    if dtype not in ROW_DTYPES:
+        raise ValueError(f"{name} must be torch.float32 or torch.bfloat16, got {dtype}")
+    return int(dtype == torch.bfloat16)
+
+
 def gather_rows(lib: ctypes.CDLL, src: torch.Tensor, idx: torch.Tensor, k: int,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
+                weight: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``out[i] = sum over j < k of weight[i k + j] * src[idx[i k + j]]``, skipping ``idx < 0``
-    (``weight`` None: 1; a row with no source is 0). ``src [S, d]``, ``idx`` int64 ``[n k]``
-    with values in ``[-1, S)``, ``weight`` float32 ``[n k]``. Returns ``[n, d]``."""
-    ck.tensor("src", src, shape=(None, None))
+    (``weight`` None: 1; a row with no source is 0). ``src [S, d]`` float32 or bfloat16, ``idx``
+    int64 ``[n k]`` with values in ``[-1, S)``, ``weight`` float32 ``[n k]``. Returns ``[n, d]``
+    in ``dtype`` (float32 or bfloat16; default ``src``'s), each row summed in float32."""
+    src_bf16 = _row_dtype("src", src)
+    dst_bf16 = _row_dtype("dtype", src.dtype if dtype is None else dtype)
+    ck.tensor("src", src, src.dtype, shape=(None, None))
     ck.tensor("idx", idx, ck.I64)
     ck.positive("k", k)
     if idx.numel() % k:
@@ -27,30 +42,81 @@ def gather_rows(lib: ctypes.CDLL, src: torch.Tensor, idx: torch.Tensor, k: int,
     ck.indices("idx", idx, -1, src.shape[0])
     weight = ck.optional("weight", None if weight is None else weight.contiguous(), numel=idx.numel())
     n, d = idx.numel() // k, src.shape[1]
-    out = src.new_empty(n, d)
-    check_rc(lib.moekit_gather_rows(src.data_ptr(), d, idx.data_ptr(), ptr(weight), k, n, out.data_ptr(),
-                                    torch.get_num_threads()), "moekit_gather_rows")
+    out = src.new_empty(n, d, dtype=torch.bfloat16 if dst_bf16 else torch.float32)
+    check_rc(lib.moekit_gather_rows(src.data_ptr(), src_bf16, d, idx.data_ptr(), ptr(weight), k, n, out.data_ptr(),
+                                    dst_bf16, torch.get_num_threads()), "moekit_gather_rows")
     return out
 
 
 def combine_backward(lib: ctypes.CDLL, dout: torch.Tensor, y: torch.Tensor, token_idx: torch.Tensor,
                      weight: torch.Tensor, need_dy: bool, need_dw: bool
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``out[token_idx[i]] += weight[i] * y[i]``: ``dy [n, d]`` and ``dw [n]``
-    (each ``None`` unless needed). ``dout [T, d]``, ``y [n, d]``, ``token_idx`` int64 ``[n]``
-    with values in ``[0, T)``, ``weight`` float32 ``[n]``."""
-    ck.tensor("y", y, shape=(None, None))
+    """Gradients of ``out[token_idx[i]] += weight[i] * y[i]``: ``dy [n, d]`` (``y``'s dtype) and
+    ``dw [n]`` float32 (each ``None`` unless needed). ``dout [T, d]`` and ``y [n, d]`` float32 or
+    bfloat16, ``token_idx`` int64 ``[n]`` with values in ``[-1, T)`` (-1: a padding row, whose
+    ``dy`` and ``dw`` are 0), ``weight`` float32 ``[n]``."""
+    y_bf16, dout_bf16 = _row_dtype("y", y), _row_dtype("dout", dout)
+    ck.tensor("y", y, y.dtype, shape=(None, None))
     n, d = y.shape
-    ck.tensor("dout", dout, shape=(None, d))
+    ck.tensor("dout", dout, dout.dtype, shape=(None, d))
     ck.tensor("token_idx", token_idx, ck.I64, shape=(n,))
     ck.tensor("weight", weight, shape=(n,))
     dout, y, token_idx, weight = dout.contiguous(), y.contiguous(), token_idx.contiguous(), weight.contiguous()
-    ck.indices("token_idx", token_idx, 0, dout.shape[0])
+    ck.indices("token_idx", token_idx, -1, dout.shape[0])
     dy = y.new_empty(n, d) if need_dy else None
-    dw = y.new_empty(n) if need_dw else None
-    check_rc(lib.moekit_combine_backward(dout.data_ptr(), y.data_ptr(), d, token_idx.data_ptr(), weight.data_ptr(), n,
-                                         ptr(dy), ptr(dw), torch.get_num_threads()), "moekit_combine_backward")
+    dw = weight.new_empty(n) if need_dw else None
+    check_rc(lib.moekit_combine_backward(dout.data_ptr(), dout_bf16, y.data_ptr(), y_bf16, d, token_idx.data_ptr(),
+                                         weight.data_ptr(), n, ptr(dy), ptr(dw), torch.get_num_threads()),
+             "moekit_combine_backward")
     return dy, dw
+
+
+class SortedSlots(NamedTuple):
+    """:func:`sort_slots`' answer; ``N`` slots exist, ``P`` rows in the padded layout."""
+
+    counts: torch.Tensor
+    """``[E]`` slots per expert."""
+    slot_idx: torch.Tensor
+    """``[N]`` the slots in expert order (slot order within an expert)."""
+    token_idx: torch.Tensor
+    """``[N]`` their tokens (slot // k)."""
+    rows: torch.Tensor
+    """``[N]`` their rows in the padded layout."""
+    pos: torch.Tensor
+    """``[S]`` the padded row of each slot, -1 where it does not exist."""
+    row_token: torch.Tensor
+    """``[P]`` the token of each padded row, -1 for padding."""
+    row_slot: torch.Tensor
+    """``[P]`` the slot of each padded row, -1 for padding."""
+    padded_counts: torch.Tensor
+    """``[E]`` rows per expert in the padded layout (``counts`` rounded up to the multiple)."""
+
+
+def sort_slots(lib: ctypes.CDLL, expert: torch.Tensor, num_experts: int, k: int, multiple: int = 1) -> SortedSlots:
+    """The router's slots sorted by expert (a stable counting sort), each expert's rows
+    starting on a multiple of ``multiple`` in a padded layout (1: no padding). ``expert``:
+    int64 ``[S]`` (``S = T k``), each slot's expert in ``[0, num_experts]``, ``num_experts``
+    where the slot does not exist (dropped or masked)."""
+    ck.tensor("expert", expert, ck.I64)
+    ck.positive("num_experts", num_experts)
+    ck.positive("k", k)
+    ck.positive("multiple", multiple)
+    expert = expert.contiguous().reshape(-1)
+    if expert.numel() % k:
+        raise ValueError(f"expert must hold a multiple of k={k} values, got {expert.numel()}")
+    ck.indices("expert", expert, 0, num_experts + 1)
+    S, E = expert.numel(), num_experts
+    most = S + E * (multiple - 1)  # every expert's last segment padded by at most multiple - 1 rows
+    counts, slots = torch.empty(E, dtype=torch.long), torch.empty(4 * S + 2 * most, dtype=torch.long)
+    slot_idx, token_idx, rows, pos, row_token, row_slot = slots.split([S, S, S, S, most, most])
+    P = lib.moekit_sort_slots(expert.data_ptr(), S, E, k, multiple, counts.data_ptr(), slot_idx.data_ptr(),
+                              token_idx.data_ptr(), rows.data_ptr(), pos.data_ptr(), row_token.data_ptr(),
+                              row_slot.data_ptr())
+    if P < 0:
+        raise MemoryError("moekit_sort_slots could not allocate its buffers")
+    N = int(counts.sum())
+    padded = (counts + multiple - 1) // multiple * multiple
+    return SortedSlots(counts, slot_idx[:N], token_idx[:N], rows[:N], pos, row_token[:P], row_slot[:P], padded)
 
 
 def topk_softmax(lib: ctypes.CDLL, logits: torch.Tensor, k: int, renormalize: bool, scale: float

@@ -30,6 +30,7 @@ import torch
 from moekit.kernels.ffi import declare
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemv.c", "cpu_rows.c", "cpu_lowp.c", "cpu_blocks.c")]
+HEADERS = [Path(__file__).with_name("cpu_bf16.h")]  # included by the sources: hashed with them
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -85,7 +86,7 @@ def load() -> ctypes.CDLL | None:
         elif compiler is None:
             reason = "no C compiler found (set CC, or install gcc)"
         else:
-            key = hashlib.sha256("\n".join([*(src.read_text() for src in SOURCES), compiler, *FLAGS, _cpu_id(),
+            key = hashlib.sha256("\n".join([*(src.read_text() for src in SOURCES + HEADERS), compiler, *FLAGS, _cpu_id(),
                                             torch.__version__]).encode()).hexdigest()[:16]
             target = cache_dir() / f"moekit-cpu-{key}.so"
             try:

@@ -5,10 +5,12 @@ that capacity or the router's mask rule out by giving them a sentinel expert ``E
 sort last and are cut off), sorts the rest by expert with one stable argsort, gathers the
 tokens into expert order, calls the experts once on the contiguous segments and
 scatter-adds the weighted outputs back to their tokens. :func:`choose_path` decides how:
-for float32 on the CPU the gather and the combine (and their backward passes) run as the
-ops :func:`moekit.ops.gather_rows` and :func:`moekit.ops.combine`, one pass each;
-elsewhere (no compiler, autocast, GPU, ``torch.compile``) as their torch-ops references,
-with the same results; a handful of tokens in inference skip the sort.
+on the CPU (float32, or bfloat16 rows under autocast) the sort is one counting-sort kernel
+and the gather and the combine (and their backward passes) run as the ops
+:func:`moekit.ops.gather_rows` and :func:`moekit.ops.combine`, one pass each, the gather
+writing the experts' rows in their dtype and padded layout (:func:`rows_layout`); elsewhere
+(no compiler, GPU, ``torch.compile``) as their torch-ops references, with the same results;
+a handful of tokens in inference skip the sort.
 
 Expert parallelism later inserts its all-to-all between :func:`plan_dispatch` (tokens
 sorted by expert) and the experts; nothing here knows about processes.
@@ -41,6 +43,8 @@ class DispatchPlan:
         dropped_tokens: int64 scalar, slots the capacity limit dropped.
         exchange: what a dispatch across processes exchanged (expert parallelism's
             ``ExchangeStats``), else ``None``.
+        rows: ``[N]`` the row of each sorted slot in the expert outputs where the experts
+            ran on segments padded with zero rows (:func:`rows_layout`), else ``None`` (row i).
     """
 
     token_idx: torch.Tensor
@@ -48,6 +52,7 @@ class DispatchPlan:
     tokens_per_expert: torch.Tensor
     dropped_tokens: torch.Tensor
     exchange: object | None = None
+    rows: torch.Tensor | None = None
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -81,6 +86,28 @@ def capacity_keep(
     return torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted)
 
 
+def slot_experts(
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    num_experts: int,
+    capacity: int | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slot's expert, ``[T*k]``, with ``num_experts`` where the slot does not exist (the
+    router's mask or the capacity rule it out), and the slots capacity dropped (int64 scalar).
+    Arguments as for :func:`plan_dispatch`."""
+    experts = indices.reshape(-1)  # [T, k] -> [T*k]
+    dropped = torch.zeros((), dtype=torch.long, device=indices.device)
+    if mask is not None:
+        experts = experts.masked_fill(~mask.reshape(-1), num_experts)
+    if capacity is not None:
+        keep = capacity_keep(experts, weights.reshape(-1), num_experts, capacity)
+        valid = experts < num_experts
+        dropped = (valid & ~keep).sum()
+        experts = experts.masked_fill(~keep, num_experts)
+    return experts, dropped
+
+
 def plan_dispatch(
     indices: torch.Tensor,
     weights: torch.Tensor,
@@ -88,7 +115,8 @@ def plan_dispatch(
     capacity: int | None = None,
     mask: torch.Tensor | None = None,
 ) -> DispatchPlan:
-    """Sort the router's ``[T, k]`` choice by expert.
+    """Sort the router's ``[T, k]`` choice by expert (torch ops; the kernels' path sorts with
+    :func:`moekit.kernels.sort_slots`, tested equal).
 
     Args:
         indices: ``[T, k]`` expert per slot.
@@ -98,16 +126,8 @@ def plan_dispatch(
         mask: ``[T, k]`` bool, slots that exist (``None``: all).
     """
     k = indices.shape[1]
-    experts = indices.reshape(-1)  # [T, k] -> [T*k]
+    experts, dropped = slot_experts(indices, weights, num_experts, capacity, mask)
     num_slots = experts.numel()
-    dropped = torch.zeros((), dtype=torch.long, device=indices.device)
-    if mask is not None:
-        experts = experts.masked_fill(~mask.reshape(-1), num_experts)
-    if capacity is not None:
-        keep = capacity_keep(experts, weights.reshape(-1), num_experts, capacity)
-        valid = experts < num_experts
-        dropped = (valid & ~keep).sum()
-        experts = experts.masked_fill(~keep, num_experts)
     counts = torch.bincount(experts, minlength=num_experts + 1)  # [E+1], last = sentinel
     order = torch.argsort(experts, stable=True)  # [T*k] slots grouped by expert
     if mask is not None or capacity is not None:
@@ -120,6 +140,18 @@ def plan_dispatch(
     )
 
 
+def rows_layout(x: torch.Tensor, experts: nn.Module) -> tuple[torch.dtype, int]:
+    """The dtype the experts compute in (autocast's on the CPU where the row kernels take it,
+    else ``x``'s) and the multiple their segments are padded to (the experts'
+    ``row_multiple``, 1 where they have none): the kernels' gather writes the experts' rows in
+    that dtype and layout at once, with no cast or padding pass of its own."""
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) in kernels.ROW_DTYPES:
+        dtype = torch.get_autocast_dtype(x.device.type)
+    row_multiple = getattr(experts, "row_multiple", None)
+    return dtype, row_multiple(dtype, x.device) if row_multiple is not None else 1
+
+
 def choose_path(x: torch.Tensor, routing: RouterOutput, capacity: int | None) -> str:
     """How :func:`dispatch` runs: ``"unsorted"`` (inference on up to ``unsorted_max_slots``
     slots, no capacity or mask: each chosen expert on its token's row), ``"kernels"`` (the
@@ -127,15 +159,17 @@ def choose_path(x: torch.Tensor, routing: RouterOutput, capacity: int | None) ->
     if (routing.indices.numel() <= threshold("unsorted_max_slots") and capacity is None and routing.mask is None
             and not (torch.is_grad_enabled() and (x.requires_grad or routing.weights.requires_grad))):
         return "unsorted"
-    return "kernels" if kernels.for_tensors(x, routing.weights) is not None else "torch"
+    ok = kernels.for_tensors(x, dtypes=kernels.ROW_DTYPES) is not None and kernels.for_tensors(routing.weights)
+    return "kernels" if ok else "torch"
 
 
 def dispatch(
     x: torch.Tensor, routing: RouterOutput, experts: nn.Module, capacity: int | None = None
 ) -> tuple[torch.Tensor, DispatchPlan, torch.Tensor | None]:
-    """Fast path. ``x`` is ``[T, d_model]``; returns the combined output ``[T, d_out]``,
-    the plan, and the unweighted expert outputs in expert order ``[N, d_out]`` (``None``
-    on the unsorted inference path)."""
+    """Fast path. ``x`` is ``[T, d_model]``; returns the combined output ``[T, d_out]`` (in
+    the experts' dtype, as autocast gives a product's), the plan, and the unweighted expert outputs in expert
+    order ``[N, d_out]``, or ``[P, d_out]`` with padding rows where ``plan.rows`` says where
+    each slot's row is (``None`` on the unsorted inference path)."""
     num_experts = routing.logits.shape[-1]
     path = choose_path(x, routing, capacity)
     if path == "unsorted":
@@ -146,15 +180,16 @@ def dispatch(
         y_sorted = experts(x_sorted, plan.tokens_per_expert)  # [N, d] -> [N, d_out]
         return _combine_ops(y_sorted, routing.weights, plan, x.shape[0]), plan, y_sorted
     k = routing.indices.shape[1]
-    # sorted position of each slot [T*k], -1 where dropped: the kernels gather, never scatter
-    pos = torch.full((x.shape[0] * k,), -1, dtype=torch.long, device=x.device)
-    pos[plan.slot_idx] = torch.arange(plan.slot_idx.numel(), device=x.device)
-    x_sorted = ops.gather_rows(x, plan.token_idx, pos, k)  # [T, d] -> [N, d]
-    y_sorted = experts(x_sorted, plan.tokens_per_expert)  # [N, d] -> [N, d_out]
-    if kernels.for_tensors(y_sorted) is None:  # autocast: the experts ran in bfloat16
-        return _combine_ops(y_sorted, routing.weights, plan, x.shape[0]), plan, y_sorted
-    out = ops.combine(y_sorted, routing.weights, plan.token_idx, plan.slot_idx, pos)  # [N, d_out] -> [T, d_out]
-    return out, plan, y_sorted
+    experts_of_slots, dropped = slot_experts(routing.indices, routing.weights, num_experts, capacity, routing.mask)
+    dtype, multiple = rows_layout(x, experts)
+    s = kernels.sort_slots(kernels.load(), experts_of_slots, num_experts, k, multiple)
+    plan = DispatchPlan(s.token_idx, s.slot_idx, s.counts, dropped, rows=s.rows if multiple > 1 else None)
+    x_rows = ops.gather_rows(x, s.row_token, s.pos, k, dtype=dtype)  # [T, d] -> [P, d], padding rows zero
+    y_rows = experts(x_rows, s.padded_counts)  # [P, d] -> [P, d_out]
+    if multiple == 1 and kernels.for_tensors(y_rows, dtypes=kernels.ROW_DTYPES) is None:  # experts' own dtype
+        return _combine_ops(y_rows, routing.weights, plan, x.shape[0]), plan, y_rows
+    out = ops.combine(y_rows, routing.weights, s.row_token, s.row_slot, s.pos)  # [P, d_out] -> [T, d_out]
+    return out, plan, y_rows
 
 
 def _combine_ops(y_sorted: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:

@@ -123,13 +123,22 @@ class GroupedExperts(nn.Module):
             grouped = grouped_mm_qualifies(x, weights[0], self.needs_grad(x))
         return "grouped" if grouped and _HAS_GROUPED_MM else "loop"
 
+    def row_multiple(self, dtype: torch.dtype, device: torch.device) -> int:
+        """The multiple of rows each expert's segment is padded to (with zero rows) for rows of
+        ``dtype`` on ``device``: ``lowp_segment_rows`` for bfloat16 and float16 on the CPU
+        (:func:`padded_segments` says why), else 1. The dispatch's gather writes that layout
+        at once (:func:`moekit.layers.dispatch.rows_layout`); :meth:`run` pads the rest."""
+        if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            return threshold("lowp_segment_rows")
+        return 1
+
     def run(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The computation of :meth:`forward` with the given (possibly cast) weights, along
-        the path :meth:`choose_path` picks; on the CPU in bfloat16 or float16, on segments
-        padded with zero rows to a multiple of ``lowp_segment_rows`` (:func:`padded_segments`)."""
+        the path :meth:`choose_path` picks; on segments padded with zero rows to a multiple of
+        :meth:`row_multiple` where they are not already."""
         path = self.choose_path(x, weights)
-        multiple = threshold("lowp_segment_rows")
-        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or multiple <= 1:
+        multiple = self.row_multiple(x.dtype, x.device)
+        if multiple <= 1 or not bool((tokens_per_expert % multiple).any()):
             return self.run_path(path, x, tokens_per_expert, weights)
         rows, counts = padded_segments(tokens_per_expert, multiple)
         padded = x.new_zeros(int(counts.sum()), x.shape[1]).index_copy(0, rows, x[: rows.numel()])

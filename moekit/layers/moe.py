@@ -290,6 +290,8 @@ class MoE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each computed slot's unweighted expert output, ``[T, k, d_out]``."""
         T, k = routing.indices.shape
+        if plan.rows is not None:  # the experts ran on padded segments: each slot's own row
+            y_sorted = y_sorted.index_select(0, plan.rows)
         slots = y_sorted.new_zeros(T * k, y_sorted.shape[-1]).index_copy(0, plan.slot_idx, y_sorted)
         mask = torch.zeros(T * k, dtype=torch.bool, device=y_sorted.device).index_fill_(0, plan.slot_idx, True)
         return slots.view(T, k, -1), mask.view(T, k)  # [T*k, d_out] -> [T, k, d_out]

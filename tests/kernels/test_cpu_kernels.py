@@ -484,7 +484,7 @@ def test_dispatch_moves_rows_in_the_kernels_as_torch_ops_do(fields, monkeypatch)
     moe = MoE(MoEConfig(d_model=24, d_ff=40, num_experts=6, **{"top_k": 2, **fields}))
     x, g = torch.randn(2, 150, 24), torch.randn(2, 150, 24)
     calls = []
-    for name in ("gather_rows", "combine_backward"):
+    for name in ("sort_slots", "gather_rows", "combine_backward"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
 
@@ -500,8 +500,9 @@ def test_dispatch_moves_rows_in_the_kernels_as_torch_ops_do(fields, monkeypatch)
     want, want_grads = run(False)
     assert not calls
     got, got_grads = run(True)
-    # the gather, the combine and the gather's backward; the combine's backward
-    assert sorted(calls) == ["combine_backward"] + ["gather_rows"] * 3
+    # the plan; the gather, the combine, the gather's backward and the router weights' gradient
+    # taken from the sorted rows to the slots; the combine's backward
+    assert sorted(calls) == ["combine_backward"] + ["gather_rows"] * 4 + ["sort_slots"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
