@@ -42,6 +42,7 @@ import statistics
 import time
 from typing import Callable
 
+import moekit  # noqa: F401  (before torch, as the moekit command does: moekit's OpenMP wait policy, moekit/_threads.py)
 import torch
 from torch import nn
 

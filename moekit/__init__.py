@@ -1,5 +1,6 @@
 """moekit: sparse Mixture-of-Experts layers, models and tools on PyTorch."""
 
+from moekit import _threads  # noqa: F401  (first: the OpenMP wait policy, before torch loads)
 from moekit.config import DataConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
 from moekit.layers import (
     MoE,

@@ -155,7 +155,8 @@ def rows_layout(x: torch.Tensor, experts: nn.Module) -> tuple[torch.dtype, int]:
 def choose_path(x: torch.Tensor, routing: RouterOutput, capacity: int | None) -> str:
     """How :func:`dispatch` runs: ``"unsorted"`` (inference on up to ``unsorted_max_slots``
     slots, no capacity or mask: each chosen expert on its token's row), ``"kernels"`` (the
-    gather and combine ops, float32 on the CPU), else ``"torch"`` (their references)."""
+    sort, gather and combine kernels: float32 or bfloat16 rows on the CPU, float32 router
+    weights), else ``"torch"`` (their references)."""
     if (routing.indices.numel() <= threshold("unsorted_max_slots") and capacity is None and routing.mask is None
             and not (torch.is_grad_enabled() and (x.requires_grad or routing.weights.requires_grad))):
         return "unsorted"
@@ -167,15 +168,15 @@ def dispatch(
     x: torch.Tensor, routing: RouterOutput, experts: nn.Module, capacity: int | None = None
 ) -> tuple[torch.Tensor, DispatchPlan, torch.Tensor | None]:
     """Fast path. ``x`` is ``[T, d_model]``; returns the combined output ``[T, d_out]`` (in
-    the experts' dtype, as autocast gives a product's), the plan, and the unweighted expert outputs in expert
-    order ``[N, d_out]``, or ``[P, d_out]`` with padding rows where ``plan.rows`` says where
-    each slot's row is (``None`` on the unsorted inference path)."""
+    the experts' dtype, as autocast gives a product's), the plan, and the unweighted expert
+    outputs in expert order ``[N, d_out]``, or ``[P, d_out]`` with padding rows where
+    ``plan.rows`` says where each slot's row is (``None`` on the unsorted inference path)."""
     num_experts = routing.logits.shape[-1]
     path = choose_path(x, routing, capacity)
     if path == "unsorted":
         return _dispatch_few(x, routing, experts, num_experts)
-    plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, routing.mask)
     if path == "torch":
+        plan = plan_dispatch(routing.indices, routing.weights, num_experts, capacity, routing.mask)
         x_sorted = ops.gather_rows_reference(x, plan.token_idx)  # [T, d] -> [N, d]
         y_sorted = experts(x_sorted, plan.tokens_per_expert)  # [N, d] -> [N, d_out]
         return _combine_ops(y_sorted, routing.weights, plan, x.shape[0]), plan, y_sorted

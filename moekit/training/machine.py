@@ -1,6 +1,6 @@
 """What the machine lacks for the run asked of it, said once when training starts: bfloat16
-on a CPU without bfloat16 arithmetic, more threads than cores. Warnings, never errors: the
-run goes on, slower."""
+on a CPU without bfloat16 arithmetic, more threads than cores, an OpenMP wait policy that
+spins. Warnings, never errors: the run goes on, slower."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import platform
 from pathlib import Path
 
 import torch
+
+from moekit._threads import SPIN_COUNT
 
 # CPU flags (Linux /proc/cpuinfo) that give bfloat16 matrix products in hardware: x86's
 # AVX-512 BF16 and AMX, Arm's BF16 extension
@@ -42,9 +44,10 @@ def available_cores() -> int:
 
 
 def machine_warnings(device: torch.device, dtype: str, threads: int | None = None, cores: int | None = None,
-                     flags: set[str] | None = None) -> list[str]:
+                     flags: set[str] | None = None, environ=None) -> list[str]:
     """The warnings for a run in ``dtype`` on ``device`` with ``threads`` torch threads
-    (default: torch's) on a machine of ``cores`` (default: this one's)."""
+    (default: torch's) on a machine of ``cores`` (default: this one's), in the environment
+    ``environ`` (default: this process's)."""
     out = []
     if device.type != "cpu":
         return out
@@ -59,4 +62,20 @@ def machine_warnings(device: torch.device, dtype: str, threads: int | None = Non
             "torch.set_num_threads"
         out.append(f"torch runs {threads} threads on {cores} available cores ({where}): threads wait for each "
                    f"other at every parallel step; set OMP_NUM_THREADS={cores} or fewer")
+    spinning = _spinning_wait_policy(os.environ if environ is None else environ)
+    if spinning:
+        out.append(f"{spinning}: waiting threads spin instead of sleeping, and beside other busy programs a "
+                   "training step can take several times as long; unset it (moekit then lets threads spin "
+                   f"{SPIN_COUNT} rounds before they sleep)")
     return out
+
+
+def _spinning_wait_policy(environ) -> str | None:
+    """The user's setting that keeps OpenMP threads spinning far longer than moekit's choice
+    (``OMP_WAIT_POLICY=active``, a ``GOMP_SPINCOUNT`` above libgomp's default), else ``None``."""
+    if environ.get("OMP_WAIT_POLICY", "").strip().lower() == "active":
+        return f"OMP_WAIT_POLICY={environ['OMP_WAIT_POLICY']}"
+    spin = environ.get("GOMP_SPINCOUNT", "").strip().lower()
+    if spin in ("infinite", "infinity") or (spin.isdigit() and int(spin) > 300_000):
+        return f"GOMP_SPINCOUNT={environ['GOMP_SPINCOUNT']}"
+    return None

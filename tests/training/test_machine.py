@@ -1,10 +1,16 @@
 """The warnings training gives about the machine: bfloat16 without bfloat16 arithmetic, more
-threads than cores; said once, and the run goes on."""
+threads than cores, a wait policy that spins; said once, and the run goes on. And the wait
+policy moekit chooses (moekit/_threads.py)."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
+from moekit import _threads
 from moekit.training import machine, train
 from tests.training.test_train import config
 
@@ -36,6 +42,41 @@ def test_more_threads_than_cores_warns_with_the_setting_to_change(monkeypatch):
     assert machine.machine_warnings(CPU, "float32", threads=2, cores=2, flags=set()) == []
     assert machine.machine_warnings(CPU, "float32", threads=1, cores=2, flags=set()) == []
     assert 1 <= machine.available_cores() <= (__import__("os").cpu_count() or 1)
+
+
+@pytest.mark.parametrize("setting, warned", [
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "OMP_WAIT_POLICY=ACTIVE"),
+    ({"GOMP_SPINCOUNT": "infinite"}, "GOMP_SPINCOUNT=infinite"),
+    ({"GOMP_SPINCOUNT": "1000000"}, "GOMP_SPINCOUNT=1000000"),
+    ({"OMP_WAIT_POLICY": "passive"}, None),
+    ({"GOMP_SPINCOUNT": "10000"}, None),
+    ({}, None),
+])
+def test_a_spinning_wait_policy_of_the_users_warns(setting, warned):
+    got = machine.machine_warnings(CPU, "float32", threads=2, cores=2, flags=set(), environ=setting)
+    if warned is None:
+        assert got == []
+    else:
+        (message,) = got
+        assert message.startswith(warned) and "spin" in message and f"{_threads.SPIN_COUNT} rounds" in message
+
+
+def test_the_wait_policy_is_chosen_before_torch_loads_and_never_over_the_users():
+    env = {}
+    assert _threads.choose_wait_policy(env, modules={}) and env == {"GOMP_SPINCOUNT": _threads.SPIN_COUNT}
+    for users in ({"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "5"}):
+        env = dict(users)
+        assert not _threads.choose_wait_policy(env, modules={}) and env == users
+    env = {}
+    assert not _threads.choose_wait_policy(env, modules={"torch": torch}) and env == {}  # libgomp read it already
+    # a fresh process: importing moekit first sets it for torch's libgomp; a user's setting stands
+    code = "import os, moekit, torch; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    clean = {k: v for k, v in os.environ.items() if k not in _threads.USER_SETTINGS}
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [_threads.SPIN_COUNT, "None"]
+    out = subprocess.run([sys.executable, "-c", code], env=dict(clean, OMP_WAIT_POLICY="passive"),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "passive"]
 
 
 def test_training_says_it_once_and_runs(tmp_path, monkeypatch):
