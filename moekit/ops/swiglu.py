@@ -93,22 +93,24 @@ def swiglu_reference(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: to
 
 
 class _SwiGLUSegments(torch.autograd.Function):
-    """Forward and backward segment by segment, so each expert's activations are touched
-    while they are in cache, and every weight gradient is written once, in place, into a
-    full ``[E, ...]`` buffer (autograd over per-expert views would build one full-size
-    gradient per expert). Saves the gate and up pre-activations and the hidden product."""
+    """Forward and backward segment by segment for the products, every weight gradient
+    written once, in place, into a full ``[E, ...]`` buffer (autograd over per-expert views
+    would build one full-size gradient per expert), and the activation and its gradient in
+    one call each over all rows (one parallel region, not one per expert). Saves the gate
+    and up pre-activations and the hidden product."""
 
     @staticmethod
     def forward(ctx, x, w1, w3, w2, segs):
         n, f = x.shape[0], w1.shape[-1]
-        gate, up, hidden = x.new_empty(n, f), x.new_empty(n, f), x.new_empty(n, f)
+        gate, up = x.new_empty(n, f), x.new_empty(n, f)
         out = x.new_empty(n, w2.shape[-1])
+        covered = segs[-1][2] if segs else 0
         for e, a, b in segs:
             torch.mm(x[a:b], w1[e], out=gate[a:b])
             torch.mm(x[a:b], w3[e], out=up[a:b])
-            silu_mul(gate[a:b], up[a:b], out=hidden[a:b])
+        hidden = silu_mul(gate[:covered], up[:covered])  # [covered, f]
+        for e, a, b in segs:
             torch.mm(hidden[a:b], w2[e], out=out[a:b])
-        covered = segs[-1][2] if segs else 0
         if covered < n:
             out[covered:] = 0
         ctx.save_for_backward(x, w1, w3, w2, gate, up, hidden)
@@ -119,34 +121,38 @@ class _SwiGLUSegments(torch.autograd.Function):
     def backward(ctx, dy):
         x, w1, w3, w2, gate, up, hidden = ctx.saved_tensors
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
+        segs = ctx.segs
+        covered = segs[-1][2] if segs else 0
         # every row belongs to one segment, so dx is fully written; only experts without
         # rows need zero weight gradients
         dx = torch.empty_like(x) if need_x else None
         dw1 = torch.empty_like(w1) if need_w1 else None
         dw3 = torch.empty_like(w3) if need_w3 else None
         dw2 = torch.empty_like(w2) if need_w2 else None
-        for a, b in idle_runs(w1.shape[0], ctx.segs):  # slices: a memset each, no index_put
+        for a, b in idle_runs(w1.shape[0], segs):  # slices: a memset each, no index_put
             for dw in (dw1, dw3, dw2):
                 if dw is not None:
                     dw[a:b].zero_()
-        covered = ctx.segs[-1][2] if ctx.segs else 0
         if dx is not None and covered < x.shape[0]:
             dx[covered:] = 0
         dy = dy.contiguous()
-        for e, a, b in ctx.segs:
-            g, u, dys, xs = gate[a:b], up[a:b], dy[a:b], x[a:b]
-            if need_w2:
-                torch.mm(hidden[a:b].t(), dys, out=dw2[e])  # [f, n] @ [n, d]
-            if not (need_x or need_w1 or need_w3):
-                continue
-            dg, du = _silu_mul_backward(dys @ w2[e].t(), g, u)  # [n, d] -> [n, f]
+        if need_w2:
+            for e, a, b in segs:
+                torch.mm(hidden[a:b].t(), dy[a:b], out=dw2[e])  # [f, n] @ [n, d]
+        if not (need_x or need_w1 or need_w3):
+            return dx, dw1, dw3, dw2, None
+        dh = x.new_empty(covered, hidden.shape[1])
+        for e, a, b in segs:
+            torch.mm(dy[a:b], w2[e].t(), out=dh[a:b])  # [n, d] -> [n, f]
+        dg, du = _silu_mul_backward(dh, gate[:covered], up[:covered])
+        for e, a, b in segs:
             if need_w1:
-                torch.mm(xs.t(), dg, out=dw1[e])
+                torch.mm(x[a:b].t(), dg[a:b], out=dw1[e])
             if need_w3:
-                torch.mm(xs.t(), du, out=dw3[e])
+                torch.mm(x[a:b].t(), du[a:b], out=dw3[e])
             if need_x:
-                torch.mm(dg, w1[e].t(), out=dx[a:b])
-                dx[a:b].addmm_(du, w3[e].t())
+                torch.mm(dg[a:b], w1[e].t(), out=dx[a:b])
+                dx[a:b].addmm_(du[a:b], w3[e].t())
         return dx, dw1, dw3, dw2, None
 
 
