@@ -456,6 +456,96 @@ def test_gather_rows_sums_the_gathered_rows(n, k, d, weighted):
     assert not got[0].any()
 
 
+def bf16_step(t: torch.Tensor) -> torch.Tensor:
+    """Half a bfloat16 step at each value of ``t``: one rounding's worst error."""
+    return t.abs() * 2.0**-8 + 1e-30
+
+
+@needs_lib
+@pytest.mark.parametrize("src_dtype, dst_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("n, k, d", [(5, 2, 7), (300, 2, 128), (40, 3, 600)])  # 600: past one 256-column block
+def test_gather_rows_in_bfloat16_sums_in_float32_and_rounds_once(src_dtype, dst_dtype, n, k, d):
+    torch.manual_seed(n + d)
+    src = torch.randn(50, d).to(src_dtype)
+    idx = torch.randint(-1, 50, (n * k,))
+    idx[:k] = -1
+    w = torch.rand(n * k)
+    want = torch.zeros(n, d, dtype=torch.float64)
+    for i in range(n):
+        for j in range(k):
+            s = int(idx[i * k + j])
+            if s >= 0:
+                want[i] += float(w[i * k + j]) * src[s].double()
+    got = kernels.gather_rows(lib, src, idx, k, w, dtype=dst_dtype)
+    assert got.dtype == dst_dtype and not got[0].any()
+    err = (got.double() - want).abs()
+    if dst_dtype == torch.bfloat16:  # float32 sums rounded once: within half a step of the exact sum
+        assert (err <= bf16_step(want) + 1e-6).all()
+    else:
+        assert err.max() < 1e-5
+    assert torch.equal(kernels.gather_rows(lib, src, idx, 1, dtype=dst_dtype)[: n * k],
+                       torch.where(idx[:, None] >= 0, src[idx.clamp(min=0)], 0).to(dst_dtype))
+
+
+@needs_lib
+@pytest.mark.parametrize("dout_dtype, y_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float32, torch.float32)])
+def test_combine_backward_in_bfloat16_and_padding_rows(dout_dtype, y_dtype):
+    torch.manual_seed(3)
+    n, d, T = 300, 300, 120
+    tok = torch.randint(0, T, (n,))
+    tok[::7] = -1  # padding rows between segments: no token, dy and dw zero
+    y, w = torch.randn(n, d).to(y_dtype), torch.rand(n)
+    dout = torch.randn(T, d).to(dout_dtype)
+    g = torch.where(tok[:, None] >= 0, dout.double()[tok.clamp(min=0)], 0)
+    want_dy, want_dw = w.double()[:, None] * g, (g * y.double()).sum(1)
+    dy, dw = kernels.combine_backward(lib, dout, y, tok, w, True, True)
+    assert dy.dtype == y_dtype and dw.dtype == torch.float32
+    assert not dy[::7].any() and not dw[::7].any()
+    tol = bf16_step(want_dy) + 1e-6 if y_dtype == torch.bfloat16 else 1e-5
+    assert ((dy.double() - want_dy).abs() <= tol).all()
+    torch.testing.assert_close(dw.double(), want_dw, atol=1e-3, rtol=1e-4)
+
+
+@needs_lib
+@pytest.mark.parametrize("multiple", [1, 4, 64])
+@pytest.mark.parametrize("mask_some", [False, True])
+def test_sort_slots_is_a_stable_sort_by_expert_with_padded_segments(multiple, mask_some):
+    torch.manual_seed(multiple)
+    T, k, E = 97, 3, 7
+    expert = torch.randint(0, E, (T * k,))
+    if mask_some:
+        expert[torch.rand(T * k) < 0.2] = E  # slots that do not exist
+    s = kernels.sort_slots(lib, expert, E, k, multiple)
+    real = expert < E
+    order = torch.argsort(expert, stable=True)[: int(real.sum())]
+    assert torch.equal(s.slot_idx, order) and torch.equal(s.token_idx, order // k)
+    assert torch.equal(s.counts, torch.bincount(expert[real], minlength=E))
+    assert torch.equal(s.padded_counts, (s.counts + multiple - 1) // multiple * multiple)
+    starts = torch.cumsum(s.padded_counts, 0) - s.padded_counts  # each segment's first padded row
+    assert (starts % multiple == 0).all() and s.row_token.numel() == int(s.padded_counts.sum())
+    within = torch.arange(order.numel()) - (torch.cumsum(s.counts, 0) - s.counts)[expert[order]]
+    assert torch.equal(s.rows, starts[expert[order]] + within)
+    assert torch.equal(s.pos[order], s.rows) and (s.pos[~real] == -1).all()
+    assert torch.equal(s.row_slot[s.rows], order) and torch.equal(s.row_token[s.rows], order // k)
+    padding = torch.ones(s.row_token.numel(), dtype=torch.bool)
+    padding[s.rows] = False
+    assert (s.row_token[padding] == -1).all() and (s.row_slot[padding] == -1).all()
+
+
+@needs_lib
+def test_sort_slots_refuses_what_it_cannot_sort():
+    with pytest.raises(ValueError, match=r"expert must hold values in \[0, 5\)"):
+        kernels.sort_slots(lib, torch.tensor([0, 5, 1, 2]), 4, 2)
+    with pytest.raises(ValueError, match="multiple of k=3"):
+        kernels.sort_slots(lib, torch.tensor([0, 1, 1, 2]), 4, 3)
+    with pytest.raises(ValueError, match="multiple must be an int"):
+        kernels.sort_slots(lib, torch.tensor([0, 1]), 4, 2, 0)
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.bfloat16"):
+        kernels.gather_rows(lib, torch.randn(3, 2), torch.tensor([0, 1]), 1, dtype=torch.float16)
+
+
 @needs_lib
 @pytest.mark.parametrize("n, d", [(1, 1), (9, 7), (500, 128), (64, 257)])
 def test_combine_backward_gives_the_gradients_of_the_weighted_scatter(n, d):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moekit.layers.experts as experts_mod
-from moekit import MoE, MoEConfig
+from moekit import MoE, MoEConfig, kernels
 from moekit.layers.dispatch import capacity_keep, expert_capacity, plan_dispatch
 from moekit.layers.experts import padded_segments
 from moekit.layers.thresholds import THRESHOLDS
@@ -170,6 +170,41 @@ def test_bfloat16_training_on_padded_segments_matches_float32(capacity_factor, m
     assert (y16.float() - y32).norm() / y32.norm() < 2e-2
     for p, g in zip(layer.parameters(), want):
         assert (p.grad - g).norm() / g.norm() < 5e-2
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.8])
+def test_bfloat16_training_gathers_into_the_padded_layout_as_the_torch_path_pads(capacity_factor, monkeypatch):
+    """Under CPU bfloat16 autocast the kernels' gather writes the experts' bfloat16 rows with
+    the padding already in place (the experts get counts that are multiples of 64 and pad
+    nothing more); outputs, each slot's expert output and every gradient match the torch
+    path (kernels off: cast, pad, index_add) within bfloat16 rounding."""
+    torch.manual_seed(2)
+    layer = MoE(MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2, capacity_factor=capacity_factor))
+    x = torch.randn(2, 70, 32)
+    padded = []
+    real = experts_mod.padded_segments
+    monkeypatch.setattr(experts_mod, "padded_segments", lambda *a: padded.append(1) or real(*a))
+
+    def run(use_kernels):
+        xi = x.clone().requires_grad_(True)
+        with kernels.enabled(use_kernels), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(xi, return_expert_outputs=True)
+        (out.output.float().square().sum() + out.aux_loss).backward()
+        grads = [xi.grad] + [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad()
+        return out, grads
+
+    got, got_grads = run(True)
+    assert not padded  # the gather wrote the padded layout
+    want, want_grads = run(False)
+    assert padded  # the torch path's experts pad their rows themselves
+    assert got.output.dtype == want.output.dtype == torch.bfloat16
+    assert torch.equal(got.stats.tokens_per_expert, want.stats.tokens_per_expert)
+    assert torch.equal(got.expert_mask, want.expert_mask)
+    for a, b in ((got.output, want.output), (got.expert_outputs, want.expert_outputs)):
+        assert (a.float() - b.float()).norm() / b.float().norm() < 1e-2
+    for a, b in zip(got_grads, want_grads):
+        assert (a - b).norm() / b.norm() < 2e-2
 
 
 def test_capacity_drops_lowest_weights_first():

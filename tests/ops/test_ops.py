@@ -59,6 +59,40 @@ def test_gather_and_combine_equal_their_references(capacity):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("capacity", [None, 5])
+def test_bfloat16_rows_in_a_padded_layout_equal_the_reference(capacity):
+    """The bfloat16 training dispatch: float32 tokens gathered into bfloat16 rows with padding
+    between the experts' segments, and combined back, against the float64 reference on the
+    same rows; outputs and gradients within bfloat16 rounding."""
+    g = torch.Generator().manual_seed(11)
+    T, k, E, d = 40, 2, 5, 24
+    x = torch.randn(T, d, generator=g)
+    weights, indices = torch.softmax(torch.randn(T, E, generator=g), -1).topk(k, dim=-1)
+    plan = plan_dispatch(indices, weights, E, capacity)
+    expert = torch.full((T * k,), E)
+    expert[plan.slot_idx] = indices.reshape(-1)[plan.slot_idx]
+    s = kernels.sort_slots(kernels.load(), expert, E, k, 8)
+    assert torch.equal(s.slot_idx, plan.slot_idx) and torch.equal(s.counts, plan.tokens_per_expert)
+    P = s.row_token.numel()
+    dxs = torch.randn(P, d, generator=g)
+    got, (got_dx,) = grads_of(lambda t: ops.gather_rows(t, s.row_token, s.pos, k, dtype=torch.bfloat16), [x],
+                              dxs.bfloat16())
+    want, (want_dx,) = grads_of(lambda t: ops.gather_rows_reference(t, plan.token_idx), [x.double()],
+                                dxs[s.rows].double())
+    assert got.dtype == torch.bfloat16 and got_dx.dtype == torch.float32
+    assert torch.equal(got[s.rows], want.bfloat16()) and not got[s.row_token < 0].any()
+    assert ((got_dx.double() - want_dx).abs() <= 2 * 2.0**-8 * want_dx.abs() + 1e-2).all()  # bf16 gradient rows
+    y, dout = torch.randn(P, d, generator=g).bfloat16(), torch.randn(T, d, generator=g)
+    got, got_g = grads_of(lambda a, b: ops.combine(a, b, s.row_token, s.row_slot, s.pos), [y, weights], dout.bfloat16())
+    want, want_g = grads_of(lambda a, b: ops.combine_reference(a, b, plan.token_idx, plan.slot_idx, T),
+                            [y[s.rows].double(), weights.double()], dout.double())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2**-7)
+    assert not got_g[0][s.row_token < 0].any()  # padding rows get no gradient
+    torch.testing.assert_close(got_g[0][s.rows].double(), want_g[0], atol=2e-2, rtol=2**-7)
+    torch.testing.assert_close(got_g[1].double(), want_g[1], atol=5e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("k, renormalize, scale", [(2, True, 1.0), (3, False, 2.5), (1, False, 1.0)])
 def test_topk_softmax_equals_the_reference(k, renormalize, scale):
     g = torch.Generator().manual_seed(k)
