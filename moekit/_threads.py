@@ -1,15 +1,14 @@
 """The OpenMP wait policy moekit runs under, chosen before torch loads its OpenMP runtime.
 
 torch's CPU ops and moekit's kernels share torch's ``libgomp``, whose threads by default spin
-for about 300,000 rounds at the end of every parallel region before they sleep. On a machine
-with other busy processes a waiting thread then burns the time slice that the thread it
-waits for needs: a training step of the fine-grained layer took several times its quiet
-time beside two busy processes (dense layers alike). A shorter spin keeps the quiet speed
-within a few percent and the busy machine's ratio to its quiet one within 10%
-(``benchmarks/moe_layer.py --neighbours``, docs/throughput.md). libgomp reads the setting
-once, when it loads, so it is set here, before ``import torch``, and only where the user set
-neither ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT`` (their choice stands; a training run warns
-where it hurts: :mod:`moekit.training.machine`).
+300,000 rounds at the end of every parallel region before they sleep. On a machine with other
+busy processes a waiting thread then burns the time slice that the thread it waits for
+needs, and a training step can take several times its quiet time (dense layers alike); a
+shorter spin keeps the quiet speed and the busy machine's ratios (``benchmarks/moe_layer.py
+--neighbours``; the figures are in docs/throughput.md). libgomp reads the setting once, when
+it loads, so it is set here, before ``import torch``, and only where the user set neither
+``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT`` (their choice stands; a training run warns where
+it hurts: :mod:`moekit.training.machine`).
 """
 
 from __future__ import annotations

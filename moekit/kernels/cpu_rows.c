@@ -60,7 +60,7 @@ static inline void axpy_row(float *acc, const void *row, int bf, long m, float a
  * for i < n; a row with no source is zero. src and dst are float32, or bfloat16 where src_bf16
  * / dst_bf16 (uint16 bits; each row summed in float32 and rounded once): bfloat16 training
  * gathers float32 tokens straight into the experts' bfloat16 rows and combines their
- * bfloat16 outputs into float32 tokens, with no cast pass of its own. */
+ * bfloat16 outputs, with no cast pass of its own. */
 int moekit_gather_rows(const void *src, int src_bf16, long d, const long *idx, const float *w, long k, long n,
                        void *dst, int dst_bf16, int threads)
 {

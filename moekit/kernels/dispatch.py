@@ -1,7 +1,8 @@
 """Wrappers of the row-moving and routing kernels (``cpu_rows.c``): the plan (slots sorted by
 expert), the gather into expert order and the weighted combine back, their backward passes
-(float32 or bfloat16 on either side), and the softmax top-k router with its backward. Tensors and scalars in, tensors out; every argument checked, index
-values included, before it reaches C."""
+(float32 or bfloat16 on either side), and the softmax top-k router with its backward.
+Tensors and scalars in, tensors out; every argument checked, index values included, before
+it reaches C."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ ROW_DTYPES = (torch.float32, torch.bfloat16)  # what the row kernels read and wr
 
 def _row_dtype(name: str, t: torch.Tensor | torch.dtype) -> int:
     """1 where ``t`` (a tensor or a dtype) is bfloat16, 0 where float32; else a ValueError."""
+    if not isinstance(t, (torch.Tensor, torch.dtype)):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     dtype = t if isinstance(t, torch.dtype) else t.dtype
     if dtype not in ROW_DTYPES:
         raise ValueError(f"{name} must be torch.float32 or torch.bfloat16, got {dtype}")

@@ -71,6 +71,8 @@ def calls():
         "combine_backward": (kernels.combine_backward, dict(
             lib=lib, dout=torch.randn(T, D), y=torch.randn(N, D), token_idx=torch.tensor([0, 1, 1, 3, 2]),
             weight=torch.rand(N), need_dy=True, need_dw=True)),
+        "sort_slots": (kernels.sort_slots, dict(lib=lib, expert=torch.tensor([0, 2, 1, 3]), num_experts=3, k=2,
+                                                multiple=4)),
         "topk_softmax": (kernels.topk_softmax, dict(lib=lib, logits=torch.randn(T, E), k=K, renormalize=True,
                                                     scale=1.0)),
         "topk_softmax_backward": (kernels.topk_softmax_backward, dict(
@@ -140,6 +142,8 @@ def test_row_counts_that_do_not_fit_are_refused(counts):
 @pytest.mark.parametrize("name, arg, bad", [("gather_rows", "idx", torch.tensor([0, 4, -1, 1])),
                                             ("gather_rows", "idx", torch.tensor([0, -2, -1, 1])),
                                             ("combine_backward", "token_idx", torch.tensor([0, 1, 1, 4, 2])),
+                                            ("combine_backward", "token_idx", torch.tensor([0, 1, -2, 3, 2])),
+                                            ("sort_slots", "expert", torch.tensor([0, 4, 1, 1])),
                                             ("topk_softmax_backward", "indices", torch.tensor([[0, 3]] * T))])
 def test_index_values_out_of_range_are_refused(name, arg, bad):
     fn, kw = calls()[name]
