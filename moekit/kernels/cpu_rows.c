@@ -102,16 +102,19 @@ int moekit_combine_backward(const void *dout, int dout_bf16, const void *y, int 
     size_t g_row = (size_t)d * (dout_bf16 ? 2 : 4), y_row = (size_t)d * (y_bf16 ? 2 : 4);
 #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (n * d >= PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
+        if (tok[i] < 0) { /* a padding row: no token, no gradient (zero bits: 0 in either dtype) */
+            if (dy)
+                memset((char *)dy + i * y_row, 0, y_row);
+            if (dw)
+                dw[i] = 0.0f;
+            continue;
+        }
         float g[COLS], r[COLS], dot = 0.0f;
         for (long c0 = 0; c0 < d; c0 += COLS) {
             long m = d - c0 > COLS ? COLS : d - c0;
-            if (tok[i] < 0) {
-                memset(g, 0, sizeof g);
-            } else {
-                axpy_row(g, (const char *)dout + tok[i] * g_row + c0 * (dout_bf16 ? 2 : 4), dout_bf16, m, 1.0f, 0);
-            }
+            axpy_row(g, (const char *)dout + tok[i] * g_row + c0 * (dout_bf16 ? 2 : 4), dout_bf16, m, 1.0f, 0);
             if (dy) {
-                float a = tok[i] < 0 ? 0.0f : w[i];
+                float a = w[i];
                 if (y_bf16) {
                     uint16_t *o = (uint16_t *)dy + i * d + c0;
 #pragma omp simd
