@@ -1,14 +1,14 @@
 """The OpenMP wait policy moekit runs under, chosen before torch loads its OpenMP runtime.
 
 torch's CPU ops and moekit's kernels share torch's ``libgomp``, whose threads by default spin
-300,000 rounds at the end of every parallel region before they sleep. On a machine with other
-busy processes a waiting thread then burns the time slice that the thread it waits for
-needs, and a training step can take several times its quiet time (dense layers alike); a
-shorter spin keeps the quiet speed and the busy machine's ratios (``benchmarks/moe_layer.py
---neighbours``; the figures are in docs/throughput.md). libgomp reads the setting once, when
-it loads, so it is set here, before ``import torch``, and only where the user set neither
-``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT`` (their choice stands; a training run warns where
-it hurts: :mod:`moekit.training.machine`).
+300,000 rounds (``LIBGOMP_SPIN_COUNT``) at the end of every parallel region before they
+sleep. On a machine with other busy processes a waiting thread then burns the time slice
+that the thread it waits for needs, and a training step can take several times its quiet
+time (dense layers alike); a shorter spin keeps the quiet speed and the busy machine's
+ratios (``benchmarks/moe_layer.py --neighbours``; the figures are in docs/throughput.md).
+libgomp reads the setting once, when it loads, so it is set here, before ``import torch``,
+and only where the user set neither ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT`` (their choice
+stands; a training run warns where it hurts: :mod:`moekit.training.machine`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import sys
 
-SPIN_COUNT = "10000"  # rounds a waiting thread spins before it sleeps (libgomp's default: 300000)
+SPIN_COUNT = "10000"  # rounds a waiting thread spins before it sleeps
+LIBGOMP_SPIN_COUNT = 300_000  # libgomp's own default
 USER_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 

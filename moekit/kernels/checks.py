@@ -42,6 +42,17 @@ def optional(name: str, t, **kw) -> torch.Tensor | None:
     return None if t is None else tensor(name, t, **kw)
 
 
+def dtype_in(name: str, t, dtypes: tuple[torch.dtype, ...]) -> torch.dtype:
+    """The dtype of ``t`` (a tensor, or a dtype itself) where it is one of ``dtypes`` (for
+    kernels that take several), else a ValueError."""
+    if not isinstance(t, (torch.Tensor, torch.dtype)):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dtype = t if isinstance(t, torch.dtype) else t.dtype
+    if dtype not in dtypes:
+        raise ValueError(f"{name} must be {' or '.join(map(str, dtypes))}, got {dtype}")
+    return dtype
+
+
 def same_layout(names: str, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.stride() != b.stride():
         raise ValueError(f"{names} must have the same shape and strides, got {list(a.shape)}/{a.stride()} "

@@ -18,14 +18,9 @@ from moekit.kernels.ffi import check_rc, ptr
 ROW_DTYPES = (torch.float32, torch.bfloat16)  # what the row kernels read and write
 
 
-def _row_dtype(name: str, t: torch.Tensor | torch.dtype) -> int:
+def _row_dtype(name: str, t) -> int:
     """1 where ``t`` (a tensor or a dtype) is bfloat16, 0 where float32; else a ValueError."""
-    if not isinstance(t, (torch.Tensor, torch.dtype)):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    dtype = t if isinstance(t, torch.dtype) else t.dtype
-    if dtype not in ROW_DTYPES:
-        raise ValueError(f"{name} must be torch.float32 or torch.bfloat16, got {dtype}")
-    return int(dtype == torch.bfloat16)
+    return int(ck.dtype_in(name, t, ROW_DTYPES) == torch.bfloat16)
 
 
 def gather_rows(lib: ctypes.CDLL, src: torch.Tensor, idx: torch.Tensor, k: int,

@@ -78,18 +78,11 @@ def swiglu_segments_backward(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_exper
     return dx, dw1, dw3, dw2
 
 
-def _act_dtype(g: torch.Tensor) -> torch.dtype:
-    if not isinstance(g, torch.Tensor) or g.dtype not in (torch.float32, torch.bfloat16):
-        got = g.dtype if isinstance(g, torch.Tensor) else type(g).__name__
-        raise ValueError(f"g must be torch.float32 or torch.bfloat16, got {got}")
-    return g.dtype
-
-
 def silu_mul(lib: ctypes.CDLL, g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(g) * u`` (the SwiGLU's hidden activation) in one pass; contiguous tensors of one
     shape, all float32 or all bfloat16 (computed in float32, rounded once), ``out`` may be
     ``g``. Returns ``out`` (new where not given)."""
-    dtype = _act_dtype(g)
+    dtype = ck.dtype_in("g", g, (torch.float32, torch.bfloat16))
     ck.tensor("g", g, dtype, contiguous=True)
     ck.tensor("u", u, dtype, shape=tuple(g.shape), contiguous=True)
     out = torch.empty_like(g) if out is None else ck.tensor("out", out, dtype, shape=tuple(g.shape), contiguous=True)
@@ -102,7 +95,7 @@ def silu_mul_backward(lib: ctypes.CDLL, dh: torch.Tensor, g: torch.Tensor, u: to
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of :func:`silu_mul` for ``dh`` (contiguous, the shape and dtype of ``g``
     and ``u``): ``(dg, du)``, in one pass."""
-    dtype = _act_dtype(g)
+    dtype = ck.dtype_in("g", g, (torch.float32, torch.bfloat16))
     ck.tensor("g", g, dtype, contiguous=True)
     ck.tensor("u", u, dtype, shape=tuple(g.shape), contiguous=True)
     ck.tensor("dh", dh, dtype, shape=tuple(g.shape), contiguous=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from moekit._threads import SPIN_COUNT
+from moekit._threads import LIBGOMP_SPIN_COUNT, SPIN_COUNT
 
 # CPU flags (Linux /proc/cpuinfo) that give bfloat16 matrix products in hardware: x86's
 # AVX-512 BF16 and AMX, Arm's BF16 extension
@@ -76,6 +76,6 @@ def _spinning_wait_policy(environ) -> str | None:
     if environ.get("OMP_WAIT_POLICY", "").strip().lower() == "active":
         return f"OMP_WAIT_POLICY={environ['OMP_WAIT_POLICY']}"
     spin = environ.get("GOMP_SPINCOUNT", "").strip().lower()
-    if spin in ("infinite", "infinity") or (spin.isdigit() and int(spin) > 300_000):
+    if spin in ("infinite", "infinity") or (spin.isdigit() and int(spin) > LIBGOMP_SPIN_COUNT):
         return f"GOMP_SPINCOUNT={environ['GOMP_SPINCOUNT']}"
     return None
