@@ -13,8 +13,8 @@ checks every return code. Modules decide when to call it (``moekit.layers``,
 - :mod:`~moekit.kernels.experts`: every SwiGLU expert over its rows, forward and backward
   (:func:`swiglu_segments`, :func:`swiglu_segments_backward`): over a few rows each weight
   read once per pass, over more (``blocked=True``) each expert's products on one thread as
-  blocked matrix products, the experts shared among threads; the SwiGLU activation in one
-  pass (:func:`silu_mul`).
+  blocked matrix products, the experts shared among threads (float32, or bfloat16 on AVX-512
+  BF16: :func:`blocks_bf16`); the SwiGLU activation in one pass (:func:`silu_mul`).
 - :mod:`~moekit.kernels.lowp`: the same products and steps with weights in bf16, int8 or int4
   (:func:`rows_lowp`, :class:`LowpMoETokenStep`, :class:`LowpAttentionStep`).
 - :mod:`~moekit.kernels.dispatch`: the dispatch's plan (:func:`sort_slots`, a counting sort,
@@ -38,7 +38,7 @@ from moekit.kernels.decode import (
     swiglu_ok,
 )
 from moekit.kernels.experts import silu_mul, silu_mul_backward, swiglu_segments, swiglu_segments_backward
-from moekit.kernels.library import cache_dir, enabled, few_rows_vectorised, for_tensors, is_enabled, load, status
+from moekit.kernels.library import blocks_bf16, cache_dir, enabled, few_rows_vectorised, for_tensors, is_enabled, load, status
 from moekit.kernels.lowp import LOWP_MAX_ROWS, LowpAttentionStep, LowpMoETokenStep, LowpWeights, lowp_weights, rows_lowp
 from moekit.kernels.dispatch import (
     ROW_DTYPES,
@@ -51,7 +51,7 @@ from moekit.kernels.dispatch import (
 )
 
 __all__ = [
-    "LOWP_MAX_ROWS", "ROW_DTYPES", "SortedSlots", "AttentionStep", "LowpAttentionStep", "LowpMoETokenStep", "LowpWeights", "lowp_weights", "MoETokenStep", "attention_ok", "cache_dir", "combine_backward", "enabled", "few_rows_vectorised", "for_tensors",
+    "LOWP_MAX_ROWS", "ROW_DTYPES", "SortedSlots", "AttentionStep", "LowpAttentionStep", "LowpMoETokenStep", "LowpWeights", "lowp_weights", "MoETokenStep", "attention_ok", "blocks_bf16", "cache_dir", "combine_backward", "enabled", "few_rows_vectorised", "for_tensors",
     "gather_rows", "is_enabled", "load", "moe_token", "moe_token_ok", "rows", "rows_lowp", "rows_ok", "silu_mul",
     "silu_mul_backward", "sort_slots", "status", "swiglu_add", "swiglu_ok", "swiglu_segments", "swiglu_segments_backward",
     "topk_softmax", "topk_softmax_backward",

@@ -37,21 +37,22 @@ def rows(lib: ctypes.CDLL, w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, 
     return out
 
 
-def swiglu_ok(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> bool:
+def swiglu_ok(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
     """Whether the SwiGLU kernels read these expert weights (``w1``/``w3`` ``[E, d, f]``,
-    ``w2 [E, f, d_out]``): float32 on the CPU, ``w1`` and ``w3`` laid out alike (separate, or
-    the halves of one fused tensor), unit stride in a row."""
-    return (all(w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 3 for w in (w1, w3, w2))
+    ``w2 [E, f, d_out]``): ``dtype`` (float32; the blocked kernel also takes bfloat16) on the
+    CPU, ``w1`` and ``w3`` laid out alike (separate, or the halves of one fused tensor), unit
+    stride in a row."""
+    return (all(w.dtype == dtype and w.device.type == "cpu" and w.dim() == 3 for w in (w1, w3, w2))
             and w1.shape == w3.shape and w1.stride() == w3.stride() and w1.stride(-1) == w2.stride(-1) == 1
             and w2.shape[:2] == (w1.shape[0], w1.shape[2]))
 
 
-def _check_experts(w1, w3, w2, one: bool) -> None:
-    """The expert weights' shapes and layouts (one expert's 2-D slices where ``one``)."""
+def _check_experts(w1, w3, w2, one: bool, dtype: torch.dtype = torch.float32) -> None:
+    """The expert weights' dtype, shapes and layouts (one expert's 2-D slices where ``one``)."""
     dims = (None, None) if one else (None, None, None)
-    ck.tensor("w1", w1, shape=dims, unit_row_stride=True)
-    ck.tensor("w3", w3, shape=dims, unit_row_stride=True)
-    ck.tensor("w2", w2, shape=dims, unit_row_stride=True)
+    ck.tensor("w1", w1, dtype, shape=dims, unit_row_stride=True)
+    ck.tensor("w3", w3, dtype, shape=dims, unit_row_stride=True)
+    ck.tensor("w2", w2, dtype, shape=dims, unit_row_stride=True)
     ck.same_layout("w1 and w3", w1, w3)
     lead = w1.shape[:-2]
     if w2.shape[:-2] != lead or w2.shape[-2] != w1.shape[-1]:

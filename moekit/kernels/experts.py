@@ -14,17 +14,36 @@ import torch
 from moekit.kernels import checks as ck
 from moekit.kernels.decode import _check_experts
 from moekit.kernels.ffi import check_rc
+from moekit.kernels.library import blocks_bf16
 
 
-def _check_segments(x, tokens_per_expert, w1, w3, w2) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Checked, contiguous ``x`` and ``tokens_per_expert``, and the rows they cover."""
-    _check_experts(w1, w3, w2, one=False)
+def _check_segments(x, tokens_per_expert, w1, w3, w2, blocked: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.dtype]:
+    """Checked, contiguous ``x`` and ``tokens_per_expert``, the rows they cover, and the
+    dtype: float32, or bfloat16 for the blocked kernel where it is built (even widths)."""
+    dtype = ck.dtype_in("x", x, (torch.float32, torch.bfloat16) if blocked else (torch.float32,))
+    _check_experts(w1, w3, w2, one=False, dtype=dtype)
     E, d, _ = w1.shape
-    ck.tensor("x", x, shape=(None, d))
+    ck.tensor("x", x, dtype, shape=(None, d))
+    if dtype == torch.bfloat16:
+        if not blocks_bf16():
+            raise ValueError("bfloat16 experts need the kernels' AVX-512 BF16 build, which this CPU or "
+                             "compiler lacks (moekit.kernels.status() says which); use float32 or torch's products")
+        sizes = {"d_model": d, "d_ff": w1.shape[2], "d_out": w2.shape[2], "w1's row stride": w1.stride(1),
+                 "w2's row stride": w2.stride(1)}
+        odd = [f"{name} {n}" for name, n in sizes.items() if n % 2]
+        if odd:
+            raise ValueError(f"bfloat16 experts take even widths and row strides (pairs of values), got {', '.join(odd)}")
     x = x.contiguous()
     counts = tokens_per_expert.contiguous() if isinstance(tokens_per_expert, torch.Tensor) else tokens_per_expert
     covered = sum(ck.counts("tokens_per_expert", counts, E, x.shape[0]))
-    return x, counts, covered
+    return x, counts, covered, dtype
+
+
+def _blocks_name(blocked: bool, dtype: torch.dtype, suffix: str = "") -> str:
+    if not blocked:
+        return "moekit_swiglu_segments" + suffix
+    return ("moekit_swiglu_blocks_bf16" if dtype == torch.bfloat16 else "moekit_swiglu_blocks") + suffix
 
 
 def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor,
@@ -35,16 +54,18 @@ def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.
     ``tokens_per_expert`` int64 ``[E]`` rows each), each weight read from memory once.
     ``save``: two contiguous ``[N, f]`` tensors that receive the gate and up pre-activations,
     for :func:`swiglu_segments_backward` (called with the same ``blocked``). ``blocked``: each
-    expert's products on one thread, blocked and packed, the experts shared among the threads.
+    expert's products on one thread, blocked and packed, the experts shared among the threads;
+    float32, or bfloat16 throughout where :func:`~moekit.kernels.library.blocks_bf16` (float32
+    sums, each product rounded once, as torch's bfloat16 products).
     Returns ``[N, d_out]`` (zero past the counts' sum)."""
-    x, counts, covered = _check_segments(x, tokens_per_expert, w1, w3, w2)
+    x, counts, covered, dtype = _check_segments(x, tokens_per_expert, w1, w3, w2, blocked)
     N, f = x.shape[0], w1.shape[2]
     gate = up = None
     if save is not None:
-        gate = ck.tensor("save[0]", save[0], shape=(N, f), contiguous=True).data_ptr()
-        up = ck.tensor("save[1]", save[1], shape=(N, f), contiguous=True).data_ptr()
+        gate = ck.tensor("save[0]", save[0], dtype, shape=(N, f), contiguous=True).data_ptr()
+        up = ck.tensor("save[1]", save[1], dtype, shape=(N, f), contiguous=True).data_ptr()
     out = x.new_empty(N, w2.shape[2])
-    name = "moekit_swiglu_blocks" if blocked else "moekit_swiglu_segments"
+    name = _blocks_name(blocked, dtype)
     check_rc(getattr(lib, name)(x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(),
                                 w3.data_ptr(), w1.stride(0), w1.stride(1), f, w2.data_ptr(), w2.stride(0), w2.stride(1),
                                 w2.shape[2], out.data_ptr(), gate, up, torch.get_num_threads()), name)
@@ -58,17 +79,17 @@ def swiglu_segments_backward(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_exper
                              blocked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of :func:`swiglu_segments` (run with ``save=(gate, up)``) for the
     output's gradient ``dy [N, d_out]``: ``dx`` and the three weight gradients (contiguous,
-    zero for experts without rows), each weight read once and each gradient written once.
-    Rows past ``tokens_per_expert.sum()`` get a zero ``dx``."""
-    x, counts, covered = _check_segments(x, tokens_per_expert, w1, w3, w2)
+    zero for experts without rows, in the weights' dtype), each weight read once and each
+    gradient written once. Rows past ``tokens_per_expert.sum()`` get a zero ``dx``."""
+    x, counts, covered, dtype = _check_segments(x, tokens_per_expert, w1, w3, w2, blocked)
     N, f = x.shape[0], w1.shape[2]
-    ck.tensor("gate", gate, shape=(N, f), contiguous=True)
-    ck.tensor("up", up, shape=(N, f), contiguous=True)
-    ck.tensor("dy", dy, shape=(N, w2.shape[2]))
+    ck.tensor("gate", gate, dtype, shape=(N, f), contiguous=True)
+    ck.tensor("up", up, dtype, shape=(N, f), contiguous=True)
+    ck.tensor("dy", dy, dtype, shape=(N, w2.shape[2]))
     dy = dy.contiguous()
     dx = torch.empty_like(x)
     dw1, dw3, dw2 = (torch.empty(w.shape, dtype=w.dtype) for w in (w1, w3, w2))
-    name = "moekit_swiglu_blocks_backward" if blocked else "moekit_swiglu_segments_backward"
+    name = _blocks_name(blocked, dtype, "_backward")
     check_rc(getattr(lib, name)(
         x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(), w3.data_ptr(), w1.stride(0),
         w1.stride(1), f, w2.data_ptr(), w2.stride(0), w2.stride(1), w2.shape[2], gate.data_ptr(), up.data_ptr(),

@@ -29,7 +29,8 @@ import torch
 
 from moekit.kernels.ffi import declare
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemv.c", "cpu_rows.c", "cpu_lowp.c", "cpu_blocks.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemv.c", "cpu_rows.c", "cpu_lowp.c", "cpu_blocks.c",
+                                                          "cpu_blocks_bf16.c")]
 HEADERS = [Path(__file__).with_name("cpu_bf16.h")]  # included by the sources: hashed with them
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
@@ -101,7 +102,8 @@ def load() -> ctypes.CDLL | None:
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 lib, reason = None, f"build failed, using torch ops: {exc}"
         # asked once: the layer's path choice reads it on every call
-        _built.update(lib=lib, reason=reason, rows_simd=lib is not None and bool(lib.moekit_rows_simd()))
+        _built.update(lib=lib, reason=reason, rows_simd=lib is not None and bool(lib.moekit_rows_simd()),
+                      blocks_bf16=lib is not None and bool(lib.moekit_blocks_bf16_built()))
         return lib
 
 
@@ -115,7 +117,9 @@ def status() -> str:
     simd = {3: "AVX-512 VNNI, bf16 by AVX-512 BF16", 2: "AVX-512 VNNI", 1: "AVX2"}.get(
         _built["lib"].moekit_lowp_simd(), "plain C loops (no AVX2 on this CPU or build)")
     rows = "AVX-512" if few_rows_vectorised() else "plain C loops (no AVX-512: experts take the blocked kernel)"
-    return f"cpu kernels: {_built['reason']}; few-row products: {rows}; int8/int4 products: {simd}"
+    bf16 = "AVX-512 BF16" if blocks_bf16() else "oneDNN (no AVX-512 BF16 in this build)"
+    return (f"cpu kernels: {_built['reason']}; few-row products: {rows}; int8/int4 products: {simd}; "
+            f"bfloat16 experts: {bf16}")
 
 
 def few_rows_vectorised() -> bool:
@@ -123,6 +127,13 @@ def few_rows_vectorised() -> bool:
     loops; without them the experts take the blocked kernel at every row count."""
     load()
     return _built["rows_simd"]
+
+
+def blocks_bf16() -> bool:
+    """Whether the built kernels have the bfloat16 blocked experts (``cpu_blocks_bf16.c``,
+    which needs AVX-512 BF16); without them bfloat16 experts run as torch's products."""
+    load()
+    return _built["blocks_bf16"]
 
 
 class enabled:

@@ -258,6 +258,8 @@ class SwiGLUExperts(GroupedExperts):
         - ``"blocks"``: more rows, up to ``blocks_max_rows_avx512`` per expert where the
           AVX-512 loops are built (else ``blocks_max_rows``, any count), the same conditions:
           the blocked kernel, each expert's products on one thread.
+        - bfloat16 rows and weights (autocast): ``"blocks"`` at every row count where the
+          bfloat16 blocked kernel is built (:meth:`_bf16_blocks`), the same conditions.
         - else in training: ``"segments_op"`` from ``segments_training_min_rows``, else
           ``"grouped_op"`` where ``F.grouped_mm`` takes the rows.
         - inference: ``"fused"`` when :meth:`fuse_gate_up` ran.
@@ -272,6 +274,10 @@ class SwiGLUExperts(GroupedExperts):
                 rank = next(iter(self.adapters.values())).rank
                 grouped = grouped_mm_qualifies(x, weights[0], True) and rows_aligned(x, rank)
             return "lora_grouped" if grouped and _HAS_GROUPED_MM else "lora_loop"
+        if self._bf16_blocks(x.dtype, x.device) and kernels.swiglu_ok(*weights, dtype=torch.bfloat16) \
+                and all(w.stride(1) % 2 == 0 for w in weights):
+            if not self.needs_grad(x) or all(w.requires_grad for w in weights):
+                return "blocks"
         if self.use_grouped_mm is None and x.device.type == "cpu":
             rows, kernels_on = x.shape[0], kernels.for_tensors(x) is not None
             readable = kernels_on and kernels.swiglu_ok(*weights)
@@ -298,6 +304,20 @@ class SwiGLUExperts(GroupedExperts):
                 if self._fused_is_live(weights[0]):
                     return "fused"
         return super().choose_path(x, weights)
+
+    def _bf16_blocks(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether rows of ``dtype`` on ``device`` take the bfloat16 blocked kernel: bfloat16 on
+        the CPU, kernels on and built with AVX-512 BF16, no adapters and no path forced, even
+        widths (the kernel multiplies pairs of values)."""
+        return (dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not self.adapters
+                and self.use_grouped_mm is None and kernels.is_enabled() and not torch.compiler.is_compiling()
+                and kernels.load() is not None and kernels.blocks_bf16()
+                and self.d_model % 2 == 0 and self.d_ff % 2 == 0 and self.d_out % 2 == 0)
+
+    def row_multiple(self, dtype: torch.dtype, device: torch.device) -> int:
+        if self._bf16_blocks(dtype, device):
+            return 1  # the blocked kernel takes segments of any length (oneDNN's padding is for oneDNN)
+        return super().row_multiple(dtype, device)
 
     def run_path(self, path: str, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                  weights: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -151,7 +151,9 @@ def test_padded_segments_start_each_expert_on_a_multiple():
 def test_bfloat16_training_on_padded_segments_matches_float32(capacity_factor, monkeypatch):
     """bfloat16 experts on the CPU run on segments padded to a multiple of 64 rows (so that
     oneDNN reuses its kernels): every product the experts make has a multiple of 64 rows,
-    and the output and gradients match float32 within bfloat16's precision."""
+    and the output and gradients match float32 within bfloat16's precision. (Where the
+    bfloat16 blocked kernel is built it takes the experts unpadded: turned off here.)"""
+    monkeypatch.setattr(kernels, "blocks_bf16", lambda: False)
     torch.manual_seed(0)
     layer = MoE(MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2, capacity_factor=capacity_factor))
     x = torch.randn(2, 50, 32)
@@ -177,7 +179,9 @@ def test_bfloat16_training_gathers_into_the_padded_layout_as_the_torch_path_pads
     """Under CPU bfloat16 autocast the kernels' gather writes the experts' bfloat16 rows with
     the padding already in place (the experts get counts that are multiples of 64 and pad
     nothing more); outputs, each slot's expert output and every gradient match the torch
-    path (kernels off: cast, pad, index_add) within bfloat16 rounding."""
+    path (kernels off: cast, pad, index_add) within bfloat16 rounding. (The experts' oneDNN
+    path: the bfloat16 blocked kernel, which needs no padding, turned off.)"""
+    monkeypatch.setattr(kernels, "blocks_bf16", lambda: False)
     torch.manual_seed(2)
     layer = MoE(MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2, capacity_factor=capacity_factor))
     x = torch.randn(2, 70, 32)

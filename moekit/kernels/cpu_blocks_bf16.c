@@ -1,0 +1,460 @@
+/* moekit CPU kernels: every SwiGLU expert over its rows in bfloat16, forward and backward, as
+ * blocked matrix products on AVX-512 BF16's pair dot products (float32 sums), the experts
+ * shared among threads.
+ *
+ * Without it bfloat16 training runs each expert's products as oneDNN calls: dozens a layer
+ * and step, each with a fixed cost, on segments of a few hundred rows where oneDNN stays
+ * below its large-matrix speed. Here, as cpu_blocks.c does in float32, each product runs on
+ * one thread from a register-blocked micro-kernel, and the threads take blocks of experts'
+ * rows from a shared list, in one parallel region per pass; each expert's weights are packed
+ * once per pass into the micro-kernel's layout (pairs of k), shared by every block of its
+ * rows. benchmarks/moe_vs_dense.py --dtype bfloat16 measures it against the dense model.
+ *
+ * Rounding, as the torch path's bfloat16 products: float32 sums, each product's output
+ * rounded once to bfloat16 (gate, up, hidden, the output, dx, the weight gradients). The
+ * hidden layer's gradient stays float32 into the SwiGLU derivative (torch rounds it first).
+ *
+ * Exported: moekit_swiglu_blocks_bf16 and moekit_swiglu_blocks_bf16_backward, with the
+ * arguments of cpu_blocks.c's float32 pair (every tensor bfloat16, as uint16 bits; K, F and
+ * N even), and moekit_blocks_bf16_built: 1 where the build has AVX-512 BF16, else 0 (and the
+ * two return 2, an argument refused).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define BLOCKS_BF16 1
+#endif
+
+void moekit_silu_mul_rows(const float *g, const float *u, float *out, long n);                       /* cpu_gemv.c */
+void moekit_silu_mul_grad_rows(const float *dh, const float *g, const float *u, float *dg, float *du, long n);
+
+int moekit_blocks_bf16_built(void)
+{
+#ifdef BLOCKS_BF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef BLOCKS_BF16
+
+#define MR 12      /* rows of C per micro-tile: 12 x 2 accumulators, 2 of B and a broadcast in 32 registers */
+#define NR 32      /* columns of C per micro-tile (two vectors of 16 floats) */
+#define SP (2 * NR) /* bfloat16 values per pair of k in a packed strip of B */
+#define KCP 256    /* pairs of k per panel: a strip of B (32 KB) in L1, a row block of A in L2 */
+#define NCS 8      /* strips of B per column block (NCS x KCP x SP x 2 bytes = 256 KB in L2) */
+#define ROWS 192   /* rows of an expert per task, forward and the backward's row pass */
+#define WROWS 64   /* rows of a weight gradient per task (a multiple of MR) */
+
+typedef uint16_t bf16;
+
+static inline long cdiv(long a, long b) { return (a + b - 1) / b; }
+
+static inline uint32_t load32(const void *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __mmask16 mask16(long n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+static inline __mmask32 mask32(long n) { return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1); }
+
+/* dst[i] = src[i] rounded to bfloat16 (ties to even), i < n */
+static void to_bf16(const float *src, bf16 *dst, long n)
+{
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = mask16(n - i);
+        __m512 v = _mm512_maskz_loadu_ps(m, src + i);
+        _mm256_mask_storeu_epi16(dst + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+/* dst[i] = the float32 of bfloat16 src[i], i < n */
+static void from_bf16(const bf16 *src, float *dst, long n)
+{
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = mask16(n - i);
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i));
+        _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+}
+
+/* B [k, n] with its rows contiguous (element (p, j) at B[p rbs + j]) as strips of NR
+ * columns, each ceil(k/2) pairs of rows deep: strip s at bp + s sstride, pair q's 2 NR values
+ * at SP q, column j's two rows side by side (zeros past n and past k). */
+static void pack_b_rows(const bf16 *B, long rbs, long k, long n, bf16 *bp, long sstride)
+{
+    /* interleaving two rows' 32 values into pairs: lo for columns 0-15, hi for 16-31 */
+    static const short lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    __m512i ilo = _mm512_loadu_si512(lo), ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+    for (long s = 0; s * NR < n; s++) {
+        __mmask32 m = mask32(n - s * NR);
+        bf16 *dst = bp + s * sstride;
+        for (long p = 0; p < k; p += 2, dst += SP) {
+            __m512i r0 = _mm512_maskz_loadu_epi16(m, B + p * rbs + s * NR);
+            __m512i r1 = p + 1 < k ? _mm512_maskz_loadu_epi16(m, B + (p + 1) * rbs + s * NR) : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(r0, ilo, r1));
+            _mm512_storeu_si512(dst + NR, _mm512_permutex2var_epi16(r0, ihi, r1));
+        }
+    }
+}
+
+/* pack_b_rows's layout for B [k, n] stored transposed (element (p, j) at B[j cbs + p]): a
+ * column's pair of rows is adjacent in memory, 16 columns' pairs gathered at once. */
+static void pack_b_cols(const bf16 *B, long cbs, long k, long n, bf16 *bp, long sstride)
+{
+    __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                     _mm512_set1_epi32((int)(cbs * sizeof(bf16))));
+    for (long s = 0; s * NR < n; s++) {
+        bf16 *dst = bp + s * sstride;
+        for (int h = 0; h < 2; h++) {
+            long j0 = s * NR + h * 16;
+            __mmask16 m = j0 < n ? mask16(n - j0) : 0;
+            long p = 0;
+            for (; p + 1 < k; p += 2) /* whole pairs */
+                _mm512_storeu_si512(dst + p * NR + h * 32,
+                                    _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, B + j0 * cbs + p, 1));
+            if (p < k) /* k odd: the last row with a zero */
+                for (int j = 0; j < 16; j++) {
+                    dst[p * NR + h * 32 + 2 * j] = j0 + j < n ? B[(j0 + j) * cbs + p] : 0;
+                    dst[p * NR + h * 32 + 2 * j + 1] = 0;
+                }
+        }
+    }
+}
+
+/* A [m, k] stored transposed (element (i, p) at S[p rs + i]: a weight gradient's left side,
+ * activations' rows p) as strips of MR rows of A, each ceil(k/2) pairs deep: strip t at
+ * ap + t kp MR (32-bit pairs), pair q of row i at q MR + i (zeros past m and past k). */
+static void pack_a_t(const bf16 *S, long rs, long m, long k, uint32_t *ap)
+{
+    static const short mix[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    __m512i imix = _mm512_loadu_si512(mix);
+    long kp = cdiv(k, 2);
+    for (long i0 = 0; i0 < m; i0 += MR) {
+        __mmask16 mm = mask16(m - i0 < MR ? m - i0 : MR);
+        uint32_t *dst = ap + i0 / MR * kp * MR;
+        for (long p = 0; p < k; p += 2, dst += MR) {
+            __m256i r0 = _mm256_maskz_loadu_epi16(mm, S + p * rs + i0);
+            __m256i r1 = p + 1 < k ? _mm256_maskz_loadu_epi16(mm, S + (p + 1) * rs + i0) : _mm256_setzero_si256();
+            __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1);
+            _mm512_mask_storeu_epi32(dst, (__mmask16)((1u << MR) - 1), _mm512_permutexvar_epi16(imix, both));
+        }
+    }
+}
+
+/* C[rows, NR] (row stride ldc) = (acc ? C : 0) + A's rows @ one strip of B over kq pairs of
+ * k: A's pair (i, q) at a[i ras + q cas] (32 bits), the strip's pair q at b + q SP. Inlined
+ * per row count (BY_ROWS). */
+static inline __attribute__((always_inline)) void micro_rows(const int rows, long kq, const uint32_t *a, long ras,
+                                                             long cas, const bf16 *b, float *c, long ldc, int acc)
+{
+    __m512 c0[MR], c1[MR];
+    for (int i = 0; i < rows; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (long q = 0; q < kq; q++, a += cas, b += SP) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + NR);
+#pragma GCC unroll 12
+        for (int i = 0; i < rows; i++) {
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)load32(a + i * ras));
+            c0[i] = _mm512_dpbf16_ps(c0[i], av, b0);
+            c1[i] = _mm512_dpbf16_ps(c1[i], av, b1);
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        float *ci = c + i * ldc;
+        _mm512_storeu_ps(ci, acc ? _mm512_add_ps(c0[i], _mm512_loadu_ps(ci)) : c0[i]);
+        _mm512_storeu_ps(ci + 16, acc ? _mm512_add_ps(c1[i], _mm512_loadu_ps(ci + 16)) : c1[i]);
+    }
+}
+
+#define BY_ROWS(mr, f, ...)                                                                                           \
+    switch (mr) {                                                                                                     \
+    case 12: f(12, __VA_ARGS__); break;                                                                              \
+    case 11: f(11, __VA_ARGS__); break;                                                                              \
+    case 10: f(10, __VA_ARGS__); break;                                                                              \
+    case 9: f(9, __VA_ARGS__); break;                                                                                \
+    case 8: f(8, __VA_ARGS__); break;                                                                                \
+    case 7: f(7, __VA_ARGS__); break;                                                                                \
+    case 6: f(6, __VA_ARGS__); break;                                                                                \
+    case 5: f(5, __VA_ARGS__); break;                                                                                \
+    case 4: f(4, __VA_ARGS__); break;                                                                                \
+    case 3: f(3, __VA_ARGS__); break;                                                                                \
+    case 2: f(2, __VA_ARGS__); break;                                                                                \
+    default: f(1, __VA_ARGS__); break;                                                                               \
+    }
+
+static void micro(long mr, long kq, const uint32_t *a, long ras, long cas, const bf16 *b, float *c, long ldc, int acc)
+{
+    BY_ROWS(mr, micro_rows, kq, a, ras, cas, b, c, ldc, acc);
+}
+
+/* The left side of a product: row block t (rows t MR ...) at a + t tstride, pair (i, q) of
+ * the block at [i ras + q cas] (32-bit units): rows read in place (ras the row's pairs,
+ * cas 1) or packed by pack_a_t (ras 1, cas MR, tstride kp MR). */
+typedef struct {
+    const uint32_t *a;
+    long ras, cas, tstride;
+} lhs;
+
+static lhs rows_in_place(const bf16 *A, long lda) { return (lhs){(const uint32_t *)(const void *)A, lda / 2, 1, MR * (lda / 2)}; }
+
+/* One thread: C[m, ns NR] (row stride ldc, float32) = (acc ? C : 0) + A[m, 2 kp] @ B, B
+ * packed in ns strips (strip s at bp + s sstride, kp pairs each). Blocks of NCS strips
+ * (in L2) by panels of KCP pairs, each block of A's rows reused across the strips. */
+static void gemm(long m, long kp, long ns, lhs A, const bf16 *bp, long sstride, float *c, long ldc, int acc)
+{
+    for (long s0 = 0; s0 < ns; s0 += NCS)
+        for (long q0 = 0; q0 < kp; q0 += KCP) {
+            long kq = kp - q0 < KCP ? kp - q0 : KCP;
+            for (long i0 = 0; i0 < m; i0 += MR)
+                for (long s = s0; s < s0 + NCS && s < ns; s++)
+                    micro(m - i0 < MR ? m - i0 : MR, kq, A.a + i0 / MR * A.tstride + q0 * A.cas, A.ras, A.cas,
+                          bp + s * sstride + q0 * SP, c + i0 * ldc + s * NR, ldc, acc || q0 > 0);
+        }
+}
+
+typedef struct {
+    long e, a, b, cost;
+    int which;
+} task;
+
+/* first row of each expert's segment */
+static void starts(const long *counts, long E, long *start)
+{
+    long row = 0;
+    for (long e = 0; e < E; e++) {
+        start[e] = row;
+        row += counts[e];
+    }
+}
+
+/* every non-empty segment cut into equal blocks of at most ROWS rows */
+static long row_tasks(const long *counts, long E, task *t)
+{
+    long n = 0;
+    for (long e = 0; e < E; e++) {
+        long blocks = cdiv(counts[e], ROWS), size = blocks ? cdiv(counts[e], blocks) : 0;
+        for (long a = 0; a < counts[e]; a += size) t[n++] = (task){e, a, a + size < counts[e] ? a + size : counts[e], 0, 0};
+    }
+    return n;
+}
+
+int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E, const bf16 *w1, const bf16 *w3,
+                              long e13, long ld13, long F, const bf16 *w2, long e2, long ld2, long N, bf16 *out,
+                              bf16 *gate_save, bf16 *up_save, int nthreads)
+{
+    if (K % 2 || F % 2 || N % 2 || ld13 % 2 || ld2 % 2)
+        return 2;
+    long kpK = K / 2, kpF = F / 2, sF = cdiv(F, NR), sN = cdiv(N, NR), Fp = sF * NR, Np = sN * NR;
+    long str13 = kpK * SP, str2 = kpF * SP;     /* one strip's values */
+    long per13 = 2 * sF * str13, per2 = sN * str2; /* one expert's packed w1 and w3, w2 */
+    long n_tasks = 0;
+    for (long e = 0; e < E; e++) n_tasks += cdiv(counts[e], ROWS);
+    long *start = malloc((E + 1) * sizeof(long));
+    task *tasks = malloc((n_tasks + 1) * sizeof(task));
+    bf16 *wp = malloc((size_t)E * (per13 + per2) * sizeof(bf16) + 64);
+    long per_thread = ROWS * (2 * Fp + Np) * sizeof(float) + 3 * ROWS * F * sizeof(bf16) + 64;
+    char *buf = malloc((size_t)nthreads * per_thread);
+    int rc = 0;
+    if (!start || !tasks || !wp || !buf) {
+        rc = -1;
+        goto done;
+    }
+    starts(counts, E, start);
+    row_tasks(counts, E, tasks);
+    bf16 *wp2 = wp + E * per13;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        /* each used expert's weights packed once, for all of its row blocks */
+        #pragma omp for schedule(dynamic, 1)
+        for (long t = 0; t < 3 * E; t++) {
+            long e = t / 3;
+            if (!counts[e]) continue;
+            if (t % 3 < 2)
+                pack_b_rows((t % 3 ? w3 : w1) + e * e13, ld13, K, F, wp + e * per13 + (t % 3) * sF * str13, str13);
+            else
+                pack_b_rows(w2 + e * e2, ld2, F, N, wp2 + e * per2, str2);
+        }
+        char *mine = buf + omp_get_thread_num() * per_thread;
+        float *cg = (float *)mine, *cu = cg + ROWS * Fp, *co = cu + ROWS * Fp;
+        bf16 *tg = (bf16 *)(co + ROWS * Np), *tu = tg + ROWS * F, *hidden = tu + ROWS * F;
+        #pragma omp for schedule(dynamic, 1)
+        for (long t = 0; t < n_tasks; t++) {
+            long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a;
+            bf16 *gs = gate_save ? gate_save + r0 * F : tg, *us = up_save ? up_save + r0 * F : tu;
+            const bf16 *w13p = wp + e * per13;
+            lhs xr = rows_in_place(x + r0 * K, K);
+            gemm(R, kpK, sF, xr, w13p, str13, cg, Fp, 0);
+            gemm(R, kpK, sF, xr, w13p + sF * str13, str13, cu, Fp, 0);
+            for (long r = 0; r < R; r++) { /* gate and up rounded, and silu(gate) * up from the rounded values */
+                float *g = cg + r * Fp, *u = cu + r * Fp;
+                to_bf16(g, gs + r * F, F);
+                to_bf16(u, us + r * F, F);
+                from_bf16(gs + r * F, g, F);
+                from_bf16(us + r * F, u, F);
+                moekit_silu_mul_rows(g, u, g, F);
+                to_bf16(g, hidden + r * F, F);
+            }
+            gemm(R, kpF, sN, rows_in_place(hidden, F), wp2 + e * per2, str2, co, Np, 0);
+            for (long r = 0; r < R; r++) to_bf16(co + r * Np, out + (r0 + r) * N, N);
+        }
+    }
+done:
+    free(start);
+    free(tasks);
+    free(wp);
+    free(buf);
+    return rc;
+}
+
+/* larger tasks first: the weight gradients' tasks vary with the experts' rows, and the
+ * largest last would leave the other threads waiting */
+static int by_cost(const void *pa, const void *pb)
+{
+    const task *a = pa, *b = pb;
+    return (a->cost < b->cost) - (a->cost > b->cost);
+}
+
+int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts, long E, const bf16 *w1,
+                                       const bf16 *w3, long e13, long ld13, long F, const bf16 *w2, long e2, long ld2,
+                                       long N, const bf16 *gate_save, const bf16 *up_save, const bf16 *dy, bf16 *dx,
+                                       bf16 *dw1, bf16 *dw3, bf16 *dw2, int nthreads)
+{
+    if (K % 2 || F % 2 || N % 2 || ld13 % 2 || ld2 % 2)
+        return 2;
+    long rows = 0, n_rows = 0, n_w = 0;
+    for (long e = 0; e < E; e++) {
+        rows += counts[e];
+        n_rows += cdiv(counts[e], ROWS);
+    }
+    long sF = cdiv(F, NR), sK = cdiv(K, NR), Fp = sF * NR, Kp = sK * NR;
+    long str2 = (N / 2) * SP, str13 = F * SP;   /* strips of w2^T [N, F] and of [w1^T; w3^T] [2F, K] */
+    long per2 = sF * str2, per13 = sK * str13;
+    long s2F = cdiv(2 * F, NR), sN = cdiv(N, NR), wn = (s2F > sN ? s2F : sN) * NR; /* weight gradients' widths */
+    long w_per_e = cdiv(K, WROWS) + cdiv(F, WROWS);
+    long *start = malloc((E + 1) * sizeof(long));
+    task *tasks = malloc((n_rows + E * w_per_e + 1) * sizeof(task));
+    bf16 *wp = malloc((size_t)E * (per2 + per13) * sizeof(bf16) + 64);
+    bf16 *hidden = malloc((size_t)(3 * rows * F + 2) * sizeof(bf16)), *dgu = hidden + rows * F;
+    long apsz = cdiv(WROWS, MR) * KCP * MR * sizeof(uint32_t), bpsz = (wn / NR) * KCP * SP * sizeof(bf16);
+    long per_thread = ROWS * (Fp + Kp) * sizeof(float) + 5 * F * sizeof(float) + apsz + bpsz +
+                      WROWS * wn * sizeof(float) + 256;
+    char *buf = malloc((size_t)nthreads * per_thread);
+    int rc = 0;
+    if (!start || !tasks || !wp || !hidden || !buf) {
+        rc = -1;
+        goto done;
+    }
+    starts(counts, E, start);
+    row_tasks(counts, E, tasks);
+    task *wt = tasks + n_rows;
+    for (long e = 0; e < E; e++) { /* which: 1 dW1 and dW3 (one product over [dgate | dup]), 2 dW2 */
+        for (long a = 0; a < K; a += WROWS) {
+            long b = a + WROWS < K ? a + WROWS : K;
+            wt[n_w++] = (task){e, a, b, (b - a) * 2 * F * (counts[e] + 1), 1};
+        }
+        for (long a = 0; a < F; a += WROWS) {
+            long b = a + WROWS < F ? a + WROWS : F;
+            wt[n_w++] = (task){e, a, b, (b - a) * N * (counts[e] + 1), 2};
+        }
+    }
+    qsort(wt, n_w, sizeof(task), by_cost);
+    bf16 *wp13 = wp + E * per2;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(dynamic, 1)
+        for (long t = 0; t < 3 * E; t++) {
+            long e = t / 3;
+            if (!counts[e]) continue;
+            if (t % 3 == 0) /* w2^T: [N, F] */
+                pack_b_cols(w2 + e * e2, ld2, N, F, wp + e * per2, str2);
+            else /* w1^T above w3^T: [2F, K], F/2 pairs each */
+                pack_b_cols((t % 3 == 1 ? w1 : w3) + e * e13, ld13, F, K, wp13 + e * per13 + (t % 3 - 1) * (F / 2) * SP,
+                            str13);
+        }
+        char *mine = buf + omp_get_thread_num() * per_thread;
+        float *cdh = (float *)mine, *cdx = cdh + ROWS * Fp, *g = cdx + ROWS * Kp, *u = g + F, *h = u + F, *dg = h + F,
+              *du = dg + F, *cw = du + F;
+        uint32_t *ap = (uint32_t *)(cw + WROWS * wn);
+        bf16 *bp = (bf16 *)((char *)ap + apsz);
+        #pragma omp for schedule(dynamic, 1)
+        for (long t = 0; t < n_rows; t++) {
+            long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a;
+            gemm(R, N / 2, sF, rows_in_place(dy + r0 * N, N), wp + e * per2, str2, cdh, Fp, 0); /* dh = dy @ w2^T */
+            for (long r = 0; r < R; r++) {
+                from_bf16(gate_save + (r0 + r) * F, g, F);
+                from_bf16(up_save + (r0 + r) * F, u, F);
+                moekit_silu_mul_rows(g, u, h, F);
+                to_bf16(h, hidden + (r0 + r) * F, F);
+                moekit_silu_mul_grad_rows(cdh + r * Fp, g, u, dg, du, F);
+                to_bf16(dg, dgu + (r0 + r) * 2 * F, F);
+                to_bf16(du, dgu + (r0 + r) * 2 * F + F, F);
+            }
+            /* dx = [dgate | dup] @ [w1^T; w3^T] */
+            gemm(R, F, sK, rows_in_place(dgu + r0 * 2 * F, 2 * F), wp13 + e * per13, str13, cdx, Kp, 0);
+            for (long r = 0; r < R; r++) to_bf16(cdx + r * Kp, dx + (r0 + r) * K, K);
+        }
+        /* the implied barrier: every row's dgate, dup and hidden are written */
+        #pragma omp for schedule(dynamic, 1)
+        for (long t = 0; t < n_w; t++) {
+            long e = wt[t].e, a = wt[t].a, m = wt[t].b - a, R = counts[e], r0 = start[e];
+            int two = wt[t].which == 2; /* dW2[a:b] = hidden^T[a:b] @ dy, else [dW1 | dW3][a:b] = x^T[a:b] @ [dgate | dup] */
+            const bf16 *S = two ? hidden + r0 * F + a : x + r0 * K + a, *B = two ? dy + r0 * N : dgu + r0 * 2 * F;
+            long rs = two ? F : K, n = two ? N : 2 * F, ns = cdiv(n, NR);
+            if (R == 0) memset(cw, 0, (size_t)m * wn * sizeof(float));
+            for (long p0 = 0; p0 < R; p0 += 2 * KCP) { /* panels of rows of the expert */
+                long kc = R - p0 < 2 * KCP ? R - p0 : 2 * KCP, kq = cdiv(kc, 2);
+                pack_a_t(S + p0 * rs, rs, m, kc, ap);
+                pack_b_rows(B + p0 * n, n, kc, n, bp, kq * SP);
+                gemm(m, kq, ns, (lhs){ap, 1, MR, kq * MR}, bp, kq * SP, cw, wn, p0 > 0);
+            }
+            for (long i = 0; i < m; i++) {
+                if (two) {
+                    to_bf16(cw + i * wn, dw2 + e * F * N + (a + i) * N, N);
+                } else {
+                    to_bf16(cw + i * wn, dw1 + e * K * F + (a + i) * F, F);
+                    to_bf16(cw + i * wn + F, dw3 + e * K * F + (a + i) * F, F);
+                }
+            }
+        }
+    }
+done:
+    free(start);
+    free(tasks);
+    free(wp);
+    free(hidden);
+    free(buf);
+    return rc;
+}
+
+#else /* no AVX-512 BF16 in this build: the callers check moekit_blocks_bf16_built first */
+
+int moekit_swiglu_blocks_bf16(const uint16_t *x, long K, const long *counts, long E, const uint16_t *w1,
+                              const uint16_t *w3, long e13, long ld13, long F, const uint16_t *w2, long e2, long ld2,
+                              long N, uint16_t *out, uint16_t *gate_save, uint16_t *up_save, int nthreads)
+{
+    (void)x, (void)K, (void)counts, (void)E, (void)w1, (void)w3, (void)e13, (void)ld13, (void)F, (void)w2;
+    (void)e2, (void)ld2, (void)N, (void)out, (void)gate_save, (void)up_save, (void)nthreads;
+    return 2;
+}
+
+int moekit_swiglu_blocks_bf16_backward(const uint16_t *x, long K, const long *counts, long E, const uint16_t *w1,
+                                       const uint16_t *w3, long e13, long ld13, long F, const uint16_t *w2, long e2,
+                                       long ld2, long N, const uint16_t *gate_save, const uint16_t *up_save,
+                                       const uint16_t *dy, uint16_t *dx, uint16_t *dw1, uint16_t *dw3, uint16_t *dw2,
+                                       int nthreads)
+{
+    (void)x, (void)K, (void)counts, (void)E, (void)w1, (void)w3, (void)e13, (void)ld13, (void)F, (void)w2;
+    (void)e2, (void)ld2, (void)N, (void)gate_save, (void)up_save, (void)dy, (void)dx, (void)dw1, (void)dw3;
+    (void)dw2, (void)nthreads;
+    return 2;
+}
+
+#endif
