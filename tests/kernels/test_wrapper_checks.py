@@ -32,7 +32,7 @@ def calls():
     def lw(name, parts, lead=()):
         return kernels.lowp_weights(name, "int8", parts["q"], parts["scale"], 32, lead)
 
-    return {
+    table = {
         "rows": (kernels.rows, dict(lib=lib, w=torch.randn(N, D), x=torch.randn(D), out=torch.empty(N),
                                     bias=torch.randn(N), add=torch.randn(N), norm_weight=norm_w, eps=1e-5)),
         "swiglu_add": (kernels.swiglu_add, dict(lib=lib, x=torch.randn(D), w1=w1[0], w3=w3[0], w2=w2[0],
@@ -79,6 +79,16 @@ def calls():
             lib=lib, probs=torch.rand(T, E), indices=torch.tensor([[0, 1]] * T), weights=torch.rand(T, K),
             dprobs=torch.randn(T, E), dweights=torch.randn(T, K), renormalize=True, scale=1.0)),
     }
+    if kernels.blocks_bf16():  # the bfloat16 blocked experts (AVX-512 BF16 builds)
+        bf = [w.bfloat16() for w in (w1, w3, w2)]
+        table["swiglu_blocks_bf16"] = (kernels.swiglu_segments, dict(
+            lib=lib, x=torch.randn(N, D).bfloat16(), tokens_per_expert=counts, w1=bf[0], w3=bf[1], w2=bf[2],
+            save=(torch.empty(N, FF, dtype=torch.bfloat16), torch.empty(N, FF, dtype=torch.bfloat16)), blocked=True))
+        table["swiglu_blocks_bf16_backward"] = (kernels.swiglu_segments_backward, dict(
+            lib=lib, x=torch.randn(N, D).bfloat16(), tokens_per_expert=counts, w1=bf[0], w3=bf[1], w2=bf[2],
+            gate=torch.randn(N, FF).bfloat16(), up=torch.randn(N, FF).bfloat16(), dy=torch.randn(N, D).bfloat16(),
+            blocked=True))
+    return table
 
 
 NAMES = list(calls())
