@@ -25,11 +25,9 @@
 #include <omp.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
+#include "cpu_vmath.h"
 #define BLOCKS_BF16 1
 #endif
-
-void moekit_silu_mul_rows(const float *g, const float *u, float *out, long n);                       /* cpu_gemv.c */
-void moekit_silu_mul_grad_rows(const float *dh, const float *g, const float *u, float *dg, float *du, long n);
 
 int moekit_blocks_bf16_built(void)
 {
@@ -74,13 +72,39 @@ static void to_bf16(const float *src, bf16 *dst, long n)
     }
 }
 
-/* dst[i] = the float32 of bfloat16 src[i], i < n */
-static void from_bf16(const bf16 *src, float *dst, long n)
+static inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+/* One row of the forward's activation, in one pass: the gate and up sums (float32) rounded
+ * to bfloat16 into gs and us, and hidden = silu(gate) * up from the rounded values, rounded. */
+static void act_row(const float *g, const float *u, bf16 *gs, bf16 *us, bf16 *hidden, long n)
 {
     for (long i = 0; i < n; i += 16) {
         __mmask16 m = mask16(n - i);
-        __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i));
-        _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+        __m256i gb = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, g + i));
+        __m256i ub = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, u + i));
+        _mm256_mask_storeu_epi16(gs + i, m, gb);
+        _mm256_mask_storeu_epi16(us + i, m, ub);
+        __m512 gv = widen(gb);
+        __m512 h = _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), widen(ub));
+        _mm256_mask_storeu_epi16(hidden + i, m, (__m256i)_mm512_cvtneps_pbh(h));
+    }
+}
+
+/* One row of the backward's activation, in one pass from the saved gate and up (bfloat16)
+ * and the hidden layer's gradient dh (float32): hidden = silu(gate) * up again (for dW2),
+ * dgate = dh * up * s * (1 + gate (1 - s)) and dup = dh * silu(gate), s = sigmoid(gate),
+ * each rounded to bfloat16; the sigmoid once for all three. */
+static void act_grad_row(const bf16 *gs, const bf16 *us, const float *dh, bf16 *hidden, bf16 *dg, bf16 *du, long n)
+{
+    __m512 one = _mm512_set1_ps(1.0f);
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = mask16(n - i);
+        __m512 gv = widen(_mm256_maskz_loadu_epi16(m, gs + i)), uv = widen(_mm256_maskz_loadu_epi16(m, us + i));
+        __m512 dv = _mm512_maskz_loadu_ps(m, dh + i), s = sigmoid16(gv), silu = _mm512_mul_ps(gv, s);
+        __m512 dgv = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dv, uv), s), _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one));
+        _mm256_mask_storeu_epi16(hidden + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, uv)));
+        _mm256_mask_storeu_epi16(dg + i, m, (__m256i)_mm512_cvtneps_pbh(dgv));
+        _mm256_mask_storeu_epi16(du + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(dv, silu)));
     }
 }
 
@@ -293,15 +317,7 @@ int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E,
             lhs xr = rows_in_place(x + r0 * K, K);
             gemm(R, kpK, sF, xr, w13p, str13, cg, Fp, 0);
             gemm(R, kpK, sF, xr, w13p + sF * str13, str13, cu, Fp, 0);
-            for (long r = 0; r < R; r++) { /* gate and up rounded, and silu(gate) * up from the rounded values */
-                float *g = cg + r * Fp, *u = cu + r * Fp;
-                to_bf16(g, gs + r * F, F);
-                to_bf16(u, us + r * F, F);
-                from_bf16(gs + r * F, g, F);
-                from_bf16(us + r * F, u, F);
-                moekit_silu_mul_rows(g, u, g, F);
-                to_bf16(g, hidden + r * F, F);
-            }
+            for (long r = 0; r < R; r++) act_row(cg + r * Fp, cu + r * Fp, gs + r * F, us + r * F, hidden + r * F, F);
             gemm(R, kpF, sN, rows_in_place(hidden, F), wp2 + e * per2, str2, co, Np, 0);
             for (long r = 0; r < R; r++) to_bf16(co + r * Np, out + (r0 + r) * N, N);
         }
@@ -344,7 +360,7 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
     bf16 *wp = malloc((size_t)E * (per2 + per13) * sizeof(bf16) + 64);
     bf16 *hidden = malloc((size_t)(3 * rows * F + 2) * sizeof(bf16)), *dgu = hidden + rows * F;
     long apsz = cdiv(WROWS, MR) * KCP * MR * sizeof(uint32_t), bpsz = (wn / NR) * KCP * SP * sizeof(bf16);
-    long per_thread = ROWS * (Fp + Kp) * sizeof(float) + 5 * F * sizeof(float) + apsz + bpsz +
+    long per_thread = ROWS * (Fp + Kp) * sizeof(float) + apsz + bpsz +
                       WROWS * wn * sizeof(float) + 256;
     char *buf = malloc((size_t)nthreads * per_thread);
     int rc = 0;
@@ -380,8 +396,7 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
                             str13);
         }
         char *mine = buf + omp_get_thread_num() * per_thread;
-        float *cdh = (float *)mine, *cdx = cdh + ROWS * Fp, *g = cdx + ROWS * Kp, *u = g + F, *h = u + F, *dg = h + F,
-              *du = dg + F, *cw = du + F;
+        float *cdh = (float *)mine, *cdx = cdh + ROWS * Fp, *cw = cdx + ROWS * Kp;
         uint32_t *ap = (uint32_t *)(cw + WROWS * wn);
         bf16 *bp = (bf16 *)((char *)ap + apsz);
         #pragma omp for schedule(dynamic, 1)
@@ -389,13 +404,9 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
             long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a;
             gemm(R, N / 2, sF, rows_in_place(dy + r0 * N, N), wp + e * per2, str2, cdh, Fp, 0); /* dh = dy @ w2^T */
             for (long r = 0; r < R; r++) {
-                from_bf16(gate_save + (r0 + r) * F, g, F);
-                from_bf16(up_save + (r0 + r) * F, u, F);
-                moekit_silu_mul_rows(g, u, h, F);
-                to_bf16(h, hidden + (r0 + r) * F, F);
-                moekit_silu_mul_grad_rows(cdh + r * Fp, g, u, dg, du, F);
-                to_bf16(dg, dgu + (r0 + r) * 2 * F, F);
-                to_bf16(du, dgu + (r0 + r) * 2 * F + F, F);
+                bf16 *d = dgu + (r0 + r) * 2 * F;
+                act_grad_row(gate_save + (r0 + r) * F, up_save + (r0 + r) * F, cdh + r * Fp, hidden + (r0 + r) * F, d,
+                             d + F, F);
             }
             /* dx = [dgate | dup] @ [w1^T; w3^T] */
             gemm(R, F, sK, rows_in_place(dgu + r0 * 2 * F, 2 * F), wp13 + e * per13, str13, cdx, Kp, 0);
