@@ -46,7 +46,8 @@ int moekit_blocks_bf16_built(void)
 #define KCP 256    /* pairs of k per panel: a strip of B (32 KB) in L1, a row block of A in L2 */
 #define NCS 8      /* strips of B per column block (NCS x KCP x SP x 2 bytes = 256 KB in L2) */
 #define ROWS 192   /* rows of an expert per task, forward and the backward's row pass */
-#define WROWS 64   /* rows of a weight gradient per task (a multiple of MR) */
+#define W13S 4     /* strips of columns of [dW1 | dW3] per task */
+#define W2T 6      /* strips of MR rows of dW2 per task */
 
 typedef uint16_t bf16;
 
@@ -155,16 +156,15 @@ static void pack_b_cols(const bf16 *B, long cbs, long k, long n, bf16 *bp, long 
 
 /* A [m, k] stored transposed (element (i, p) at S[p rs + i]: a weight gradient's left side,
  * activations' rows p) as strips of MR rows of A, each ceil(k/2) pairs deep: strip t at
- * ap + t kp MR (32-bit pairs), pair q of row i at q MR + i (zeros past m and past k). */
-static void pack_a_t(const bf16 *S, long rs, long m, long k, uint32_t *ap)
+ * ap + t tstride (32-bit pairs), pair q of row i at q MR + i (zeros past m and past k). */
+static void pack_a_t(const bf16 *S, long rs, long m, long k, uint32_t *ap, long tstride)
 {
     static const short mix[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     __m512i imix = _mm512_loadu_si512(mix);
-    long kp = cdiv(k, 2);
     for (long i0 = 0; i0 < m; i0 += MR) {
         __mmask16 mm = mask16(m - i0 < MR ? m - i0 : MR);
-        uint32_t *dst = ap + i0 / MR * kp * MR;
+        uint32_t *dst = ap + i0 / MR * tstride;
         for (long p = 0; p < k; p += 2, dst += MR) {
             __m256i r0 = _mm256_maskz_loadu_epi16(mm, S + p * rs + i0);
             __m256i r1 = p + 1 < k ? _mm256_maskz_loadu_epi16(mm, S + (p + 1) * rs + i0) : _mm256_setzero_si256();
@@ -259,12 +259,13 @@ static void starts(const long *counts, long E, long *start)
     }
 }
 
-/* every non-empty segment cut into equal blocks of at most ROWS rows */
+/* every non-empty segment cut into equal blocks of at most ROWS rows, an even number each
+ * (but the last): the backward packs pairs of an expert's rows, never split between blocks */
 static long row_tasks(const long *counts, long E, task *t)
 {
     long n = 0;
     for (long e = 0; e < E; e++) {
-        long blocks = cdiv(counts[e], ROWS), size = blocks ? cdiv(counts[e], blocks) : 0;
+        long blocks = cdiv(counts[e], ROWS), size = blocks ? cdiv(cdiv(counts[e], blocks), 2) * 2 : 0;
         for (long a = 0; a < counts[e]; a += size) t[n++] = (task){e, a, a + size < counts[e] ? a + size : counts[e], 0, 0};
     }
     return n;
@@ -338,6 +339,26 @@ static int by_cost(const void *pa, const void *pb)
     return (a->cost < b->cost) - (a->cost > b->cost);
 }
 
+/* C's rows [m, n] (row stride ldc) rounded to bfloat16 into columns c0.. of [dw1 | dw3] (each
+ * [m, F], row stride F): a column below F goes to dw1, the rest to dw3 */
+static void store_pair(const float *c, long ldc, long m, long n, long c0, long F, bf16 *dw1, bf16 *dw3)
+{
+    for (long i = 0; i < m; i++) {
+        long j = 0;
+        if (c0 < F) {
+            j = F - c0 < n ? F - c0 : n;
+            to_bf16(c + i * ldc, dw1 + i * F + c0, j);
+        }
+        if (j < n) to_bf16(c + i * ldc + j, dw3 + i * F + c0 + j - F, n - j);
+    }
+}
+
+/* The backward of moekit_swiglu_blocks_bf16: the row pass (blocks of each expert's rows: dh =
+ * dy @ w2^T, the SwiGLU's derivative, dx = [dgate | dup] @ [w1^T; w3^T]) also lays out the
+ * weight gradients' operands, pairs of each expert's rows side by side (x^T and hidden^T as
+ * left sides, [dgate | dup] and dy as strips of right sides); the weight pass (dW1 and dW3 in
+ * blocks of columns, dW2 in blocks of rows) then runs the micro-kernel on them as they lie,
+ * with no packing and no operand read twice into a pack. */
 int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts, long E, const bf16 *w1,
                                        const bf16 *w3, long e13, long ld13, long F, const bf16 *w2, long e2, long ld2,
                                        long N, const bf16 *gate_save, const bf16 *up_save, const bf16 *dy, bf16 *dx,
@@ -345,40 +366,42 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
 {
     if (K % 2 || F % 2 || N % 2 || ld13 % 2 || ld2 % 2)
         return 2;
-    long rows = 0, n_rows = 0, n_w = 0;
+    long n_rows = 0, n_w = 0, pairs = 0;
     for (long e = 0; e < E; e++) {
-        rows += counts[e];
         n_rows += cdiv(counts[e], ROWS);
+        pairs += cdiv(counts[e], 2);
     }
     long sF = cdiv(F, NR), sK = cdiv(K, NR), Fp = sF * NR, Kp = sK * NR;
     long str2 = (N / 2) * SP, str13 = F * SP;   /* strips of w2^T [N, F] and of [w1^T; w3^T] [2F, K] */
     long per2 = sF * str2, per13 = sK * str13;
-    long s2F = cdiv(2 * F, NR), sN = cdiv(N, NR), wn = (s2F > sN ? s2F : sN) * NR; /* weight gradients' widths */
-    long w_per_e = cdiv(K, WROWS) + cdiv(F, WROWS);
-    long *start = malloc((E + 1) * sizeof(long));
-    task *tasks = malloc((n_rows + E * w_per_e + 1) * sizeof(task));
+    long s2F = cdiv(2 * F, NR), sN = cdiv(N, NR), tK = cdiv(K, MR), tF = cdiv(F, MR);
+    long w13_blocks = cdiv(s2F, W13S), w2_blocks = cdiv(tF, W2T);
+    long cw_size = K * W13S * NR > W2T * MR * sN * NR ? K * W13S * NR : W2T * MR * sN * NR;
+    long *start = malloc(2 * (E + 1) * sizeof(long)), *pair0 = start + E + 1;
+    task *tasks = malloc((n_rows + E * (w13_blocks + w2_blocks) + 1) * sizeof(task));
     bf16 *wp = malloc((size_t)E * (per2 + per13) * sizeof(bf16) + 64);
-    bf16 *hidden = malloc((size_t)(3 * rows * F + 2) * sizeof(bf16)), *dgu = hidden + rows * F;
-    long apsz = cdiv(WROWS, MR) * KCP * MR * sizeof(uint32_t), bpsz = (wn / NR) * KCP * SP * sizeof(bf16);
-    long per_thread = ROWS * (Fp + Kp) * sizeof(float) + apsz + bpsz +
-                      WROWS * wn * sizeof(float) + 256;
+    /* the weight gradients' operands, each expert's pairs of rows from pair0[e] on */
+    uint32_t *xa = malloc((size_t)(pairs * MR * (tK + tF) + 1) * sizeof(uint32_t)), *ha = xa + pairs * MR * tK;
+    bf16 *gb = malloc((size_t)(pairs * SP * (s2F + sN) + 1) * sizeof(bf16)), *yb = gb + pairs * SP * s2F;
+    long per_thread = (ROWS * (Fp + Kp) + cw_size) * sizeof(float) + 3 * ROWS * F * sizeof(bf16) + 256;
     char *buf = malloc((size_t)nthreads * per_thread);
     int rc = 0;
-    if (!start || !tasks || !wp || !hidden || !buf) {
+    if (!start || !tasks || !wp || !xa || !gb || !buf) {
         rc = -1;
         goto done;
     }
     starts(counts, E, start);
+    for (long e = 0, q = 0; e < E; q += cdiv(counts[e], 2), e++) pair0[e] = q;
     row_tasks(counts, E, tasks);
     task *wt = tasks + n_rows;
-    for (long e = 0; e < E; e++) { /* which: 1 dW1 and dW3 (one product over [dgate | dup]), 2 dW2 */
-        for (long a = 0; a < K; a += WROWS) {
-            long b = a + WROWS < K ? a + WROWS : K;
-            wt[n_w++] = (task){e, a, b, (b - a) * 2 * F * (counts[e] + 1), 1};
+    for (long e = 0; e < E; e++) { /* which: 1 columns [a, b) of [dW1 | dW3], 2 rows [a, b) of dW2 */
+        for (long s = 0; s < s2F; s += W13S) {
+            long a = s * NR, b = (s + W13S) * NR < 2 * F ? (s + W13S) * NR : 2 * F;
+            wt[n_w++] = (task){e, a, b, K * (b - a) * (counts[e] + 1), 1};
         }
-        for (long a = 0; a < F; a += WROWS) {
-            long b = a + WROWS < F ? a + WROWS : F;
-            wt[n_w++] = (task){e, a, b, (b - a) * N * (counts[e] + 1), 2};
+        for (long t = 0; t < tF; t += W2T) {
+            long a = t * MR, b = (t + W2T) * MR < F ? (t + W2T) * MR : F;
+            wt[n_w++] = (task){e, a, b, N * (b - a) * (counts[e] + 1), 2};
         }
     }
     qsort(wt, n_w, sizeof(task), by_cost);
@@ -397,42 +420,42 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
         }
         char *mine = buf + omp_get_thread_num() * per_thread;
         float *cdh = (float *)mine, *cdx = cdh + ROWS * Fp, *cw = cdx + ROWS * Kp;
-        uint32_t *ap = (uint32_t *)(cw + WROWS * wn);
-        bf16 *bp = (bf16 *)((char *)ap + apsz);
+        bf16 *hidden = (bf16 *)(cw + cw_size), *dgu = hidden + ROWS * F;
         #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < n_rows; t++) {
-            long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a;
+            long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a, kp = cdiv(counts[e], 2);
+            long q0 = pair0[e] + tasks[t].a / 2; /* this block's first pair of rows */
             gemm(R, N / 2, sF, rows_in_place(dy + r0 * N, N), wp + e * per2, str2, cdh, Fp, 0); /* dh = dy @ w2^T */
-            for (long r = 0; r < R; r++) {
-                bf16 *d = dgu + (r0 + r) * 2 * F;
-                act_grad_row(gate_save + (r0 + r) * F, up_save + (r0 + r) * F, cdh + r * Fp, hidden + (r0 + r) * F, d,
-                             d + F, F);
-            }
+            for (long r = 0; r < R; r++)
+                act_grad_row(gate_save + (r0 + r) * F, up_save + (r0 + r) * F, cdh + r * Fp, hidden + r * F,
+                             dgu + r * 2 * F, dgu + r * 2 * F + F, F);
             /* dx = [dgate | dup] @ [w1^T; w3^T] */
-            gemm(R, F, sK, rows_in_place(dgu + r0 * 2 * F, 2 * F), wp13 + e * per13, str13, cdx, Kp, 0);
+            gemm(R, F, sK, rows_in_place(dgu, 2 * F), wp13 + e * per13, str13, cdx, Kp, 0);
             for (long r = 0; r < R; r++) to_bf16(cdx + r * Kp, dx + (r0 + r) * K, K);
+            /* the weight gradients' operands: this block's pairs of rows in the expert's layout */
+            long xe = pair0[e] * MR * tK, he = pair0[e] * MR * tF, ge = pair0[e] * SP * s2F, ye = pair0[e] * SP * sN;
+            long q = q0 - pair0[e];
+            pack_a_t(x + r0 * K, K, K, R, xa + xe + q * MR, kp * MR);
+            pack_a_t(hidden, F, F, R, ha + he + q * MR, kp * MR);
+            pack_b_rows(dgu, 2 * F, R, 2 * F, gb + ge + q * SP, kp * SP);
+            pack_b_rows(dy + r0 * N, N, R, N, yb + ye + q * SP, kp * SP);
         }
-        /* the implied barrier: every row's dgate, dup and hidden are written */
+        /* the implied barrier: every expert's operands are laid out */
         #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < n_w; t++) {
-            long e = wt[t].e, a = wt[t].a, m = wt[t].b - a, R = counts[e], r0 = start[e];
-            int two = wt[t].which == 2; /* dW2[a:b] = hidden^T[a:b] @ dy, else [dW1 | dW3][a:b] = x^T[a:b] @ [dgate | dup] */
-            const bf16 *S = two ? hidden + r0 * F + a : x + r0 * K + a, *B = two ? dy + r0 * N : dgu + r0 * 2 * F;
-            long rs = two ? F : K, n = two ? N : 2 * F, ns = cdiv(n, NR);
-            if (R == 0) memset(cw, 0, (size_t)m * wn * sizeof(float));
-            for (long p0 = 0; p0 < R; p0 += 2 * KCP) { /* panels of rows of the expert */
-                long kc = R - p0 < 2 * KCP ? R - p0 : 2 * KCP, kq = cdiv(kc, 2);
-                pack_a_t(S + p0 * rs, rs, m, kc, ap);
-                pack_b_rows(B + p0 * n, n, kc, n, bp, kq * SP);
-                gemm(m, kq, ns, (lhs){ap, 1, MR, kq * MR}, bp, kq * SP, cw, wn, p0 > 0);
-            }
-            for (long i = 0; i < m; i++) {
-                if (two) {
-                    to_bf16(cw + i * wn, dw2 + e * F * N + (a + i) * N, N);
-                } else {
-                    to_bf16(cw + i * wn, dw1 + e * K * F + (a + i) * F, F);
-                    to_bf16(cw + i * wn + F, dw3 + e * K * F + (a + i) * F, F);
-                }
+            long e = wt[t].e, a = wt[t].a, b = wt[t].b, kp = cdiv(counts[e], 2);
+            if (wt[t].which == 1) { /* [dW1 | dW3][:, a:b] = x^T @ [dgate | dup][:, a:b] */
+                long ldc = W13S * NR;
+                if (kp == 0) memset(cw, 0, (size_t)K * ldc * sizeof(float));
+                else gemm(K, kp, cdiv(b - a, NR), (lhs){xa + pair0[e] * MR * tK, 1, MR, kp * MR},
+                          gb + pair0[e] * SP * s2F + a / NR * kp * SP, kp * SP, cw, ldc, 0);
+                store_pair(cw, ldc, K, b - a, a, F, dw1 + e * K * F, dw3 + e * K * F);
+            } else { /* dW2[a:b] = hidden^T[a:b] @ dy */
+                long ldc = sN * NR;
+                if (kp == 0) memset(cw, 0, (size_t)(b - a) * ldc * sizeof(float));
+                else gemm(b - a, kp, sN, (lhs){ha + pair0[e] * MR * tF + a / MR * kp * MR, 1, MR, kp * MR},
+                          yb + pair0[e] * SP * sN, kp * SP, cw, ldc, 0);
+                for (long i = 0; i < b - a; i++) to_bf16(cw + i * ldc, dw2 + e * F * N + (a + i) * N, N);
             }
         }
     }
@@ -440,7 +463,8 @@ done:
     free(start);
     free(tasks);
     free(wp);
-    free(hidden);
+    free(xa);
+    free(gb);
     free(buf);
     return rc;
 }
