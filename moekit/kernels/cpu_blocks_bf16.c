@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include <pthread.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #include "cpu_vmath.h"
@@ -244,6 +245,53 @@ static void gemm(long m, long kp, long ns, lhs A, const bf16 *bp, long sstride, 
         }
 }
 
+/* A call's large buffers (packed weights, the backward's laid-out operands, the threads'
+ * blocks) in one workspace kept between calls: allocated fresh each call they are new pages,
+ * thousands of page faults a training step (benchmarks/moe_vs_dense.py --dtype bfloat16).
+ * It grows to the largest call's need and stays; one call holds it at a time, a concurrent
+ * call (another Python thread) allocates its own. */
+static pthread_mutex_t ws_lock = PTHREAD_MUTEX_INITIALIZER;
+static char *ws_mem;
+static size_t ws_size;
+
+typedef struct {
+    char *mem, *at;
+    int owned;
+} workspace;
+
+static workspace ws_get(size_t bytes)
+{
+    bytes += 64 * 8; /* each part aligned to a cache line */
+    if (pthread_mutex_trylock(&ws_lock) == 0) {
+        if (ws_size < bytes) {
+            free(ws_mem);
+            ws_mem = malloc(bytes);
+            ws_size = ws_mem ? bytes : 0;
+        }
+        if (ws_mem) return (workspace){ws_mem, ws_mem, 0};
+        pthread_mutex_unlock(&ws_lock);
+        return (workspace){NULL, NULL, 0};
+    }
+    char *mem = malloc(bytes);
+    return (workspace){mem, mem, 1};
+}
+
+/* the next part of the workspace, bytes long, cache-line aligned */
+static void *ws_part(workspace *w, size_t bytes)
+{
+    char *p = (char *)(((uintptr_t)w->at + 63) & ~(uintptr_t)63);
+    w->at = p + bytes;
+    return p;
+}
+
+static void ws_put(workspace w)
+{
+    if (w.owned)
+        free(w.mem);
+    else if (w.mem)
+        pthread_mutex_unlock(&ws_lock);
+}
+
 typedef struct {
     long e, a, b, cost;
     int which;
@@ -284,9 +332,11 @@ int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E,
     for (long e = 0; e < E; e++) n_tasks += cdiv(counts[e], ROWS);
     long *start = malloc((E + 1) * sizeof(long));
     task *tasks = malloc((n_tasks + 1) * sizeof(task));
-    bf16 *wp = malloc((size_t)E * (per13 + per2) * sizeof(bf16) + 64);
     long per_thread = ROWS * (2 * Fp + Np) * sizeof(float) + 3 * ROWS * F * sizeof(bf16) + 64;
-    char *buf = malloc((size_t)nthreads * per_thread);
+    size_t wp_bytes = (size_t)E * (per13 + per2) * sizeof(bf16);
+    workspace ws = ws_get(wp_bytes + (size_t)nthreads * per_thread);
+    bf16 *wp = ws.mem ? ws_part(&ws, wp_bytes) : NULL;
+    char *buf = ws.mem ? ws_part(&ws, (size_t)nthreads * per_thread) : NULL;
     int rc = 0;
     if (!start || !tasks || !wp || !buf) {
         rc = -1;
@@ -326,8 +376,7 @@ int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E,
 done:
     free(start);
     free(tasks);
-    free(wp);
-    free(buf);
+    ws_put(ws);
     return rc;
 }
 
@@ -379,17 +428,22 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
     long cw_size = K * W13S * NR > W2T * MR * sN * NR ? K * W13S * NR : W2T * MR * sN * NR;
     long *start = malloc(2 * (E + 1) * sizeof(long)), *pair0 = start + E + 1;
     task *tasks = malloc((n_rows + E * (w13_blocks + w2_blocks) + 1) * sizeof(task));
-    bf16 *wp = malloc((size_t)E * (per2 + per13) * sizeof(bf16) + 64);
-    /* the weight gradients' operands, each expert's pairs of rows from pair0[e] on */
-    uint32_t *xa = malloc((size_t)(pairs * MR * (tK + tF) + 1) * sizeof(uint32_t)), *ha = xa + pairs * MR * tK;
-    bf16 *gb = malloc((size_t)(pairs * SP * (s2F + sN) + 1) * sizeof(bf16)), *yb = gb + pairs * SP * s2F;
     long per_thread = (ROWS * (Fp + Kp) + cw_size) * sizeof(float) + 3 * ROWS * F * sizeof(bf16) + 256;
-    char *buf = malloc((size_t)nthreads * per_thread);
+    size_t wp_bytes = (size_t)E * (per2 + per13) * sizeof(bf16), xa_bytes = (size_t)pairs * MR * (tK + tF) * sizeof(uint32_t);
+    size_t gb_bytes = (size_t)pairs * SP * (s2F + sN) * sizeof(bf16), buf_bytes = (size_t)nthreads * per_thread;
+    workspace ws = ws_get(wp_bytes + xa_bytes + gb_bytes + buf_bytes);
+    bf16 *wp = ws.mem ? ws_part(&ws, wp_bytes) : NULL;
+    /* the weight gradients' operands, each expert's pairs of rows from pair0[e] on */
+    uint32_t *xa = ws.mem ? ws_part(&ws, xa_bytes) : NULL, *ha;
+    bf16 *gb = ws.mem ? ws_part(&ws, gb_bytes) : NULL, *yb;
+    char *buf = ws.mem ? ws_part(&ws, buf_bytes) : NULL;
     int rc = 0;
-    if (!start || !tasks || !wp || !xa || !gb || !buf) {
+    if (!start || !tasks || !wp || !buf) {
         rc = -1;
         goto done;
     }
+    ha = xa + pairs * MR * tK;
+    yb = gb + pairs * SP * s2F;
     starts(counts, E, start);
     for (long e = 0, q = 0; e < E; q += cdiv(counts[e], 2), e++) pair0[e] = q;
     row_tasks(counts, E, tasks);
@@ -462,10 +516,7 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
 done:
     free(start);
     free(tasks);
-    free(wp);
-    free(xa);
-    free(gb);
-    free(buf);
+    ws_put(ws);
     return rc;
 }
 
