@@ -15,9 +15,10 @@
  * hidden layer's gradient stays float32 into the SwiGLU derivative (torch rounds it first).
  *
  * Exported: moekit_swiglu_blocks_bf16 and moekit_swiglu_blocks_bf16_backward, with the
- * arguments of cpu_blocks.c's float32 pair (every tensor bfloat16, as uint16 bits; K, F and
- * N even), and moekit_blocks_bf16_built: 1 where the build has AVX-512 BF16, else 0 (and the
- * two return 2, an argument refused).
+ * arguments of cpu_blocks.c's float32 pair and wf32 (rows, gate, up and their gradients
+ * bfloat16, as uint16 bits; the weights and their gradients float32 where wf32, rounded to
+ * bfloat16 as they are packed, else bfloat16; K, F and N even), and moekit_blocks_bf16_built:
+ * 1 where the build has AVX-512 BF16, else 0 (and the two return 2, an argument refused).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -72,6 +73,31 @@ static void to_bf16(const float *src, bf16 *dst, long n)
         __m512 v = _mm512_maskz_loadu_ps(m, src + i);
         _mm256_mask_storeu_epi16(dst + i, m, (__m256i)_mm512_cvtneps_pbh(v));
     }
+}
+
+/* element i of a weight (or its gradient): float32 where f32, else bfloat16 */
+static inline const void *elem(const void *p, long i, int f32) { return (const char *)p + i * (f32 ? 4 : 2); }
+
+/* One expert's weight [rows, cols] (row stride ld) in bfloat16: the weight itself where it is
+ * bfloat16, else rounded into scratch (contiguous); *ldb gets the row stride of the answer. */
+static const bf16 *weight_bf16(const void *w, int f32, long rows, long cols, long ld, bf16 *scratch, long *ldb)
+{
+    if (!f32) {
+        *ldb = ld;
+        return w;
+    }
+    for (long r = 0; r < rows; r++) to_bf16((const float *)w + r * ld, scratch + r * cols, cols);
+    *ldb = cols;
+    return scratch;
+}
+
+/* n float32 sums as a gradient's row: float32 where f32, else rounded to bfloat16 */
+static void put_row(const float *c, void *dst, long n, int f32)
+{
+    if (f32)
+        memcpy(dst, c, (size_t)n * sizeof(float));
+    else
+        to_bf16(c, dst, n);
 }
 
 static inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
@@ -319,9 +345,9 @@ static long row_tasks(const long *counts, long E, task *t)
     return n;
 }
 
-int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E, const bf16 *w1, const bf16 *w3,
-                              long e13, long ld13, long F, const bf16 *w2, long e2, long ld2, long N, bf16 *out,
-                              bf16 *gate_save, bf16 *up_save, int nthreads)
+int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E, const void *w1, const void *w3,
+                              long e13, long ld13, long F, const void *w2, long e2, long ld2, long N, int wf32,
+                              bf16 *out, bf16 *gate_save, bf16 *up_save, int nthreads)
 {
     if (K % 2 || F % 2 || N % 2 || ld13 % 2 || ld2 % 2)
         return 2;
@@ -332,7 +358,8 @@ int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E,
     for (long e = 0; e < E; e++) n_tasks += cdiv(counts[e], ROWS);
     long *start = malloc((E + 1) * sizeof(long));
     task *tasks = malloc((n_tasks + 1) * sizeof(task));
-    long per_thread = ROWS * (2 * Fp + Np) * sizeof(float) + 3 * ROWS * F * sizeof(bf16) + 64;
+    long scratch = wf32 ? (K > N ? K : N) * F : 0; /* a float32 weight rounded, before packing */
+    long per_thread = ROWS * (2 * Fp + Np) * sizeof(float) + (3 * ROWS * F + scratch) * sizeof(bf16) + 64;
     size_t wp_bytes = (size_t)E * (per13 + per2) * sizeof(bf16);
     workspace ws = ws_get(wp_bytes + (size_t)nthreads * per_thread);
     bf16 *wp = ws.mem ? ws_part(&ws, wp_bytes) : NULL;
@@ -347,19 +374,22 @@ int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E,
     bf16 *wp2 = wp + E * per13;
     #pragma omp parallel num_threads(nthreads)
     {
+        char *mine = buf + omp_get_thread_num() * per_thread;
+        float *cg = (float *)mine, *cu = cg + ROWS * Fp, *co = cu + ROWS * Fp;
+        bf16 *tg = (bf16 *)(co + ROWS * Np), *tu = tg + ROWS * F, *hidden = tu + ROWS * F, *wb = hidden + ROWS * F;
         /* each used expert's weights packed once, for all of its row blocks */
         #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < 3 * E; t++) {
-            long e = t / 3;
+            long e = t / 3, ldb;
             if (!counts[e]) continue;
-            if (t % 3 < 2)
-                pack_b_rows((t % 3 ? w3 : w1) + e * e13, ld13, K, F, wp + e * per13 + (t % 3) * sF * str13, str13);
-            else
-                pack_b_rows(w2 + e * e2, ld2, F, N, wp2 + e * per2, str2);
+            if (t % 3 < 2) {
+                const bf16 *w = weight_bf16(elem(t % 3 ? w3 : w1, e * e13, wf32), wf32, K, F, ld13, wb, &ldb);
+                pack_b_rows(w, ldb, K, F, wp + e * per13 + (t % 3) * sF * str13, str13);
+            } else {
+                const bf16 *w = weight_bf16(elem(w2, e * e2, wf32), wf32, F, N, ld2, wb, &ldb);
+                pack_b_rows(w, ldb, F, N, wp2 + e * per2, str2);
+            }
         }
-        char *mine = buf + omp_get_thread_num() * per_thread;
-        float *cg = (float *)mine, *cu = cg + ROWS * Fp, *co = cu + ROWS * Fp;
-        bf16 *tg = (bf16 *)(co + ROWS * Np), *tu = tg + ROWS * F, *hidden = tu + ROWS * F;
         #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < n_tasks; t++) {
             long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a;
@@ -390,15 +420,15 @@ static int by_cost(const void *pa, const void *pb)
 
 /* C's rows [m, n] (row stride ldc) rounded to bfloat16 into columns c0.. of [dw1 | dw3] (each
  * [m, F], row stride F): a column below F goes to dw1, the rest to dw3 */
-static void store_pair(const float *c, long ldc, long m, long n, long c0, long F, bf16 *dw1, bf16 *dw3)
+static void store_pair(const float *c, long ldc, long m, long n, long c0, long F, void *dw1, void *dw3, int f32)
 {
     for (long i = 0; i < m; i++) {
         long j = 0;
         if (c0 < F) {
             j = F - c0 < n ? F - c0 : n;
-            to_bf16(c + i * ldc, dw1 + i * F + c0, j);
+            put_row(c + i * ldc, (void *)elem(dw1, i * F + c0, f32), j, f32);
         }
-        if (j < n) to_bf16(c + i * ldc + j, dw3 + i * F + c0 + j - F, n - j);
+        if (j < n) put_row(c + i * ldc + j, (void *)elem(dw3, i * F + c0 + j - F, f32), n - j, f32);
     }
 }
 
@@ -408,10 +438,10 @@ static void store_pair(const float *c, long ldc, long m, long n, long c0, long F
  * left sides, [dgate | dup] and dy as strips of right sides); the weight pass (dW1 and dW3 in
  * blocks of columns, dW2 in blocks of rows) then runs the micro-kernel on them as they lie,
  * with no packing and no operand read twice into a pack. */
-int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts, long E, const bf16 *w1,
-                                       const bf16 *w3, long e13, long ld13, long F, const bf16 *w2, long e2, long ld2,
-                                       long N, const bf16 *gate_save, const bf16 *up_save, const bf16 *dy, bf16 *dx,
-                                       bf16 *dw1, bf16 *dw3, bf16 *dw2, int nthreads)
+int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts, long E, const void *w1,
+                                       const void *w3, long e13, long ld13, long F, const void *w2, long e2, long ld2,
+                                       long N, int wf32, const bf16 *gate_save, const bf16 *up_save, const bf16 *dy,
+                                       bf16 *dx, void *dw1, void *dw3, void *dw2, int nthreads)
 {
     if (K % 2 || F % 2 || N % 2 || ld13 % 2 || ld2 % 2)
         return 2;
@@ -428,7 +458,8 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
     long cw_size = K * W13S * NR > W2T * MR * sN * NR ? K * W13S * NR : W2T * MR * sN * NR;
     long *start = malloc(2 * (E + 1) * sizeof(long)), *pair0 = start + E + 1;
     task *tasks = malloc((n_rows + E * (w13_blocks + w2_blocks) + 1) * sizeof(task));
-    long per_thread = (ROWS * (Fp + Kp) + cw_size) * sizeof(float) + 3 * ROWS * F * sizeof(bf16) + 256;
+    long scratch = wf32 ? (K > N ? K : N) * F : 0; /* a float32 weight rounded, before packing */
+    long per_thread = (ROWS * (Fp + Kp) + cw_size) * sizeof(float) + (3 * ROWS * F + scratch) * sizeof(bf16) + 256;
     size_t wp_bytes = (size_t)E * (per2 + per13) * sizeof(bf16), xa_bytes = (size_t)pairs * MR * (tK + tF) * sizeof(uint32_t);
     size_t gb_bytes = (size_t)pairs * SP * (s2F + sN) * sizeof(bf16), buf_bytes = (size_t)nthreads * per_thread;
     workspace ws = ws_get(wp_bytes + xa_bytes + gb_bytes + buf_bytes);
@@ -462,19 +493,21 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
     bf16 *wp13 = wp + E * per2;
     #pragma omp parallel num_threads(nthreads)
     {
-        #pragma omp for schedule(dynamic, 1)
-        for (long t = 0; t < 3 * E; t++) {
-            long e = t / 3;
-            if (!counts[e]) continue;
-            if (t % 3 == 0) /* w2^T: [N, F] */
-                pack_b_cols(w2 + e * e2, ld2, N, F, wp + e * per2, str2);
-            else /* w1^T above w3^T: [2F, K], F/2 pairs each */
-                pack_b_cols((t % 3 == 1 ? w1 : w3) + e * e13, ld13, F, K, wp13 + e * per13 + (t % 3 - 1) * (F / 2) * SP,
-                            str13);
-        }
         char *mine = buf + omp_get_thread_num() * per_thread;
         float *cdh = (float *)mine, *cdx = cdh + ROWS * Fp, *cw = cdx + ROWS * Kp;
-        bf16 *hidden = (bf16 *)(cw + cw_size), *dgu = hidden + ROWS * F;
+        bf16 *hidden = (bf16 *)(cw + cw_size), *dgu = hidden + ROWS * F, *wb = dgu + 2 * ROWS * F;
+        #pragma omp for schedule(dynamic, 1)
+        for (long t = 0; t < 3 * E; t++) {
+            long e = t / 3, ldb;
+            if (!counts[e]) continue;
+            if (t % 3 == 0) { /* w2^T: [N, F] */
+                const bf16 *w = weight_bf16(elem(w2, e * e2, wf32), wf32, F, N, ld2, wb, &ldb);
+                pack_b_cols(w, ldb, N, F, wp + e * per2, str2);
+            } else { /* w1^T above w3^T: [2F, K], F/2 pairs each */
+                const bf16 *w = weight_bf16(elem(t % 3 == 1 ? w1 : w3, e * e13, wf32), wf32, K, F, ld13, wb, &ldb);
+                pack_b_cols(w, ldb, F, K, wp13 + e * per13 + (t % 3 - 1) * (F / 2) * SP, str13);
+            }
+        }
         #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < n_rows; t++) {
             long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a, kp = cdiv(counts[e], 2);
@@ -503,13 +536,14 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
                 if (kp == 0) memset(cw, 0, (size_t)K * ldc * sizeof(float));
                 else gemm(K, kp, cdiv(b - a, NR), (lhs){xa + pair0[e] * MR * tK, 1, MR, kp * MR},
                           gb + pair0[e] * SP * s2F + a / NR * kp * SP, kp * SP, cw, ldc, 0);
-                store_pair(cw, ldc, K, b - a, a, F, dw1 + e * K * F, dw3 + e * K * F);
+                store_pair(cw, ldc, K, b - a, a, F, (void *)elem(dw1, e * K * F, wf32), (void *)elem(dw3, e * K * F, wf32),
+                           wf32);
             } else { /* dW2[a:b] = hidden^T[a:b] @ dy */
                 long ldc = sN * NR;
                 if (kp == 0) memset(cw, 0, (size_t)(b - a) * ldc * sizeof(float));
                 else gemm(b - a, kp, sN, (lhs){ha + pair0[e] * MR * tF + a / MR * kp * MR, 1, MR, kp * MR},
                           yb + pair0[e] * SP * sN, kp * SP, cw, ldc, 0);
-                for (long i = 0; i < b - a; i++) to_bf16(cw + i * ldc, dw2 + e * F * N + (a + i) * N, N);
+                for (long i = 0; i < b - a; i++) put_row(cw + i * ldc, (void *)elem(dw2, e * F * N + (a + i) * N, wf32), N, wf32);
             }
         }
     }
@@ -522,23 +556,22 @@ done:
 
 #else /* no AVX-512 BF16 in this build: the callers check moekit_blocks_bf16_built first */
 
-int moekit_swiglu_blocks_bf16(const uint16_t *x, long K, const long *counts, long E, const uint16_t *w1,
-                              const uint16_t *w3, long e13, long ld13, long F, const uint16_t *w2, long e2, long ld2,
-                              long N, uint16_t *out, uint16_t *gate_save, uint16_t *up_save, int nthreads)
+int moekit_swiglu_blocks_bf16(const uint16_t *x, long K, const long *counts, long E, const void *w1, const void *w3,
+                              long e13, long ld13, long F, const void *w2, long e2, long ld2, long N, int wf32,
+                              uint16_t *out, uint16_t *gate_save, uint16_t *up_save, int nthreads)
 {
     (void)x, (void)K, (void)counts, (void)E, (void)w1, (void)w3, (void)e13, (void)ld13, (void)F, (void)w2;
-    (void)e2, (void)ld2, (void)N, (void)out, (void)gate_save, (void)up_save, (void)nthreads;
+    (void)e2, (void)ld2, (void)N, (void)wf32, (void)out, (void)gate_save, (void)up_save, (void)nthreads;
     return 2;
 }
 
-int moekit_swiglu_blocks_bf16_backward(const uint16_t *x, long K, const long *counts, long E, const uint16_t *w1,
-                                       const uint16_t *w3, long e13, long ld13, long F, const uint16_t *w2, long e2,
-                                       long ld2, long N, const uint16_t *gate_save, const uint16_t *up_save,
-                                       const uint16_t *dy, uint16_t *dx, uint16_t *dw1, uint16_t *dw3, uint16_t *dw2,
-                                       int nthreads)
+int moekit_swiglu_blocks_bf16_backward(const uint16_t *x, long K, const long *counts, long E, const void *w1,
+                                       const void *w3, long e13, long ld13, long F, const void *w2, long e2, long ld2,
+                                       long N, int wf32, const uint16_t *gate_save, const uint16_t *up_save,
+                                       const uint16_t *dy, uint16_t *dx, void *dw1, void *dw3, void *dw2, int nthreads)
 {
     (void)x, (void)K, (void)counts, (void)E, (void)w1, (void)w3, (void)e13, (void)ld13, (void)F, (void)w2;
-    (void)e2, (void)ld2, (void)N, (void)gate_save, (void)up_save, (void)dy, (void)dx, (void)dw1, (void)dw3;
+    (void)e2, (void)ld2, (void)N, (void)wf32, (void)gate_save, (void)up_save, (void)dy, (void)dx, (void)dw1, (void)dw3;
     (void)dw2, (void)nthreads;
     return 2;
 }

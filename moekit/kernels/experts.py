@@ -19,10 +19,12 @@ from moekit.kernels.library import blocks_bf16
 
 def _check_segments(x, tokens_per_expert, w1, w3, w2, blocked: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, int, torch.dtype]:
-    """Checked, contiguous ``x`` and ``tokens_per_expert``, the rows they cover, and the
-    dtype: float32, or bfloat16 for the blocked kernel where it is built (even widths)."""
+    """Checked, contiguous ``x`` and ``tokens_per_expert``, the rows they cover, and the rows'
+    dtype: float32, or bfloat16 for the blocked kernel where it is built (even widths; its
+    weights bfloat16 or float32)."""
     dtype = ck.dtype_in("x", x, (torch.float32, torch.bfloat16) if blocked else (torch.float32,))
-    _check_experts(w1, w3, w2, one=False, dtype=dtype)
+    wdtype = ck.dtype_in("w1", w1, (torch.bfloat16, torch.float32)) if dtype == torch.bfloat16 else dtype
+    _check_experts(w1, w3, w2, one=False, dtype=wdtype)
     E, d, _ = w1.shape
     ck.tensor("x", x, dtype, shape=(None, d))
     if dtype == torch.bfloat16:
@@ -40,6 +42,12 @@ def _check_segments(x, tokens_per_expert, w1, w3, w2, blocked: bool
     return x, counts, covered, dtype
 
 
+def _weights_f32(dtype: torch.dtype, w1: torch.Tensor) -> tuple[int, ...]:
+    """The bfloat16 kernel's ``wf32`` argument (float32 weights, rounded as it packs them;
+    their gradients float32); the float32 kernels take none."""
+    return (int(w1.dtype == torch.float32),) if dtype == torch.bfloat16 else ()
+
+
 def _blocks_name(blocked: bool, dtype: torch.dtype, suffix: str = "") -> str:
     if not blocked:
         return "moekit_swiglu_segments" + suffix
@@ -55,8 +63,10 @@ def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.
     ``save``: two contiguous ``[N, f]`` tensors that receive the gate and up pre-activations,
     for :func:`swiglu_segments_backward` (called with the same ``blocked``). ``blocked``: each
     expert's products on one thread, blocked and packed, the experts shared among the threads;
-    float32, or bfloat16 throughout where :func:`~moekit.kernels.library.blocks_bf16` (float32
-    sums, each product rounded once, as torch's bfloat16 products).
+    float32, or bfloat16 rows where :func:`~moekit.kernels.library.blocks_bf16` (float32 sums,
+    each product rounded once, as torch's bfloat16 products), with bfloat16 weights or float32
+    ones (a model's float32 weights under autocast: rounded to bfloat16 as they are packed,
+    as a cast would, and their gradients float32).
     Returns ``[N, d_out]`` (zero past the counts' sum)."""
     x, counts, covered, dtype = _check_segments(x, tokens_per_expert, w1, w3, w2, blocked)
     N, f = x.shape[0], w1.shape[2]
@@ -66,9 +76,10 @@ def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.
         up = ck.tensor("save[1]", save[1], dtype, shape=(N, f), contiguous=True).data_ptr()
     out = x.new_empty(N, w2.shape[2])
     name = _blocks_name(blocked, dtype)
-    check_rc(getattr(lib, name)(x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(),
-                                w3.data_ptr(), w1.stride(0), w1.stride(1), f, w2.data_ptr(), w2.stride(0), w2.stride(1),
-                                w2.shape[2], out.data_ptr(), gate, up, torch.get_num_threads()), name)
+    weights = (w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.stride(1), f, w2.data_ptr(), w2.stride(0), w2.stride(1),
+               w2.shape[2], *_weights_f32(dtype, w1))
+    check_rc(getattr(lib, name)(x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], *weights,
+                                out.data_ptr(), gate, up, torch.get_num_threads()), name)
     if covered < N:
         out[covered:] = 0
     return out
@@ -90,9 +101,10 @@ def swiglu_segments_backward(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_exper
     dx = torch.empty_like(x)
     dw1, dw3, dw2 = (torch.empty(w.shape, dtype=w.dtype) for w in (w1, w3, w2))
     name = _blocks_name(blocked, dtype, "_backward")
+    weights = (w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.stride(1), f, w2.data_ptr(), w2.stride(0), w2.stride(1),
+               w2.shape[2], *_weights_f32(dtype, w1))
     check_rc(getattr(lib, name)(
-        x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], w1.data_ptr(), w3.data_ptr(), w1.stride(0),
-        w1.stride(1), f, w2.data_ptr(), w2.stride(0), w2.stride(1), w2.shape[2], gate.data_ptr(), up.data_ptr(),
+        x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], *weights, gate.data_ptr(), up.data_ptr(),
         dy.data_ptr(), dx.data_ptr(), dw1.data_ptr(), dw3.data_ptr(), dw2.data_ptr(), torch.get_num_threads()), name)
     if covered < N:
         dx[covered:] = 0

@@ -111,8 +111,13 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             with torch.autocast(device, enabled=False):
-                return self.run(x.to(dtype), tokens_per_expert, tuple(w.to(dtype) for w in self.weights()))
+                return self.run(x.to(dtype), tokens_per_expert, self.autocast_weights(dtype, x.device))
         return self.run(x, tokens_per_expert, self.weights())
+
+    def autocast_weights(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The weights as the experts take them under autocast to ``dtype``: cast (one cast per
+        step, its backward casting the gradients back)."""
+        return tuple(w.to(dtype) for w in self.weights())
 
     def choose_path(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> str:
         """The path :meth:`run` takes for rows ``x`` and (possibly cast) ``weights``:
@@ -258,8 +263,8 @@ class SwiGLUExperts(GroupedExperts):
         - ``"blocks"``: more rows, up to ``blocks_max_rows_avx512`` per expert where the
           AVX-512 loops are built (else ``blocks_max_rows``, any count), the same conditions:
           the blocked kernel, each expert's products on one thread.
-        - bfloat16 rows and weights (autocast): ``"blocks"`` at every row count where the
-          bfloat16 blocked kernel is built (:meth:`_bf16_blocks`), the same conditions.
+        - bfloat16 rows (autocast), bfloat16 or float32 weights: ``"blocks"`` at every row count
+          where the bfloat16 blocked kernel is built (:meth:`_bf16_blocks`), the same conditions.
         - else in training: ``"segments_op"`` from ``segments_training_min_rows``, else
           ``"grouped_op"`` where ``F.grouped_mm`` takes the rows.
         - inference: ``"fused"`` when :meth:`fuse_gate_up` ran.
@@ -274,8 +279,7 @@ class SwiGLUExperts(GroupedExperts):
                 rank = next(iter(self.adapters.values())).rank
                 grouped = grouped_mm_qualifies(x, weights[0], True) and rows_aligned(x, rank)
             return "lora_grouped" if grouped and _HAS_GROUPED_MM else "lora_loop"
-        if self._bf16_blocks(x.dtype, x.device) and kernels.swiglu_ok(*weights, dtype=torch.bfloat16) \
-                and all(w.stride(1) % 2 == 0 for w in weights):
+        if self._bf16_blocks(x.dtype, x.device, weights):
             if not self.needs_grad(x) or all(w.requires_grad for w in weights):
                 return "blocks"
         if self.use_grouped_mm is None and x.device.type == "cpu":
@@ -305,14 +309,26 @@ class SwiGLUExperts(GroupedExperts):
                     return "fused"
         return super().choose_path(x, weights)
 
-    def _bf16_blocks(self, dtype: torch.dtype, device: torch.device) -> bool:
+    def _bf16_blocks(self, dtype: torch.dtype, device: torch.device, weights: tuple[torch.Tensor, ...] | None = None
+                     ) -> bool:
         """Whether rows of ``dtype`` on ``device`` take the bfloat16 blocked kernel: bfloat16 on
         the CPU, kernels on and built with AVX-512 BF16, no adapters and no path forced, even
-        widths (the kernel multiplies pairs of values)."""
+        widths (the kernel multiplies pairs of values); and ``weights`` (default: the module's)
+        all bfloat16 or all float32, laid out as the kernels read them, even row strides."""
+        weights = self.weights() if weights is None else weights
         return (dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not self.adapters
                 and self.use_grouped_mm is None and kernels.is_enabled() and not torch.compiler.is_compiling()
                 and kernels.load() is not None and kernels.blocks_bf16()
-                and self.d_model % 2 == 0 and self.d_ff % 2 == 0 and self.d_out % 2 == 0)
+                and self.d_model % 2 == 0 and self.d_ff % 2 == 0 and self.d_out % 2 == 0
+                and all(w.stride(1) % 2 == 0 for w in weights)
+                and any(kernels.swiglu_ok(*weights, dtype=d) for d in (torch.bfloat16, torch.float32)))
+
+    def autocast_weights(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if self._bf16_blocks(dtype, device):
+            # the kernel rounds float32 weights as it packs them and returns float32 gradients:
+            # no cast ops, no bfloat16 copies (benchmarks/moe_vs_dense.py --dtype bfloat16)
+            return self.weights()
+        return super().autocast_weights(dtype, device)
 
     def row_multiple(self, dtype: torch.dtype, device: torch.device) -> int:
         if self._bf16_blocks(dtype, device):

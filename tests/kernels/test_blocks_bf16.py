@@ -118,8 +118,10 @@ def test_odd_widths_and_mixed_dtypes_are_refused():
     with pytest.raises(ValueError, match="even widths.*d_ff 7"):
         kernels.swiglu_segments(lib, x, counts, w1, w3, w2, blocked=True)
     w1, w3, w2 = experts(2, 6, 8, 6, False, seed=0)
-    with pytest.raises(ValueError, match="w1 must be torch.bfloat16"):
+    with pytest.raises(ValueError, match="w3 must be torch.float32"):  # float32 weights: all three
         kernels.swiglu_segments(lib, x, counts, w1.float(), w3, w2, blocked=True)
+    with pytest.raises(ValueError, match="w1 must be torch.bfloat16 or torch.float32"):
+        kernels.swiglu_segments(lib, x, counts, w1.double(), w3, w2, blocked=True)
     with pytest.raises(ValueError, match="x must be torch.float32, got torch.bfloat16"):
         kernels.swiglu_segments(lib, x, counts, w1, w3, w2, blocked=False)  # the row kernel is float32 only
 
