@@ -195,3 +195,55 @@ print("ok")
 def test_a_build_without_avx512_bf16_trains_on_the_padded_onednn_path(tmp_path):
     done = run_with_flags(tmp_path, "-mno-avx512bf16", BUILD_WITHOUT)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_float32_weights_are_rounded_as_a_cast_and_get_float32_gradients():
+    """float32 weights (a model's, under autocast) give what their bfloat16 casts give, bit for
+    bit, and float32 weight gradients: the same float32 sums, not rounded to bfloat16."""
+    E, d, f = 3, 64, 96
+    counts = torch.tensor([40, 0, 57])
+    g = torch.Generator().manual_seed(9)
+    x, dy = (torch.randn(97, d, generator=g).to(BF16) for _ in range(2))
+    w32 = [torch.randn(E, d, f, generator=g) / 8, torch.randn(E, d, f, generator=g) / 8, torch.randn(E, f, d, generator=g) / 9]
+    w16 = [w.to(BF16) for w in w32]
+    saves = [[torch.empty(97, f, dtype=BF16) for _ in range(2)] for _ in range(2)]
+    outs = [kernels.swiglu_segments(lib, x, counts, *w, save=s, blocked=True) for w, s in zip((w32, w16), saves)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(saves[0][0], saves[1][0])
+    g32, g16 = (kernels.swiglu_segments_backward(lib, x, counts, *w, *s, dy, blocked=True) for w, s in zip((w32, w16), saves))
+    assert torch.equal(g32[0], g16[0])  # dx
+    for a, b in zip(g32[1:], g16[1:]):
+        assert a.dtype == torch.float32 and b.dtype == BF16
+        assert torch.equal(a.to(BF16), b)  # the same sums, rounded once by the bfloat16 path
+        assert not torch.equal(a, b.float())
+
+
+def test_concurrent_calls_get_their_own_buffers():
+    """Calls from several Python threads at once (one holds the kept workspace, the others
+    allocate their own) give what one call at a time gives."""
+    import threading
+
+    E, d, f = 4, 64, 128
+    counts = torch.tensor([300, 200, 0, 100])
+    g = torch.Generator().manual_seed(11)
+    x, dy = (torch.randn(600, d, generator=g).to(BF16) for _ in range(2))
+    w = experts(E, d, f, d, False, seed=11)
+
+    def run():
+        gate, up = torch.empty(600, f, dtype=BF16), torch.empty(600, f, dtype=BF16)
+        out = kernels.swiglu_segments(lib, x, counts, *w, save=(gate, up), blocked=True)
+        return [out, *kernels.swiglu_segments_backward(lib, x, counts, *w, gate, up, dy, blocked=True)]
+
+    want = run()
+    got = [None] * 4
+
+    def worker(i):
+        for _ in range(5):
+            got[i] = run()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for result in got:
+        assert all(torch.equal(a, b) for a, b in zip(result, want))
