@@ -157,26 +157,48 @@ static void pack_b_rows(const bf16 *B, long rbs, long k, long n, bf16 *bp, long 
     }
 }
 
+/* r[q] lane j = r[j] lane q (32-bit lanes): a 16 x 16 transpose in registers */
+static inline void transpose16(__m512i *r)
+{
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int c = 0; c < 4; c++) {
+            t[8 * i + c] = _mm512_shuffle_i32x4(r[8 * i + c], r[8 * i + 4 + c], 0x88);
+            t[8 * i + 4 + c] = _mm512_shuffle_i32x4(r[8 * i + c], r[8 * i + 4 + c], 0xdd);
+        }
+    for (int c = 0; c < 8; c++) {
+        r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+        r[c + 8] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+    }
+}
+
 /* pack_b_rows's layout for B [k, n] stored transposed (element (p, j) at B[j cbs + p]): a
- * column's pair of rows is adjacent in memory, 16 columns' pairs gathered at once. */
+ * column's pair of rows is adjacent in memory (32 bits), so 16 columns' next 16 pairs are a
+ * 16 x 16 transpose of 32-bit values (zeros past n and past k). */
 static void pack_b_cols(const bf16 *B, long cbs, long k, long n, bf16 *bp, long sstride)
 {
-    __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                     _mm512_set1_epi32((int)(cbs * sizeof(bf16))));
     for (long s = 0; s * NR < n; s++) {
         bf16 *dst = bp + s * sstride;
         for (int h = 0; h < 2; h++) {
             long j0 = s * NR + h * 16;
-            __mmask16 m = j0 < n ? mask16(n - j0) : 0;
-            long p = 0;
-            for (; p + 1 < k; p += 2) /* whole pairs */
-                _mm512_storeu_si512(dst + p * NR + h * 32,
-                                    _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, B + j0 * cbs + p, 1));
-            if (p < k) /* k odd: the last row with a zero */
-                for (int j = 0; j < 16; j++) {
-                    dst[p * NR + h * 32 + 2 * j] = j0 + j < n ? B[(j0 + j) * cbs + p] : 0;
-                    dst[p * NR + h * 32 + 2 * j + 1] = 0;
-                }
+            for (long p = 0; p < k; p += 32) { /* 16 pairs of rows of B */
+                __mmask32 m = mask32(k - p);
+                __m512i r[16];
+                for (int j = 0; j < 16; j++)
+                    r[j] = j0 + j < n ? _mm512_maskz_loadu_epi16(m, B + (j0 + j) * cbs + p) : _mm512_setzero_si512();
+                transpose16(r);
+                for (long q = 0; q < 16 && p + 2 * q < k; q++) _mm512_storeu_si512(dst + (p / 2 + q) * SP + h * 32, r[q]);
+            }
         }
     }
 }
