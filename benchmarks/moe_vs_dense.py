@@ -23,7 +23,9 @@ the MoE's working set (weights and AdamW state, 41 MB against 13 MB) refills the
 ``--dtype bfloat16`` runs only the speed table: the dense model and the MoE, each in float32
 and in bfloat16 (autocast), ``--dtype-steps`` steps each (80), the four taking turns, and
 prints tokens/s, the validation loss after those steps, and the MoE's bfloat16 speed against
-its float32 speed and against the dense model's bfloat16 speed. On a CPU without bfloat16
+its float32 speed and against the dense model's bfloat16 speed, the last also per turn (the
+two runs of one turn see the same machine; the median of those ratios is what a busy host's
+slow spells move least). On a CPU without bfloat16
 arithmetic (no AVX-512 BF16 or AMX) bfloat16 products are emulated: it says so and runs.
 """
 
@@ -33,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -44,19 +47,23 @@ from moekit.training import Trainer
 from moekit.checkpoint import load_trained
 
 
-def run_pair(configs: dict, root: Path, mode: str, block: int) -> dict:
-    """Train the configs round-robin, ``block`` optimizer steps each in turn, until each is done."""
+def run_pair(configs: dict, root: Path, mode: str, block: int, turns: dict | None = None) -> dict:
+    """Train the configs round-robin, ``block`` optimizer steps each in turn, until each is done.
+    ``turns``: filled with each config's training seconds per turn (paired ratios, below)."""
     trainers = {}
     for name, config in configs.items():
         print(f"--- equal {mode}: {name}", flush=True)
         trainers[name] = Trainer(config, root / f"{mode}-{name}", log=lambda s: print(f"    {s}", flush=True))
     try:
         while not all(tr.done for tr in trainers.values()):
-            for tr in trainers.values():
+            for name, tr in trainers.items():
+                before = tr.train_s
                 for _ in range(block):
                     if tr.done:
                         break
                     tr.step()
+                if turns is not None and tr.train_s > before:
+                    turns.setdefault(name, []).append(tr.train_s - before)
     finally:
         for tr in trainers.values():
             tr.close()
@@ -145,7 +152,8 @@ def dtype_table(base, root: Path, steps: int, block: int) -> None:
         base, model=dataclasses.replace(base.model, dense=name == "dense"),
         train=dataclasses.replace(train_cfg, dtype=dtype))
         for dtype in ("float32", "bfloat16") for name in ("dense", "moe")}
-    rows = run_pair(configs, root, "dtype", block)
+    turns: dict = {}
+    rows = run_pair(configs, root, "dtype", block, turns)
     m = base.model
     print(f"\ntraining speed by dtype, preset with d_model {m.d_model}, {m.moe.num_experts} experts top-{m.moe.top_k}, "
           f"{steps} steps each, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -157,6 +165,10 @@ def dtype_table(base, root: Path, steps: int, block: int) -> None:
     print(f"MoE bfloat16 / MoE float32 = {tps['moe bfloat16'] / tps['moe float32']:.2f}x; "
           f"MoE bfloat16 / dense bfloat16 = {tps['moe bfloat16'] / tps['dense bfloat16']:.2f}x; "
           f"dense bfloat16 / dense float32 = {tps['dense bfloat16'] / tps['dense float32']:.2f}x")
+    # the same turn's two runs saw the same machine: their ratio is free of its drift between turns
+    paired = sorted(d / m for d, m in zip(turns["dense bfloat16"], turns["moe bfloat16"]))
+    print(f"MoE bfloat16 / dense bfloat16 per turn of {block} steps: median {statistics.median(paired):.2f}x "
+          f"(from {paired[0]:.2f}x to {paired[-1]:.2f}x over {len(paired)} turns)")
 
 
 if __name__ == "__main__":

@@ -278,18 +278,45 @@ typedef struct {
 
 static lhs rows_in_place(const bf16 *A, long lda) { return (lhs){(const uint32_t *)(const void *)A, lda / 2, 1, MR * (lda / 2)}; }
 
+/* Memory the next step reads, fetched into L2 a few lines per micro-kernel call while a
+ * product runs: the backward's saved gate and up rows come from memory, and waiting for them
+ * in the activation cost more than the products around it (benchmarks/moe_vs_dense.py
+ * --dtype bfloat16). Two regions, lines[i] 64-byte lines from at[i]. */
+typedef struct {
+    const char *at[2];
+    long lines[2];
+} ahead;
+
+static const ahead NOTHING = {{NULL, NULL}, {0, 0}};
+
+static ahead ahead_of(const void *a, long a_bytes, const void *b, long b_bytes)
+{
+    return (ahead){{a, b}, {cdiv(a_bytes, 64), cdiv(b_bytes, 64)}};
+}
+
+/* up to n of pf's lines fetched, pf advanced past them */
+static inline void fetch(ahead *pf, long n)
+{
+    for (int r = 0; r < 2 && n > 0; r++)
+        for (; pf->lines[r] > 0 && n > 0; pf->lines[r]--, n--, pf->at[r] += 64) _mm_prefetch(pf->at[r], _MM_HINT_T1);
+}
+
 /* One thread: C[m, ns NR] (row stride ldc, float32) = (acc ? C : 0) + A[m, 2 kp] @ B, B
  * packed in ns strips (strip s at bp + s sstride, kp pairs each). Blocks of NCS strips
- * (in L2) by panels of KCP pairs, each block of A's rows reused across the strips. */
-static void gemm(long m, long kp, long ns, lhs A, const bf16 *bp, long sstride, float *c, long ldc, int acc)
+ * (in L2) by panels of KCP pairs, each block of A's rows reused across the strips; pf's lines
+ * fetched meanwhile. */
+static void gemm(long m, long kp, long ns, lhs A, const bf16 *bp, long sstride, float *c, long ldc, int acc, ahead pf)
 {
+    long calls = cdiv(m, MR) * ns * cdiv(kp, KCP), share = calls ? cdiv(pf.lines[0] + pf.lines[1], calls) : 0;
     for (long s0 = 0; s0 < ns; s0 += NCS)
         for (long q0 = 0; q0 < kp; q0 += KCP) {
             long kq = kp - q0 < KCP ? kp - q0 : KCP;
             for (long i0 = 0; i0 < m; i0 += MR)
-                for (long s = s0; s < s0 + NCS && s < ns; s++)
+                for (long s = s0; s < s0 + NCS && s < ns; s++) {
+                    fetch(&pf, share);
                     micro(m - i0 < MR ? m - i0 : MR, kq, A.a + i0 / MR * A.tstride + q0 * A.cas, A.ras, A.cas,
                           bp + s * sstride + q0 * SP, c + i0 * ldc + s * NR, ldc, acc || q0 > 0);
+                }
         }
 }
 
@@ -418,10 +445,10 @@ int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E,
             bf16 *gs = gate_save ? gate_save + r0 * F : tg, *us = up_save ? up_save + r0 * F : tu;
             const bf16 *w13p = wp + e * per13;
             lhs xr = rows_in_place(x + r0 * K, K);
-            gemm(R, kpK, sF, xr, w13p, str13, cg, Fp, 0);
-            gemm(R, kpK, sF, xr, w13p + sF * str13, str13, cu, Fp, 0);
+            gemm(R, kpK, sF, xr, w13p, str13, cg, Fp, 0, NOTHING);
+            gemm(R, kpK, sF, xr, w13p + sF * str13, str13, cu, Fp, 0, NOTHING);
             for (long r = 0; r < R; r++) act_row(cg + r * Fp, cu + r * Fp, gs + r * F, us + r * F, hidden + r * F, F);
-            gemm(R, kpF, sN, rows_in_place(hidden, F), wp2 + e * per2, str2, co, Np, 0);
+            gemm(R, kpF, sN, rows_in_place(hidden, F), wp2 + e * per2, str2, co, Np, 0, NOTHING);
             for (long r = 0; r < R; r++) to_bf16(co + r * Np, out + (r0 + r) * N, N);
         }
     }
@@ -534,12 +561,15 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
         for (long t = 0; t < n_rows; t++) {
             long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a, kp = cdiv(counts[e], 2);
             long q0 = pair0[e] + tasks[t].a / 2; /* this block's first pair of rows */
-            gemm(R, N / 2, sF, rows_in_place(dy + r0 * N, N), wp + e * per2, str2, cdh, Fp, 0); /* dh = dy @ w2^T */
+            long gu = R * F * sizeof(bf16); /* this block's saved gate and up, for the activation */
+            gemm(R, N / 2, sF, rows_in_place(dy + r0 * N, N), wp + e * per2, str2, cdh, Fp, 0, /* dh = dy @ w2^T */
+                 ahead_of(gate_save + r0 * F, gu, up_save + r0 * F, gu));
             for (long r = 0; r < R; r++)
                 act_grad_row(gate_save + (r0 + r) * F, up_save + (r0 + r) * F, cdh + r * Fp, hidden + r * F,
                              dgu + r * 2 * F, dgu + r * 2 * F + F, F);
             /* dx = [dgate | dup] @ [w1^T; w3^T] */
-            gemm(R, F, sK, rows_in_place(dgu, 2 * F), wp13 + e * per13, str13, cdx, Kp, 0);
+            gemm(R, F, sK, rows_in_place(dgu, 2 * F), wp13 + e * per13, str13, cdx, Kp, 0,
+                 ahead_of(x + r0 * K, R * K * sizeof(bf16), NULL, 0)); /* x's rows, for the packing below */
             for (long r = 0; r < R; r++) to_bf16(cdx + r * Kp, dx + (r0 + r) * K, K);
             /* the weight gradients' operands: this block's pairs of rows in the expert's layout */
             long xe = pair0[e] * MR * tK, he = pair0[e] * MR * tF, ge = pair0[e] * SP * s2F, ye = pair0[e] * SP * sN;
@@ -557,14 +587,14 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
                 long ldc = W13S * NR;
                 if (kp == 0) memset(cw, 0, (size_t)K * ldc * sizeof(float));
                 else gemm(K, kp, cdiv(b - a, NR), (lhs){xa + pair0[e] * MR * tK, 1, MR, kp * MR},
-                          gb + pair0[e] * SP * s2F + a / NR * kp * SP, kp * SP, cw, ldc, 0);
+                          gb + pair0[e] * SP * s2F + a / NR * kp * SP, kp * SP, cw, ldc, 0, NOTHING);
                 store_pair(cw, ldc, K, b - a, a, F, (void *)elem(dw1, e * K * F, wf32), (void *)elem(dw3, e * K * F, wf32),
                            wf32);
             } else { /* dW2[a:b] = hidden^T[a:b] @ dy */
                 long ldc = sN * NR;
                 if (kp == 0) memset(cw, 0, (size_t)(b - a) * ldc * sizeof(float));
                 else gemm(b - a, kp, sN, (lhs){ha + pair0[e] * MR * tF + a / MR * kp * MR, 1, MR, kp * MR},
-                          yb + pair0[e] * SP * sN, kp * SP, cw, ldc, 0);
+                          yb + pair0[e] * SP * sN, kp * SP, cw, ldc, 0, NOTHING);
                 for (long i = 0; i < b - a; i++) put_row(cw + i * ldc, (void *)elem(dw2, e * F * N + (a + i) * N, wf32), N, wf32);
             }
         }
