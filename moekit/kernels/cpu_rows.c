@@ -21,6 +21,7 @@
 #include <omp.h>
 
 #include "cpu_bf16.h"
+#include "cpu_vmath.h"
 
 /* Below this many floats written, one thread: a parallel region costs a few microseconds. */
 #define PARALLEL_MIN 16384
@@ -205,9 +206,24 @@ int moekit_topk_softmax(const float *logits, long T, long E, int k, int renormal
         float *p = probs + t * E, top = -INFINITY, total = 0.0f, chosen = 0.0f;
         long *ix = idx + t * k;
         float *wt = w + t * k;
-        for (long e = 0; e < E; e++) top = l[e] > top ? l[e] : top;
-        for (long e = 0; e < E; e++) total += (p[e] = expf(l[e] - top));
-        for (long e = 0; e < E; e++) p[e] /= total;
+        int nan = 0;
+        for (long e = 0; e < E; e++) {
+            top = l[e] > top ? l[e] : top;
+            nan |= l[e] != l[e];
+        }
+        long e = 0;
+#if defined(__AVX512F__)
+        /* exp16 in place of expf, 16 experts a call (its clamps would turn a NaN into a
+         * number: a row with a NaN takes expf, and its probabilities stay NaN) */
+        for (; !nan && e < E; e += 16) {
+            __mmask16 m = E - e >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (E - e)) - 1);
+            __m512 v = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, l + e), _mm512_set1_ps(top)));
+            _mm512_mask_storeu_ps(p + e, m, v);
+            total += _mm512_mask_reduce_add_ps(m, v);
+        }
+#endif
+        for (; e < E; e++) total += (p[e] = expf(l[e] - top));
+        for (e = 0; e < E; e++) p[e] /= total;
         moekit_topk_of(p, E, k, ix);
         for (int i = 0; i < k; i++) chosen += p[ix[i]];
         for (int i = 0; i < k; i++) wt[i] = (renormalize ? p[ix[i]] / chosen : p[ix[i]]) * scale;

@@ -1,11 +1,16 @@
-/* Vectorised exp and sigmoid for moekit's C kernels (the SwiGLU activation and its gradient).
+/* Vectorised exp and sigmoid for moekit's C kernels (the SwiGLU activation and its gradient,
+ * the router's softmax).
  *
- * Included by the kernel files that compute the activation (cpu_gemv.c, cpu_blocks_bf16.c);
- * inline, for their inner loops. moekit/kernels/library.py hashes this header with the .c
- * files, so a change here rebuilds the kernels. Include after <immintrin.h>.
+ * Included by the kernel files that compute exponentials (cpu_gemv.c, cpu_blocks_bf16.c,
+ * cpu_rows.c); inline, for their inner loops. moekit/kernels/library.py hashes this header with the .c
+ * files, so a change here rebuilds the kernels.
  */
 #ifndef MOEKIT_CPU_VMATH_H
 #define MOEKIT_CPU_VMATH_H
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 /* exp(x), Cephes' single-precision polynomial on the reduced argument (about 1 ulp) */

@@ -672,6 +672,22 @@ def test_the_build_without_avx_gives_the_same_numbers(tmp_path, flags):
 
 
 @needs_lib
+@pytest.mark.parametrize("E", [8, 20, 3])
+def test_the_topk_router_softmax_equals_float64_and_keeps_nan_rows_nan(E):
+    """The router's softmax (vectorised exp, 16 experts a call, and a partial vector): within
+    float32 rounding of float64's; a row with a NaN logit gets NaN probabilities (the exp's
+    clamps would have made them numbers), the other rows are untouched by it."""
+    torch.manual_seed(E)
+    logits = torch.randn(64, E) * 8
+    logits[3, E // 2] = float("nan")
+    probs, _, _ = kernels.topk_softmax(lib, logits, 2, True, 1.0)
+    assert probs[3].isnan().all()
+    rest = torch.cat([probs[:3], probs[4:]]).double()
+    want = torch.softmax(torch.cat([logits[:3], logits[4:]]).double(), -1)
+    assert (rest - want).abs().max() < 1e-6 and not rest.isnan().any()
+
+
+@needs_lib
 @pytest.mark.parametrize("E, k", [(8, 2), (64, 8), (5, 5), (3, 1)])
 def test_the_topk_router_kernel_picks_the_largest_ties_to_the_lower_index(E, k):
     """The one-pass top-k: the k largest probabilities, largest first, equal ones in index
