@@ -20,8 +20,7 @@ checks every return code. Modules decide when to call it (``moekit.layers``,
 - :mod:`~moekit.kernels.dispatch`: the dispatch's plan (:func:`sort_slots`, a counting sort,
   with padding between the experts' segments), its gather and combine and their backward
   passes, one pass each with no scatter, float32 or bfloat16 rows (:func:`gather_rows`,
-  :func:`combine_backward`), the router's gate (:func:`router_logits`) and the softmax top-k
-  router (:func:`topk_softmax`).
+  :func:`combine_backward`), and the softmax top-k router (:func:`topk_softmax`).
 
 Why each exists, and what it measured, is in ``docs/internals.md`` and
 ``docs/benchmarks.md``.
@@ -46,8 +45,6 @@ from moekit.kernels.dispatch import (
     SortedSlots,
     combine_backward,
     gather_rows,
-    router_logits,
-    router_logits_backward,
     sort_slots,
     topk_softmax,
     topk_softmax_backward,
@@ -55,7 +52,7 @@ from moekit.kernels.dispatch import (
 
 __all__ = [
     "LOWP_MAX_ROWS", "ROW_DTYPES", "SortedSlots", "AttentionStep", "LowpAttentionStep", "LowpMoETokenStep", "LowpWeights", "lowp_weights", "MoETokenStep", "attention_ok", "blocks_bf16", "cache_dir", "combine_backward", "enabled", "few_rows_vectorised", "for_tensors",
-    "gather_rows", "is_enabled", "load", "moe_token", "moe_token_ok", "router_logits", "router_logits_backward", "rows", "rows_lowp", "rows_ok", "silu_mul",
+    "gather_rows", "is_enabled", "load", "moe_token", "moe_token_ok", "rows", "rows_lowp", "rows_ok", "silu_mul",
     "silu_mul_backward", "sort_slots", "status", "swiglu_add", "swiglu_ok", "swiglu_segments", "swiglu_segments_backward",
     "topk_softmax", "topk_softmax_backward",
 ]

@@ -1,7 +1,6 @@
-"""Wrappers of the row-moving and routing kernels (``cpu_rows.c``, ``cpu_router.c``): the plan
-(slots sorted by expert), the gather into expert order and the weighted combine back, their
-backward passes (float32 or bfloat16 on either side), the router's gate (logits) and the
-softmax top-k router, each with its backward.
+"""Wrappers of the row-moving and routing kernels (``cpu_rows.c``): the plan (slots sorted by
+expert), the gather into expert order and the weighted combine back, their backward passes
+(float32 or bfloat16 on either side), and the softmax top-k router with its backward.
 Tensors and scalars in, tensors out; every argument checked, index values included, before
 it reaches C."""
 
@@ -152,37 +151,3 @@ def topk_softmax_backward(lib: ctypes.CDLL, probs: torch.Tensor, indices: torch.
                                               ptr(dweights), T, E, k, int(renormalize), scale, dlogits.data_ptr(),
                                               torch.get_num_threads()), "moekit_topk_softmax_backward")
     return dlogits
-
-
-def router_logits(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The router's gate, ``x [T, d] @ weight[E, d]^T (+ bias [E])``: float32 logits ``[T, E]``."""
-    ck.tensor("x", x, shape=(None, None))
-    T, d = x.shape
-    ck.tensor("weight", weight, shape=(None, d), contiguous=True)
-    E = weight.shape[0]
-    bias = ck.optional("bias", bias, shape=(E,), contiguous=True)
-    x = x.contiguous()
-    logits = x.new_empty(T, E)
-    check_rc(lib.moekit_router_logits(x.data_ptr(), T, d, weight.data_ptr(), ptr(bias), E, logits.data_ptr(),
-                                      torch.get_num_threads()), "moekit_router_logits")
-    return logits
-
-
-def router_logits_backward(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, dlogits: torch.Tensor,
-                           need_x: bool, need_weight: bool, need_bias: bool
-                           ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The gradients of :func:`router_logits` for ``dlogits [T, E]``: ``dx [T, d]``,
-    ``dweight [E, d]`` and ``dbias [E]``, each ``None`` unless needed."""
-    ck.tensor("x", x, shape=(None, None))
-    T, d = x.shape
-    ck.tensor("weight", weight, shape=(None, d), contiguous=True)
-    E = weight.shape[0]
-    ck.tensor("dlogits", dlogits, shape=(T, E))
-    x, dlogits = x.contiguous(), dlogits.contiguous()
-    dx = x.new_empty(T, d) if need_x else None
-    dw = weight.new_empty(E, d) if need_weight else None
-    db = weight.new_empty(E) if need_bias else None
-    check_rc(lib.moekit_router_logits_backward(x.data_ptr(), T, d, weight.data_ptr(), E, dlogits.data_ptr(), ptr(dx),
-                                               ptr(dw), ptr(db), torch.get_num_threads()),
-             "moekit_router_logits_backward")
-    return dx, dw, db

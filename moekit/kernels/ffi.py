@@ -23,8 +23,6 @@ SIGNATURES: dict[str, tuple[list, type | None]] = {
     "moekit_silu_mul_backward": ([P, P, P, P, P, L, I], None),
     "moekit_silu_mul_bf16": ([P, P, P, L, I], None),
     "moekit_silu_mul_backward_bf16": ([P, P, P, P, P, L, I], None),
-    "moekit_router_logits": ([P, L, L, P, P, L, P, I], I),
-    "moekit_router_logits_backward": ([P, L, L, P, L, P, P, P, P, I], I),
     "moekit_topk_softmax": ([P, L, L, I, I, F, P, P, P, I], I),
     "moekit_topk_softmax_backward": ([P, P, P, P, P, L, L, I, I, F, P, I], I),
     "moekit_gather_rows": ([P, I, L, P, P, L, L, P, I, I], I),

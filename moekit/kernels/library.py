@@ -30,7 +30,7 @@ import torch
 from moekit.kernels.ffi import declare
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemv.c", "cpu_rows.c", "cpu_lowp.c", "cpu_blocks.c",
-                                                          "cpu_blocks_bf16.c", "cpu_router.c")]
+                                                          "cpu_blocks_bf16.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("cpu_bf16.h", "cpu_vmath.h")]  # included by the sources: hashed with them
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 

@@ -25,7 +25,6 @@ from torch import nn
 
 from moekit import kernels, ops
 from moekit.config import MoEConfig
-from moekit.layers.thresholds import threshold
 from moekit.registry import register_router
 
 
@@ -106,9 +105,6 @@ class Router(nn.Module):
         w = self.gate.weight
         b = self.gate.bias
         if x.dtype == torch.float32 and w.dtype == torch.float32:
-            if x.dim() == 2 and w.shape[0] * w.shape[1] <= threshold("router_kernel_max_weights") and \
-                    kernels.for_tensors(x, w, *(() if b is None else (b,))) is not None:
-                return ops.router_logits(x, w, b)
             return F.linear(x, w, b)
         return F.linear(x.float(), w.float(), None if b is None else b.float())
 

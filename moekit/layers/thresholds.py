@@ -52,12 +52,6 @@ THRESHOLDS: dict[str, Threshold] = {
         "bf16: up to here moekit.kernels.rows_lowp (weights widened in registers, read once for all rows); "
         "from here bfloat16 matrix products (faster); int8 and int4 take the kernel at every row count, "
         "64 rows a call (faster than dequantise-then-matmul)"),
-    # the router
-    "router_kernel_max_weights": Threshold(
-        4096, "benchmarks/moe_vs_dense.py --dtype bfloat16",
-        "float32 router gates with up to this many weights (experts x d_model) take moekit.kernels.router_logits "
-        "(and its backward): BLAS runs a [T, d] @ [d, E] product with a handful of experts far below its speed; "
-        "wider gates (64 experts, or d_model 1024 and up) run faster in BLAS"),
     # the dispatch, inference: (token, slot) pairs in one call
     "unsorted_max_slots": Threshold(
         4, "benchmarks/generate.py",

@@ -8,15 +8,14 @@ beside it (tests hold every one to its reference: outputs and gradients).
   hand-written backward passes (:func:`swiglu_kernel`, :func:`swiglu_grouped`,
   :func:`swiglu_segments`), the reference :func:`swiglu_reference`, and the activation
   :func:`silu_mul`.
-- :mod:`~moekit.ops.router`: the gate's logits (:func:`router_logits` /
-  :func:`router_logits_reference`); softmax, top-k and renormalisation in one pass each way
+- :mod:`~moekit.ops.router`: softmax, top-k and renormalisation in one pass each way
   (:func:`topk_softmax` / :func:`topk_softmax_reference`).
 
 Ops do not choose: the modules call them where their path-selection function says so.
 """
 
 from moekit.ops.dispatch import combine, combine_reference, gather_rows, gather_rows_reference
-from moekit.ops.router import router_logits, router_logits_reference, topk_softmax, topk_softmax_reference
+from moekit.ops.router import topk_softmax, topk_softmax_reference
 from moekit.ops.swiglu import (
     grouped_matmul,
     idle_runs,
@@ -31,5 +30,5 @@ from moekit.ops.swiglu import (
 __all__ = [
     "combine", "combine_reference", "gather_rows", "gather_rows_reference", "grouped_matmul", "idle_runs",
     "segments", "silu_mul", "swiglu_grouped", "swiglu_kernel", "swiglu_reference", "swiglu_segments",
-    "router_logits", "router_logits_reference", "topk_softmax", "topk_softmax_reference",
+    "topk_softmax", "topk_softmax_reference",
 ]

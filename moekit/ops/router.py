@@ -1,12 +1,10 @@
-"""The router's kernels as autograd Functions, each with its torch-ops reference beside it:
-the gate's logits over :func:`moekit.kernels.router_logits` (reference: ``F.linear``) and the
-softmax top-k over :func:`moekit.kernels.topk_softmax` (softmax, top-k, renormalise and scale
-in one pass per row each way)."""
+"""The softmax top-k router as an autograd Function over :func:`moekit.kernels.topk_softmax`
+(softmax, top-k, renormalise and scale in one pass per row each way), with its torch-ops
+reference beside it."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moekit import kernels
 from moekit.ops._lib import lib
@@ -46,27 +44,3 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scale: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`topk_softmax_reference` in the kernels (ties go to the lower index)."""
     return _TopKSoftmax.apply(logits, k, renormalize, scale)
-
-
-def router_logits_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The gate's logits ``[T, E]`` for ``x [T, d]``, ``weight [E, d]``, ``bias [E]`` or None."""
-    return F.linear(x, weight, bias)
-
-
-class _RouterLogits(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return kernels.router_logits(lib(), x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dlogits):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        return kernels.router_logits_backward(lib(), x, weight, dlogits, need_x, need_w, need_b and ctx.has_bias)
-
-
-def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """:func:`router_logits_reference` in the kernels (float32 on the CPU)."""
-    return _RouterLogits.apply(x, weight, bias)

@@ -73,11 +73,6 @@ def calls():
             weight=torch.rand(N), need_dy=True, need_dw=True)),
         "sort_slots": (kernels.sort_slots, dict(lib=lib, expert=torch.tensor([0, 2, 1, 3]), num_experts=3, k=2,
                                                 multiple=4)),
-        "router_logits": (kernels.router_logits, dict(lib=lib, x=torch.randn(T, D), weight=torch.randn(E, D),
-                                                      bias=torch.randn(E))),
-        "router_logits_backward": (kernels.router_logits_backward, dict(
-            lib=lib, x=torch.randn(T, D), weight=torch.randn(E, D), dlogits=torch.randn(T, E), need_x=True,
-            need_weight=True, need_bias=True)),
         "topk_softmax": (kernels.topk_softmax, dict(lib=lib, logits=torch.randn(T, E), k=K, renormalize=True,
                                                     scale=1.0)),
         "topk_softmax_backward": (kernels.topk_softmax_backward, dict(

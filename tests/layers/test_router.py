@@ -214,35 +214,3 @@ def test_expert_choice_properties(T, E, data):
     capacity = min(T, math.ceil(T * k / E))
     assert (out.mask.sum(0) == capacity).all(), "every expert takes exactly C tokens"
     assert (out.weights[~out.mask] == 0).all()
-
-
-@pytest.mark.parametrize("E, d, takes_kernel", [(8, 128, True), (8, 512, True), (64, 128, False)])
-def test_the_gate_takes_the_router_kernel_up_to_its_threshold(E, d, takes_kernel, monkeypatch):
-    """Float32 gates up to router_kernel_max_weights (experts x d_model) run in
-    moekit.kernels.router_logits, wider ones in F.linear; the logits and the gate's gradient
-    equal the torch path's."""
-    from moekit import kernels, ops
-    from moekit.layers.router import TopKRouter
-
-    if kernels.load() is None:
-        pytest.skip(kernels.status())
-    calls = []
-    real = ops.router_logits
-    monkeypatch.setattr(ops, "router_logits", lambda *a: calls.append(1) or real(*a))
-    torch.manual_seed(E + d)
-    router = TopKRouter(MoEConfig(d_model=d, d_ff=32, num_experts=E, top_k=2))
-    x = torch.randn(50, d)
-
-    def run():
-        logits = router.gate_logits(x)
-        logits.square().sum().backward()
-        grad = router.gate.weight.grad.clone()
-        router.gate.weight.grad = None
-        return logits.detach(), grad
-
-    got = run()
-    assert bool(calls) == takes_kernel
-    with kernels.enabled(False):
-        want = run()
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)

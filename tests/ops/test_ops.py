@@ -109,29 +109,3 @@ def test_topk_softmax_equals_the_reference(k, renormalize, scale):
     assert torch.equal(got[2], want[2])
     for a, b in zip(got[:2] + got[3:], want[:2] + want[3:]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("T, d, E, bias", [(300, 128, 8, False), (37, 50, 3, True), (5, 513, 16, True),
-                                           (1000, 64, 8, False)])
-def test_router_logits_equal_the_reference(T, d, E, bias):
-    """The gate's logits and their gradients (x, weight, bias) against F.linear in float64:
-    widths off the vector length, a thread's tokens not a multiple of four, the parallel path."""
-    g = torch.Generator().manual_seed(T + d)
-    x, w = torch.randn(T, d, generator=g), torch.randn(E, d, generator=g) / d**0.5
-    b = torch.randn(E, generator=g) if bias else None
-    dl = torch.randn(T, E, generator=g)
-    inputs = [x, w] + ([b] if bias else [])
-    got, got_g = grads_of(lambda *t: ops.router_logits(t[0], t[1], t[2] if bias else None), inputs, dl)
-    want, want_g = grads_of(lambda *t: ops.router_logits_reference(t[0], t[1], t[2] if bias else None),
-                            [t.double() for t in inputs], dl.double())
-    assert got.dtype == torch.float32
-    for a, b_ in zip([got] + got_g, [want] + want_g):
-        torch.testing.assert_close(a.double(), b_, atol=1e-4, rtol=1e-5)
-
-
-def test_router_logits_on_a_strided_input_and_without_input_gradients():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(64, 2 * 40, generator=g)[:, ::2]  # not contiguous
-    w = torch.randn(4, 40, generator=g, requires_grad=True)
-    ops.router_logits(x, w, None).sum().backward()
-    torch.testing.assert_close(w.grad, torch.ones(64, 4).t() @ x, atol=1e-4, rtol=1e-5)
