@@ -111,13 +111,14 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             with torch.autocast(device, enabled=False):
-                return self.run(x.to(dtype), tokens_per_expert, self.autocast_weights(dtype, x.device))
+                x = x.to(dtype)
+                return self.run(x, tokens_per_expert, self.autocast_weights(x))
         return self.run(x, tokens_per_expert, self.weights())
 
-    def autocast_weights(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The weights as the experts take them under autocast to ``dtype``: cast (one cast per
-        step, its backward casting the gradients back)."""
-        return tuple(w.to(dtype) for w in self.weights())
+    def autocast_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The weights as the experts take them under autocast, for rows ``x`` already in the
+        autocast dtype: cast to it (one cast per step, its backward casting the gradients back)."""
+        return tuple(w.to(x.dtype) for w in self.weights())
 
     def choose_path(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> str:
         """The path :meth:`run` takes for rows ``x`` and (possibly cast) ``weights``:
@@ -279,9 +280,8 @@ class SwiGLUExperts(GroupedExperts):
                 rank = next(iter(self.adapters.values())).rank
                 grouped = grouped_mm_qualifies(x, weights[0], True) and rows_aligned(x, rank)
             return "lora_grouped" if grouped and _HAS_GROUPED_MM else "lora_loop"
-        if self._bf16_blocks(x.dtype, x.device, weights):
-            if not self.needs_grad(x) or all(w.requires_grad for w in weights):
-                return "blocks"
+        if self._bf16_blocks(x.dtype, x.device, weights) and self._grads_ok(x, weights):
+            return "blocks"
         if self.use_grouped_mm is None and x.device.type == "cpu":
             rows, kernels_on = x.shape[0], kernels.for_tensors(x) is not None
             readable = kernels_on and kernels.swiglu_ok(*weights)
@@ -323,15 +323,23 @@ class SwiGLUExperts(GroupedExperts):
                 and all(w.stride(1) % 2 == 0 for w in weights)
                 and any(kernels.swiglu_ok(*weights, dtype=d) for d in (torch.bfloat16, torch.float32)))
 
-    def autocast_weights(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-        if self._bf16_blocks(dtype, device):
+    def _grads_ok(self, x: torch.Tensor | None, weights: tuple[torch.Tensor, ...]) -> bool:
+        """Whether the kernels can serve this call's gradients: none wanted, or all three
+        weights' (the kernels write all three). ``x`` None: the rows' own flag unknown yet."""
+        if x is not None and not self.needs_grad(x):
+            return True
+        return all(w.requires_grad for w in weights) or (x is None and not torch.is_grad_enabled())
+
+    def autocast_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weights = self.weights()
+        if self._bf16_blocks(x.dtype, x.device, weights) and self._grads_ok(x, weights):
             # the kernel rounds float32 weights as it packs them and returns float32 gradients:
             # no cast ops, no bfloat16 copies (benchmarks/moe_vs_dense.py --dtype bfloat16)
-            return self.weights()
-        return super().autocast_weights(dtype, device)
+            return weights
+        return super().autocast_weights(x)
 
     def row_multiple(self, dtype: torch.dtype, device: torch.device) -> int:
-        if self._bf16_blocks(dtype, device):
+        if self._bf16_blocks(dtype, device) and self._grads_ok(None, self.weights()):
             return 1  # the blocked kernel takes segments of any length (oneDNN's padding is for oneDNN)
         return super().row_multiple(dtype, device)
 

@@ -184,10 +184,11 @@ class _SwiGLUKernel(torch.autograd.Function):
 
 def swiglu_kernel(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                   tokens_per_expert: torch.Tensor, blocked: bool = False) -> torch.Tensor:
-    """:func:`swiglu_reference` in :mod:`moekit.kernels` (float32 on the CPU; it computes all
-    three weight gradients): each weight read once per pass (a few rows per expert), or
+    """:func:`swiglu_reference` in :mod:`moekit.kernels` (on the CPU; it computes all three
+    weight gradients): each weight read once per pass (a few rows per expert, float32), or
     ``blocked``, each expert's products on one thread with the experts shared among threads
-    (tens of rows per expert and up)."""
+    (tens of rows per expert and up; float32, or bfloat16 rows with bfloat16 or float32
+    weights where the AVX-512 BF16 kernel is built, the gradients in the weights' dtype)."""
     return _SwiGLUKernel.apply(x, w1, w3, w2, tokens_per_expert, blocked)
 
 

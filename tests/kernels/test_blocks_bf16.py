@@ -131,7 +131,7 @@ def _layer_step(layer, x, use_kernels):
     with kernels.enabled(use_kernels), torch.autocast("cpu", dtype=BF16):
         out = layer(xi, return_expert_outputs=True)
     (out.output.float().square().sum() + out.aux_loss).backward()
-    grads = [xi.grad] + [p.grad.clone() for p in layer.parameters()]
+    grads = [xi.grad] + [p.grad.clone() for p in layer.parameters() if p.requires_grad]
     layer.zero_grad()
     return out, grads
 
@@ -247,3 +247,23 @@ def test_concurrent_calls_get_their_own_buffers():
         t.join()
     for result in got:
         assert all(torch.equal(a, b) for a, b in zip(result, want))
+
+
+def test_frozen_expert_weights_under_autocast_take_the_cast_path(monkeypatch):
+    """The kernel writes all three weight gradients: with one expert weight frozen the experts
+    take another path, with the weights cast as autocast would (not the float32 weights the
+    kernel takes), and train as the torch path does."""
+    torch.manual_seed(6)
+    layer = MoE(MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2))
+    layer.experts.w2.requires_grad_(False)
+    paths = []
+    real = experts_mod.SwiGLUExperts.run_path
+    monkeypatch.setattr(experts_mod.SwiGLUExperts, "run_path",
+                        lambda self, path, xs, tpe, w: paths.append((path, [t.dtype for t in w])) or real(self, path, xs, tpe, w))
+    x = torch.randn(2, 300, 32)
+    got, got_grads = _layer_step(layer, x, True)
+    assert paths and paths[0][0] != "blocks" and paths[0][1] == [BF16] * 3
+    want, want_grads = _layer_step(layer, x, False)
+    assert (got.output.float() - want.output.float()).norm() / want.output.float().norm() < 1e-2
+    for a, b in zip(got_grads, want_grads):
+        assert (a - b).norm() / b.norm() < 3e-2
