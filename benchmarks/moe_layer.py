@@ -6,6 +6,7 @@ FLOPs, and transformers' MixtralSparseMoeBlock, all measured in the same run.
     python benchmarks/moe_layer.py --system-malloc # glibc's defaults: freed memory goes back to the OS
     python benchmarks/moe_layer.py --experts 64 --tokens 4096 --neighbours 1 2   # busy machine only
     python benchmarks/moe_layer.py --tokens --neighbours --without-blocks 256 1024 4096  # blocked kernel on/off
+    python benchmarks/moe_layer.py --tokens --neighbours --bf16-shapes 128:256 512:1024 1024:2048  # bfloat16 kernel on/off
 
 The last table runs moekit's fine-grained layer (64 experts top-8) and the dense FFN with
 0, 1 and 2 busy processes beside them (each a Python loop that keeps one core busy) and
@@ -196,6 +197,10 @@ def main() -> None:
                         help="skip the slow reference path above this many tokens")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's allocator as it is (freed memory returned to the OS)")
+    parser.add_argument("--bf16-shapes", nargs="*", default=[],
+                        help="d_model:d_ff pairs of a table of 8 experts top-2 training in bfloat16 autocast (and "
+                             "inference with bfloat16 weights) with the bfloat16 blocked kernel and without it")
+    parser.add_argument("--bf16-tokens", type=int, nargs="*", default=[64, 4096], help="tokens of that table")
     parser.add_argument("--without-blocks", type=int, nargs="*", default=[],
                         help="tokens of a table pairing moekit's paths with the paths it takes with the blocked "
                              "kernel off (its thresholds at 0): what the blocked kernel brings")
@@ -236,6 +241,8 @@ def main() -> None:
                 print(f"| {T} | {'fwd+bwd' if backward else 'fwd'} | {' | '.join(cells)} |", flush=True)
     for case in tables if args.without_blocks else ():
         without_blocks_table(case, args.without_blocks, 2 * budget)
+    if args.bf16_shapes:
+        bf16_table([tuple(map(int, shape.split(":"))) for shape in args.bf16_shapes], args.bf16_tokens, 2 * budget)
     if args.neighbours:
         busy_table(CASES[-1], args.neighbour_tokens, args.neighbours, 4 * budget)
 
@@ -274,6 +281,72 @@ def without_blocks_table(case: tuple[str, dict], tokens: list[int], budget: floa
                   f"({paired_ratio(times[DENSE], times['with']):.2f}x) | {ms['without']:,.1f} ms "
                   f"({paired_ratio(times[DENSE], times['without']):.2f}x) | "
                   f"{paired_ratio(times['without'], times['with']):.2f}x |", flush=True)
+
+
+def without_bf16_kernel(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the bfloat16 blocked kernel reported absent for the call (oneDNN's path)."""
+    from moekit import kernels
+
+    def run():
+        real = kernels.blocks_bf16
+        kernels.blocks_bf16 = lambda: False
+        try:
+            step()
+        finally:
+            kernels.blocks_bf16 = real
+
+    return run
+
+
+def bf16_table(shapes: list[tuple[int, int]], tokens: list[int], budget: float) -> None:
+    """8 experts top-2 at each (d_model, d_ff): training under bfloat16 autocast (float32
+    weights) and inference of bfloat16 weights, with the bfloat16 blocked kernel and without
+    it (oneDNN's products on padded segments), paired per round, next to the dense FFN."""
+    print("\n## 8 experts top-2 in bfloat16: with and without the bfloat16 blocked kernel")
+    print("| d_model | d_ff | T | pass | dense FFN | moekit | moekit without the kernel | with / without |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d, f in shapes:
+        cfg = MoEConfig(d_model=d, d_ff=f, num_experts=8, top_k=2)
+        for T in tokens:
+            for backward in (False, True):
+                dense, moe = FeedForward(d, 2 * f), MoE(cfg)
+                if not backward:  # inference of a bfloat16 model
+                    dense, moe = dense.to(torch.bfloat16), moe.to(torch.bfloat16)
+                steps = {}
+                for name, m in ((DENSE, dense), ("with", moe)):
+                    steps[name] = bf16_step(m, d, T, backward)
+                steps["without"] = without_bf16_kernel(steps["with"])
+                times = interleaved_times(steps, 3 * budget)
+                ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+                print(f"| {d} | {f} | {T} | {'fwd+bwd' if backward else 'fwd'} | {ms[DENSE]:,.2f} ms | "
+                      f"{ms['with']:,.2f} ms ({paired_ratio(times[DENSE], times['with']):.2f}x) | "
+                      f"{ms['without']:,.2f} ms ({paired_ratio(times[DENSE], times['without']):.2f}x) | "
+                      f"{paired_ratio(times['without'], times['with']):.2f}x |", flush=True)
+
+
+def bf16_step(module: nn.Module, d: int, T: int, backward: bool) -> Callable[[], None]:
+    """A call of ``module`` on ``[1, T, d]``: training under bfloat16 autocast, or inference on
+    bfloat16 rows (the module's weights bfloat16)."""
+    if not backward:
+        x = torch.randn(1, T, d).to(torch.bfloat16)
+
+        def step():
+            module.eval()
+            with torch.inference_mode():
+                output_of(module, x)
+
+        return step
+    xg, grad = torch.randn(1, T, d, requires_grad=True), torch.randn(1, T, d)
+
+    def step():
+        module.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = output_of(module, xg)
+        out.float().backward(grad)
+        module.zero_grad(set_to_none=True)
+        xg.grad = None
+
+    return step
 
 
 def busy_table(case: tuple[str, dict], tokens: list[int], neighbours: list[int], budget: float) -> None:

@@ -265,7 +265,8 @@ class SwiGLUExperts(GroupedExperts):
           AVX-512 loops are built (else ``blocks_max_rows``, any count), the same conditions:
           the blocked kernel, each expert's products on one thread.
         - bfloat16 rows (autocast), bfloat16 or float32 weights: ``"blocks"`` at every row count
-          where the bfloat16 blocked kernel is built (:meth:`_bf16_blocks`), the same conditions.
+          where the bfloat16 blocked kernel is built (:meth:`_bf16_blocks`), the same conditions;
+          inference on bfloat16 weights up to ``blocks_bf16_inference_max_d_ff``.
         - else in training: ``"segments_op"`` from ``segments_training_min_rows``, else
           ``"grouped_op"`` where ``F.grouped_mm`` takes the rows.
         - inference: ``"fused"`` when :meth:`fuse_gate_up` ran.
@@ -280,7 +281,8 @@ class SwiGLUExperts(GroupedExperts):
                 rank = next(iter(self.adapters.values())).rank
                 grouped = grouped_mm_qualifies(x, weights[0], True) and rows_aligned(x, rank)
             return "lora_grouped" if grouped and _HAS_GROUPED_MM else "lora_loop"
-        if self._bf16_blocks(x.dtype, x.device, weights) and self._grads_ok(x, weights):
+        if self._bf16_blocks(x.dtype, x.device, weights) and self._grads_ok(x, weights) \
+                and self._bf16_width_ok(self.needs_grad(x), weights):
             return "blocks"
         if self.use_grouped_mm is None and x.device.type == "cpu":
             rows, kernels_on = x.shape[0], kernels.for_tensors(x) is not None
@@ -330,6 +332,12 @@ class SwiGLUExperts(GroupedExperts):
             return True
         return all(w.requires_grad for w in weights) or (x is None and not torch.is_grad_enabled())
 
+    def _bf16_width_ok(self, training: bool, weights: tuple[torch.Tensor, ...]) -> bool:
+        """The bfloat16 kernel's width limit: inference on bfloat16 weights up to
+        ``blocks_bf16_inference_max_d_ff``; training, and float32 weights (which the other
+        path would cast on every call), at every width."""
+        return training or weights[0].dtype != torch.bfloat16 or self.d_ff <= threshold("blocks_bf16_inference_max_d_ff")
+
     def autocast_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weights = self.weights()
         if self._bf16_blocks(x.dtype, x.device, weights) and self._grads_ok(x, weights):
@@ -339,7 +347,9 @@ class SwiGLUExperts(GroupedExperts):
         return super().autocast_weights(x)
 
     def row_multiple(self, dtype: torch.dtype, device: torch.device) -> int:
-        if self._bf16_blocks(dtype, device) and self._grads_ok(None, self.weights()):
+        weights = self.weights()
+        if self._bf16_blocks(dtype, device) and self._grads_ok(None, weights) \
+                and self._bf16_width_ok(torch.is_grad_enabled(), weights):
             return 1  # the blocked kernel takes segments of any length (oneDNN's padding is for oneDNN)
         return super().row_multiple(dtype, device)
 

@@ -34,6 +34,12 @@ THRESHOLDS: dict[str, Threshold] = {
         "blocks_max_rows where the kernels' AVX-512 loops are built: above it BLAS's AVX-512 products on "
         "long segments win on a quiet machine; up to it the blocked kernel, also where BLAS is a little faster "
         "quiet, because BLAS's many parallel regions collapse beside busy processes (docs/throughput.md)"),
+    "blocks_bf16_inference_max_d_ff": Threshold(
+        1024, "benchmarks/moe_layer.py --bf16-shapes",
+        "inference on bfloat16 expert weights takes moekit's bfloat16 blocked kernel up to this d_ff (above it, "
+        "where its float32 blocks of rows outgrow L2, oneDNN's products were faster); training in bfloat16 autocast "
+        "takes it at every width measured (1.07x-2.3x), as inference on float32 weights under autocast (the other "
+        "path casts them every call)"),
     "loop_inference_min_rows": Threshold(
         32, "benchmarks/moe_layer.py",
         "inference from here: the segment loop (buffers reused, one segment's activation in cache); "

@@ -267,3 +267,22 @@ def test_frozen_expert_weights_under_autocast_take_the_cast_path(monkeypatch):
     assert (got.output.float() - want.output.float()).norm() / want.output.float().norm() < 1e-2
     for a, b in zip(got_grads, want_grads):
         assert (a - b).norm() / b.norm() < 3e-2
+
+
+def test_wide_bfloat16_inference_leaves_the_kernel_below_its_threshold(monkeypatch):
+    """Inference on bfloat16 weights takes the kernel up to blocks_bf16_inference_max_d_ff and
+    oneDNN's path above it (padded segments again); training takes it at any width."""
+    from moekit.layers import thresholds
+
+    layer = MoE(MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2))
+    rows = torch.randn(20, 32).to(BF16)
+    row = thresholds.THRESHOLDS["blocks_bf16_inference_max_d_ff"]
+    for limit, want in ((64, "blocks"), (32, "segments")):
+        monkeypatch.setitem(thresholds.THRESHOLDS, "blocks_bf16_inference_max_d_ff", row._replace(value=limit))
+        bf = layer.to(BF16)
+        with torch.no_grad():
+            path = bf.experts.choose_path(rows, bf.experts.weights())
+            assert (path == "blocks") == (want == "blocks")
+            assert bf.experts.row_multiple(BF16, rows.device) == (1 if want == "blocks" else 64)
+        assert bf.experts.choose_path(rows.requires_grad_(True), bf.experts.weights()) == "blocks"
+        rows = rows.detach()
