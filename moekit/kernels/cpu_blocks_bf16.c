@@ -50,6 +50,7 @@ int moekit_blocks_bf16_built(void)
 #define ROWS 192   /* rows of an expert per task, forward and the backward's row pass */
 #define W13S 4     /* strips of columns of [dW1 | dW3] per task */
 #define W2T 6      /* strips of MR rows of dW2 per task */
+#include "cpu_tiles.h"
 
 typedef uint16_t bf16;
 
@@ -246,22 +247,6 @@ static inline __attribute__((always_inline)) void micro_rows(const int rows, lon
         _mm512_storeu_ps(ci + 16, acc ? _mm512_add_ps(c1[i], _mm512_loadu_ps(ci + 16)) : c1[i]);
     }
 }
-
-#define BY_ROWS(mr, f, ...)                                                                                           \
-    switch (mr) {                                                                                                     \
-    case 12: f(12, __VA_ARGS__); break;                                                                              \
-    case 11: f(11, __VA_ARGS__); break;                                                                              \
-    case 10: f(10, __VA_ARGS__); break;                                                                              \
-    case 9: f(9, __VA_ARGS__); break;                                                                                \
-    case 8: f(8, __VA_ARGS__); break;                                                                                \
-    case 7: f(7, __VA_ARGS__); break;                                                                                \
-    case 6: f(6, __VA_ARGS__); break;                                                                                \
-    case 5: f(5, __VA_ARGS__); break;                                                                                \
-    case 4: f(4, __VA_ARGS__); break;                                                                                \
-    case 3: f(3, __VA_ARGS__); break;                                                                                \
-    case 2: f(2, __VA_ARGS__); break;                                                                                \
-    default: f(1, __VA_ARGS__); break;                                                                               \
-    }
 
 static void micro(long mr, long kq, const uint32_t *a, long ras, long cas, const bf16 *b, float *c, long ldc, int acc)
 {

@@ -31,7 +31,8 @@ from moekit.kernels.ffi import declare
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemv.c", "cpu_rows.c", "cpu_lowp.c", "cpu_blocks.c",
                                                           "cpu_blocks_bf16.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("cpu_bf16.h", "cpu_vmath.h")]  # included by the sources: hashed with them
+# included by the sources: hashed with them
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_bf16.h", "cpu_vmath.h", "cpu_tiles.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
