@@ -136,6 +136,19 @@ def test_the_build_is_cached_by_source_and_cpu(tmp_path):
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built[0].name]  # no temp files left
 
 
+def test_every_included_header_is_hashed_with_the_sources():
+    """A header the C files include is part of the build's cache key (a change to it must
+    rebuild) and of the package, and every listed header exists and is included."""
+    import re
+
+    from moekit.kernels import library
+
+    included = {m for src in library.SOURCES for m in re.findall(r'#include "([^"]+)"', src.read_text())}
+    included |= {m for h in library.HEADERS for m in re.findall(r'#include "([^"]+)"', h.read_text())}
+    assert included == {h.name for h in library.HEADERS}
+    assert all(h.exists() for h in library.HEADERS)
+
+
 @needs_lib
 @pytest.mark.parametrize("prepared", [False, True], ids=["plain", "fused gate/up"])
 def test_the_few_token_moe_path_runs_one_row_experts_in_the_kernel(prepared, monkeypatch):
