@@ -11,8 +11,9 @@
  * rows. benchmarks/moe_vs_dense.py --dtype bfloat16 measures it against the dense model.
  *
  * Rounding, as the torch path's bfloat16 products: float32 sums, each product's output
- * rounded once to bfloat16 (gate, up, hidden, the output, dx, the weight gradients). The
- * hidden layer's gradient stays float32 into the SwiGLU derivative (torch rounds it first).
+ * rounded once to bfloat16 (gate, up, hidden, the output, dx; the weight gradients of
+ * bfloat16 weights, those of float32 weights stay float32). The hidden layer's gradient
+ * stays float32 into the SwiGLU derivative (torch rounds it first).
  *
  * Exported: moekit_swiglu_blocks_bf16 and moekit_swiglu_blocks_bf16_backward, with the
  * arguments of cpu_blocks.c's float32 pair and wf32 (rows, gate, up and their gradients
@@ -452,8 +453,8 @@ static int by_cost(const void *pa, const void *pb)
     return (a->cost < b->cost) - (a->cost > b->cost);
 }
 
-/* C's rows [m, n] (row stride ldc) rounded to bfloat16 into columns c0.. of [dw1 | dw3] (each
- * [m, F], row stride F): a column below F goes to dw1, the rest to dw3 */
+/* C's rows [m, n] (row stride ldc) into columns c0.. of [dw1 | dw3] (each [m, F], row stride
+ * F; float32 where f32, else rounded to bfloat16): a column below F goes to dw1, the rest to dw3 */
 static void store_pair(const float *c, long ldc, long m, long n, long c0, long F, void *dw1, void *dw3, int f32)
 {
     for (long i = 0; i < m; i++) {
