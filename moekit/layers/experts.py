@@ -265,8 +265,8 @@ class SwiGLUExperts(GroupedExperts):
           AVX-512 loops are built (else ``blocks_max_rows``, any count), the same conditions:
           the blocked kernel, each expert's products on one thread.
         - bfloat16 rows (autocast), bfloat16 or float32 weights: ``"blocks"`` at every row count
-          where the bfloat16 blocked kernel is built (:meth:`_bf16_blocks`), the same conditions;
-          inference on bfloat16 weights up to ``blocks_bf16_inference_max_d_ff``.
+          where the bfloat16 blocked kernel is built, the same conditions; inference on bfloat16
+          weights up to ``blocks_bf16_inference_max_d_ff`` (:meth:`_bf16_kernel_takes`).
         - else in training: ``"segments_op"`` from ``segments_training_min_rows``, else
           ``"grouped_op"`` where ``F.grouped_mm`` takes the rows.
         - inference: ``"fused"`` when :meth:`fuse_gate_up` ran.
@@ -281,8 +281,7 @@ class SwiGLUExperts(GroupedExperts):
                 rank = next(iter(self.adapters.values())).rank
                 grouped = grouped_mm_qualifies(x, weights[0], True) and rows_aligned(x, rank)
             return "lora_grouped" if grouped and _HAS_GROUPED_MM else "lora_loop"
-        if self._bf16_blocks(x.dtype, x.device, weights) and self._grads_ok(x, weights) \
-                and self._bf16_width_ok(self.needs_grad(x), weights):
+        if self._bf16_kernel_takes(x.dtype, x.device, weights, self.needs_grad(x)):
             return "blocks"
         if self.use_grouped_mm is None and x.device.type == "cpu":
             rows, kernels_on = x.shape[0], kernels.for_tensors(x) is not None
@@ -311,45 +310,38 @@ class SwiGLUExperts(GroupedExperts):
                     return "fused"
         return super().choose_path(x, weights)
 
-    def _bf16_blocks(self, dtype: torch.dtype, device: torch.device, weights: tuple[torch.Tensor, ...] | None = None
-                     ) -> bool:
-        """Whether rows of ``dtype`` on ``device`` take the bfloat16 blocked kernel: bfloat16 on
-        the CPU, kernels on and built with AVX-512 BF16, no adapters and no path forced, even
-        widths (the kernel multiplies pairs of values); and ``weights`` (default: the module's)
-        all bfloat16 or all float32, laid out as the kernels read them, even row strides."""
-        weights = self.weights() if weights is None else weights
-        return (dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not self.adapters
+    def _bf16_kernel_takes(self, dtype: torch.dtype, device: torch.device, weights: tuple[torch.Tensor, ...],
+                           training: bool) -> bool:
+        """:meth:`choose_path`'s rule for the bfloat16 blocked kernel, also asked before the
+        rows exist (:meth:`autocast_weights`, :meth:`row_multiple`): rows of ``dtype``
+        bfloat16 on the CPU, the kernels on and built with AVX-512 BF16, no adapters and no
+        path forced, even widths and row strides (it multiplies pairs of values), ``weights``
+        all bfloat16 or all float32 as the kernels read them; in ``training`` (the call builds
+        a graph) all three weights wanting gradients (it writes all three); in inference on
+        bfloat16 weights d_ff up to ``blocks_bf16_inference_max_d_ff`` (float32 weights the
+        other path would cast on every call)."""
+        if not (dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not self.adapters
                 and self.use_grouped_mm is None and kernels.is_enabled() and not torch.compiler.is_compiling()
-                and kernels.load() is not None and kernels.blocks_bf16()
-                and self.d_model % 2 == 0 and self.d_ff % 2 == 0 and self.d_out % 2 == 0
-                and all(w.stride(1) % 2 == 0 for w in weights)
-                and any(kernels.swiglu_ok(*weights, dtype=d) for d in (torch.bfloat16, torch.float32)))
-
-    def _grads_ok(self, x: torch.Tensor | None, weights: tuple[torch.Tensor, ...]) -> bool:
-        """Whether the kernels can serve this call's gradients: none wanted, or all three
-        weights' (the kernels write all three). ``x`` None: the rows' own flag unknown yet."""
-        if x is not None and not self.needs_grad(x):
-            return True
-        return all(w.requires_grad for w in weights) or (x is None and not torch.is_grad_enabled())
-
-    def _bf16_width_ok(self, training: bool, weights: tuple[torch.Tensor, ...]) -> bool:
-        """The bfloat16 kernel's width limit: inference on bfloat16 weights up to
-        ``blocks_bf16_inference_max_d_ff``; training, and float32 weights (which the other
-        path would cast on every call), at every width."""
-        return training or weights[0].dtype != torch.bfloat16 or self.d_ff <= threshold("blocks_bf16_inference_max_d_ff")
+                and kernels.load() is not None and kernels.blocks_bf16()):
+            return False
+        if self.d_model % 2 or self.d_ff % 2 or self.d_out % 2 or any(w.stride(1) % 2 for w in weights):
+            return False
+        if not any(kernels.swiglu_ok(*weights, dtype=d) for d in (torch.bfloat16, torch.float32)):
+            return False
+        if training:
+            return all(w.requires_grad for w in weights)
+        return weights[0].dtype != torch.bfloat16 or self.d_ff <= threshold("blocks_bf16_inference_max_d_ff")
 
     def autocast_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weights = self.weights()
-        if self._bf16_blocks(x.dtype, x.device, weights) and self._grads_ok(x, weights):
+        if self._bf16_kernel_takes(x.dtype, x.device, weights, self.needs_grad(x)):
             # the kernel rounds float32 weights as it packs them and returns float32 gradients:
             # no cast ops, no bfloat16 copies (benchmarks/moe_vs_dense.py --dtype bfloat16)
             return weights
         return super().autocast_weights(x)
 
     def row_multiple(self, dtype: torch.dtype, device: torch.device) -> int:
-        weights = self.weights()
-        if self._bf16_blocks(dtype, device) and self._grads_ok(None, weights) \
-                and self._bf16_width_ok(torch.is_grad_enabled(), weights):
+        if self._bf16_kernel_takes(dtype, device, self.weights(), torch.is_grad_enabled()):
             return 1  # the blocked kernel takes segments of any length (oneDNN's padding is for oneDNN)
         return super().row_multiple(dtype, device)
 
