@@ -196,9 +196,10 @@ void moekit_topk_of(const float *v, long E, int k, long *ix)
 
 /* The softmax top-k router over rows of logits [T, E]: probs = softmax of each row; idx[k] the
  * k largest (ties: lower index); w = their probabilities times scale, divided by their sum
- * where renormalize. One pass per row, parallel over rows. */
+ * where renormalize; lse (where not NULL) each row's logsumexp, which the z-loss squares. One
+ * pass per row, parallel over rows. */
 int moekit_topk_softmax(const float *logits, long T, long E, int k, int renormalize, float scale, float *probs,
-                        long *idx, float *w, int threads)
+                        long *idx, float *w, float *lse, int threads)
 {
 #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (T * E >= PARALLEL_MIN)
     for (long t = 0; t < T; t++) {
@@ -224,6 +225,8 @@ int moekit_topk_softmax(const float *logits, long T, long E, int k, int renormal
 #endif
         for (; e < E; e++) total += (p[e] = expf(l[e] - top));
         for (e = 0; e < E; e++) p[e] /= total;
+        if (lse)
+            lse[t] = top + logf(total);
         moekit_topk_of(p, E, k, ix);
         for (int i = 0; i < k; i++) chosen += p[ix[i]];
         for (int i = 0; i < k; i++) wt[i] = (renormalize ? p[ix[i]] / chosen : p[ix[i]]) * scale;
@@ -232,10 +235,11 @@ int moekit_topk_softmax(const float *logits, long T, long E, int k, int renormal
 }
 
 /* Its backward: dlogits = softmax backward of g, g = dprobs (NULL: 0) plus the weights'
- * gradient dw (NULL: 0) taken back through the renormalisation onto the chosen entries. */
+ * gradient dw (NULL: 0) taken back through the renormalisation onto the chosen entries, plus
+ * dlse[t] probs[t] (the logsumexp's gradient; dlse NULL: 0). */
 int moekit_topk_softmax_backward(const float *probs, const long *idx, const float *w, const float *dprobs,
-                                 const float *dw, long T, long E, int k, int renormalize, float scale, float *dlogits,
-                                 int threads)
+                                 const float *dw, const float *dlse, long T, long E, int k, int renormalize,
+                                 float scale, float *dlogits, int threads)
 {
 #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (T * E >= PARALLEL_MIN)
     for (long t = 0; t < T; t++) {
@@ -253,7 +257,7 @@ int moekit_topk_softmax_backward(const float *probs, const long *idx, const floa
                 for (int i = 0; i < k; i++) g[ix[i]] += scale * dwt[i];
             }
         }
-        float dot = 0.0f;
+        float dot = dlse ? -dlse[t] : 0.0f; /* d lse / d logits = probs: + dlse p, folded into the dot */
         for (long e = 0; e < E; e++) dot += g[e] * p[e];
         for (long e = 0; e < E; e++) g[e] = p[e] * (g[e] - dot);
     }

@@ -67,11 +67,15 @@ def z_loss(
     logits: torch.Tensor,
     padding_mask: torch.Tensor | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    logsumexp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ST-MoE router z-loss (Zoph et al. 2022): mean over tokens of ``logsumexp(logits)^2``.
     Keeps router logits small, which keeps the float32 softmax well conditioned.
-    ``reduce`` (an all-reduce under expert parallelism) makes it the global batch's mean."""
-    z = torch.logsumexp(logits.float(), dim=-1) ** 2  # [T]
+    ``reduce`` (an all-reduce under expert parallelism) makes it the global batch's mean.
+    ``logsumexp``: the logits' ``[T]`` logsumexp where the router already has it (its
+    gradient reaches the logits through the router's softmax)."""
+    lse = torch.logsumexp(logits.float(), dim=-1) if logsumexp is None else logsumexp
+    z = lse.float() ** 2  # [T]
     m = _token_mask(padding_mask, logits.shape[0], logits.device)
     if reduce is None:
         return z.mean() if m is None else (z * m).sum() / m.sum().clamp_min(1.0)

@@ -274,7 +274,7 @@ class MoE(nn.Module):
                 routing.probs, routing.indices, E, padding_mask, routing.mask, self.reduce
             )
         if cfg.z_loss_coef > 0:
-            aux = aux + cfg.z_loss_coef * z_loss(routing.logits, padding_mask, self.reduce)
+            aux = aux + cfg.z_loss_coef * z_loss(routing.logits, padding_mask, self.reduce, routing.logsumexp)
         if cfg.seq_aux_loss_coef > 0 and self.router.token_choice:
             S = lead[-1] if len(lead) > 1 else routing.probs.shape[0]
             B = routing.probs.shape[0] // S

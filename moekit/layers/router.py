@@ -39,6 +39,8 @@ class RouterOutput:
         probs: ``[T, E]`` float32 per-token distribution over experts, used by the
             balancing losses and the statistics.
         mask: ``[T, k]`` bool, slots that exist; ``None`` means all do.
+        logsumexp: ``[T]`` float32 logsumexp of the logits where the router computed it with
+            its softmax (the z-loss squares it); ``None``: the loss computes it.
     """
 
     weights: torch.Tensor
@@ -46,6 +48,7 @@ class RouterOutput:
     logits: torch.Tensor
     probs: torch.Tensor
     mask: torch.Tensor | None = None
+    logsumexp: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -158,8 +161,8 @@ def _fused_topk(logits: torch.Tensor, k: int, renormalize: bool, scale: float) -
     logits (float32 on the CPU, outside ``torch.compile``), else ``None``."""
     if kernels.for_tensors(logits) is None:
         return None
-    probs, weights, indices = ops.topk_softmax(logits, k, renormalize, scale)
-    return RouterOutput(weights, indices, logits, probs)
+    probs, weights, indices, lse = ops.topk_softmax(logits, k, renormalize, scale, with_lse=True)
+    return RouterOutput(weights, indices, logits, probs, logsumexp=lse)
 
 
 @register_router("switch")

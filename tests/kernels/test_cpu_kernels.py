@@ -728,7 +728,7 @@ def test_the_topk_router_kernel_equals_torch_ops(fields, monkeypatch):
     x, g = torch.randn(3, 40, 20), torch.randn(3, 40, 20)
     calls = []
     real = kernels.topk_softmax
-    monkeypatch.setattr(kernels, "topk_softmax", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, "topk_softmax", lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
     def run():
         out = moe(x)

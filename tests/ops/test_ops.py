@@ -109,3 +109,35 @@ def test_topk_softmax_equals_the_reference(k, renormalize, scale):
     assert torch.equal(got[2], want[2])
     for a, b in zip(got[:2] + got[3:], want[:2] + want[3:]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k, renormalize", [(2, True), (1, False)])
+def test_topk_softmax_logsumexp_and_its_gradient_equal_the_reference(k, renormalize):
+    """The kernel's logsumexp (the z-loss's) and the gradient that reaches the logits through
+    it, with the probabilities' and weights' gradients at once, against torch.logsumexp."""
+    g = torch.Generator().manual_seed(7 + k)
+    logits = torch.randn(30, 8, generator=g) * 3
+    dp, dw, dl = torch.randn(30, 8, generator=g), torch.randn(30, k, generator=g), torch.randn(30, generator=g)
+
+    def run(fn):
+        x = logits.clone().requires_grad_(True)
+        probs, weights, _, lse = fn(x, k, renormalize, 1.0, with_lse=True)
+        ((probs * dp).sum() + (weights * dw).sum() + (lse * dl).sum()).backward()
+        return lse.detach(), x.grad
+
+    for a, b in zip(run(ops.topk_softmax), run(ops.topk_softmax_reference)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_z_loss_takes_the_routers_logsumexp():
+    from moekit.layers.losses import z_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(50, 8, generator=g) * 4).requires_grad_(True)
+    want = z_loss(logits)
+    want_grad, = torch.autograd.grad(want, logits)
+    _, _, _, lse = ops.topk_softmax(logits, 2, True, 1.0, with_lse=True)
+    got = z_loss(logits, logsumexp=lse)
+    got_grad, = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
