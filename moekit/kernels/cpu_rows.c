@@ -197,9 +197,11 @@ void moekit_topk_of(const float *v, long E, int k, long *ix)
 /* The softmax top-k router over rows of logits [T, E]: probs = softmax of each row; idx[k] the
  * k largest (ties: lower index); w = their probabilities times scale, divided by their sum
  * where renormalize; lse (where not NULL) each row's logsumexp, which the z-loss squares. One
- * pass per row, parallel over rows. */
+ * pass per row, parallel over rows. Where psum is given, also the balancing loss's sums over
+ * the rows: psum[E] of the probabilities and load[E] of the slots each expert got, in row
+ * order (the same sums every call). */
 int moekit_topk_softmax(const float *logits, long T, long E, int k, int renormalize, float scale, float *probs,
-                        long *idx, float *w, float *lse, int threads)
+                        long *idx, float *w, float *lse, float *psum, float *load, int threads)
 {
 #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (T * E >= PARALLEL_MIN)
     for (long t = 0; t < T; t++) {
@@ -231,21 +233,30 @@ int moekit_topk_softmax(const float *logits, long T, long E, int k, int renormal
         for (int i = 0; i < k; i++) chosen += p[ix[i]];
         for (int i = 0; i < k; i++) wt[i] = (renormalize ? p[ix[i]] / chosen : p[ix[i]]) * scale;
     }
+    if (psum) {
+        memset(psum, 0, (size_t)E * sizeof(float));
+        memset(load, 0, (size_t)E * sizeof(float));
+        for (long t = 0; t < T; t++) {
+            for (long e = 0; e < E; e++) psum[e] += probs[t * E + e];
+            for (int i = 0; i < k; i++) load[idx[t * k + i]] += 1.0f;
+        }
+    }
     return 0;
 }
 
 /* Its backward: dlogits = softmax backward of g, g = dprobs (NULL: 0) plus the weights'
  * gradient dw (NULL: 0) taken back through the renormalisation onto the chosen entries, plus
- * dlse[t] probs[t] (the logsumexp's gradient; dlse NULL: 0). */
+ * dlse[t] probs[t] (the logsumexp's gradient; dlse NULL: 0); dpsum[E] (the probability sums'
+ * gradient, NULL: 0) adds to every row's dprobs. */
 int moekit_topk_softmax_backward(const float *probs, const long *idx, const float *w, const float *dprobs,
-                                 const float *dw, const float *dlse, long T, long E, int k, int renormalize,
-                                 float scale, float *dlogits, int threads)
+                                 const float *dw, const float *dlse, const float *dpsum, long T, long E, int k,
+                                 int renormalize, float scale, float *dlogits, int threads)
 {
 #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (T * E >= PARALLEL_MIN)
     for (long t = 0; t < T; t++) {
         const float *p = probs + t * E;
         float *g = dlogits + t * E; /* g first, then overwritten by dlogits */
-        for (long e = 0; e < E; e++) g[e] = dprobs ? dprobs[t * E + e] : 0.0f;
+        for (long e = 0; e < E; e++) g[e] = (dprobs ? dprobs[t * E + e] : 0.0f) + (dpsum ? dpsum[e] : 0.0f);
         if (dw) {
             const long *ix = idx + t * k;
             const float *dwt = dw + t * k, *wt = w + t * k;

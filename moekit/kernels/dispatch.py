@@ -118,29 +118,32 @@ def sort_slots(lib: ctypes.CDLL, expert: torch.Tensor, num_experts: int, k: int,
 
 
 def topk_softmax(lib: ctypes.CDLL, logits: torch.Tensor, k: int, renormalize: bool, scale: float,
-                 with_lse: bool = False) -> tuple[torch.Tensor, ...]:
+                 with_sums: bool = False) -> tuple[torch.Tensor, ...]:
     """The softmax top-k router on float32 ``logits [T, E]``: ``probs [T, E]``, ``weights
     [T, k]`` (the k largest probabilities, ties to the lower index, divided by their sum where
-    ``renormalize``, times ``scale``) and ``indices`` int64 ``[T, k]``; ``with_lse``: also each
-    row's logsumexp ``[T]`` (the z-loss's, computed with the softmax)."""
+    ``renormalize``, times ``scale``) and ``indices`` int64 ``[T, k]``; ``with_sums``: also
+    the losses' sums, computed with the softmax: each row's logsumexp ``[T]`` (the z-loss's),
+    the probabilities' sum over rows ``[E]`` and the slots each expert got ``[E]`` (float32;
+    the balancing loss's)."""
     ck.tensor("logits", logits, shape=(None, None))
     T, E = logits.shape
     ck.positive("k", k, E)
     logits = logits.contiguous()
     probs, weights = logits.new_empty(T, E), logits.new_empty(T, k)
     indices = torch.empty(T, k, dtype=torch.long)
-    lse = logits.new_empty(T) if with_lse else None
+    lse, psum, load = (logits.new_empty(T), logits.new_empty(E), logits.new_empty(E)) if with_sums else (None,) * 3
     check_rc(lib.moekit_topk_softmax(logits.data_ptr(), T, E, k, int(renormalize), scale, probs.data_ptr(),
-                                     indices.data_ptr(), weights.data_ptr(), ptr(lse), torch.get_num_threads()),
-             "moekit_topk_softmax")
-    return (probs, weights, indices, lse) if with_lse else (probs, weights, indices)
+                                     indices.data_ptr(), weights.data_ptr(), ptr(lse), ptr(psum), ptr(load),
+                                     torch.get_num_threads()), "moekit_topk_softmax")
+    return (probs, weights, indices, lse, psum, load) if with_sums else (probs, weights, indices)
 
 
 def topk_softmax_backward(lib: ctypes.CDLL, probs: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                           dprobs: torch.Tensor | None, dweights: torch.Tensor | None, renormalize: bool,
-                          scale: float, dlse: torch.Tensor | None = None) -> torch.Tensor:
-    """The gradient of :func:`topk_softmax`'s outputs (``dlse``: the logsumexp's, ``[T]``)
-    back to the logits, ``[T, E]``."""
+                          scale: float, dlse: torch.Tensor | None = None, dpsum: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """The gradient of :func:`topk_softmax`'s outputs (``dlse``: the logsumexp's, ``[T]``;
+    ``dpsum``: the probability sums', ``[E]``) back to the logits, ``[T, E]``."""
     ck.tensor("probs", probs, shape=(None, None), contiguous=True)
     T, E = probs.shape
     ck.tensor("indices", indices, ck.I64, shape=(T, None), contiguous=True)
@@ -150,9 +153,10 @@ def topk_softmax_backward(lib: ctypes.CDLL, probs: torch.Tensor, indices: torch.
     dprobs = ck.optional("dprobs", None if dprobs is None else dprobs.contiguous(), shape=(T, E))
     dweights = ck.optional("dweights", None if dweights is None else dweights.contiguous(), shape=(T, k))
     dlse = ck.optional("dlse", None if dlse is None else dlse.contiguous(), shape=(T,))
+    dpsum = ck.optional("dpsum", None if dpsum is None else dpsum.contiguous(), shape=(E,))
     dlogits = probs.new_empty(T, E)
     check_rc(lib.moekit_topk_softmax_backward(probs.data_ptr(), indices.data_ptr(), weights.data_ptr(), ptr(dprobs),
-                                              ptr(dweights), ptr(dlse), T, E, k, int(renormalize), scale,
+                                              ptr(dweights), ptr(dlse), ptr(dpsum), T, E, k, int(renormalize), scale,
                                               dlogits.data_ptr(), torch.get_num_threads()),
              "moekit_topk_softmax_backward")
     return dlogits

@@ -271,7 +271,8 @@ class MoE(nn.Module):
         E = cfg.num_experts
         if cfg.aux_loss_coef > 0:
             aux = aux + cfg.aux_loss_coef * load_balancing_loss(
-                routing.probs, routing.indices, E, padding_mask, routing.mask, self.reduce
+                routing.probs, routing.indices, E, padding_mask, routing.mask, self.reduce,
+                routing.prob_sums, routing.slot_counts,
             )
         if cfg.z_loss_coef > 0:
             aux = aux + cfg.z_loss_coef * z_loss(routing.logits, padding_mask, self.reduce, routing.logsumexp)

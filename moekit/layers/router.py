@@ -41,6 +41,9 @@ class RouterOutput:
         mask: ``[T, k]`` bool, slots that exist; ``None`` means all do.
         logsumexp: ``[T]`` float32 logsumexp of the logits where the router computed it with
             its softmax (the z-loss squares it); ``None``: the loss computes it.
+        prob_sums, slot_counts: ``[E]`` float32, the probabilities summed over the tokens and
+            the slots each expert got, where the router computed them with its softmax (the
+            balancing loss's sums); ``None``: the loss computes them.
     """
 
     weights: torch.Tensor
@@ -49,6 +52,8 @@ class RouterOutput:
     probs: torch.Tensor
     mask: torch.Tensor | None = None
     logsumexp: torch.Tensor | None = None
+    prob_sums: torch.Tensor | None = None
+    slot_counts: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -161,8 +166,8 @@ def _fused_topk(logits: torch.Tensor, k: int, renormalize: bool, scale: float) -
     logits (float32 on the CPU, outside ``torch.compile``), else ``None``."""
     if kernels.for_tensors(logits) is None:
         return None
-    probs, weights, indices, lse = ops.topk_softmax(logits, k, renormalize, scale, with_lse=True)
-    return RouterOutput(weights, indices, logits, probs, logsumexp=lse)
+    probs, weights, indices, lse, psum, load = ops.topk_softmax(logits, k, renormalize, scale, with_sums=True)
+    return RouterOutput(weights, indices, logits, probs, logsumexp=lse, prob_sums=psum, slot_counts=load)
 
 
 @register_router("switch")

@@ -77,7 +77,8 @@ def calls():
                                                     scale=1.0)),
         "topk_softmax_backward": (kernels.topk_softmax_backward, dict(
             lib=lib, probs=torch.rand(T, E), indices=torch.tensor([[0, 1]] * T), weights=torch.rand(T, K),
-            dprobs=torch.randn(T, E), dweights=torch.randn(T, K), renormalize=True, scale=1.0, dlse=torch.randn(T))),
+            dprobs=torch.randn(T, E), dweights=torch.randn(T, K), renormalize=True, scale=1.0, dlse=torch.randn(T),
+            dpsum=torch.randn(E))),
     }
     if kernels.blocks_bf16():  # the bfloat16 blocked experts (AVX-512 BF16 builds)
         bf = [w.bfloat16() for w in (w1, w3, w2)]
