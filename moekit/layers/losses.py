@@ -27,8 +27,6 @@ def load_balancing_loss(
     padding_mask: torch.Tensor | None = None,
     slot_mask: torch.Tensor | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    prob_sums: torch.Tensor | None = None,
-    slot_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch/GShard load-balancing loss, ``E * sum_e f_e * P_e``.
 
@@ -45,18 +43,8 @@ def load_balancing_loss(
         reduce: applied to the per-expert sums and the token count before they become
             means (expert parallelism passes an all-reduce, so ``f`` and ``P`` are means
             over the global batch).
-        prob_sums, slot_counts: ``[E]`` the probabilities' sum over tokens and the slots per
-            expert where the router has them (used without masks; the gradient reaches the
-            probabilities through the router's softmax).
     """
     T = probs.shape[0]
-    if prob_sums is not None and slot_counts is not None and padding_mask is None and slot_mask is None:
-        probs_sum, counts, n = prob_sums, slot_counts, probs.new_tensor(float(max(T, 1)))
-        if reduce is not None:
-            counts, probs_sum, n = reduce(torch.cat([counts, probs_sum, n.reshape(1)])).split(
-                [num_experts, num_experts, 1])
-            n = n[0]
-        return num_experts * torch.sum((counts / n) * (probs_sum / n))
     m = _token_mask(padding_mask, T, probs.device)
     slot_w = torch.ones(indices.shape, device=probs.device)
     if slot_mask is not None:
@@ -79,15 +67,11 @@ def z_loss(
     logits: torch.Tensor,
     padding_mask: torch.Tensor | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    logsumexp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ST-MoE router z-loss (Zoph et al. 2022): mean over tokens of ``logsumexp(logits)^2``.
     Keeps router logits small, which keeps the float32 softmax well conditioned.
-    ``reduce`` (an all-reduce under expert parallelism) makes it the global batch's mean.
-    ``logsumexp``: the logits' ``[T]`` logsumexp where the router already has it (its
-    gradient reaches the logits through the router's softmax)."""
-    lse = torch.logsumexp(logits.float(), dim=-1) if logsumexp is None else logsumexp
-    z = lse.float() ** 2  # [T]
+    ``reduce`` (an all-reduce under expert parallelism) makes it the global batch's mean."""
+    z = torch.logsumexp(logits.float(), dim=-1) ** 2  # [T]
     m = _token_mask(padding_mask, logits.shape[0], logits.device)
     if reduce is None:
         return z.mean() if m is None else (z * m).sum() / m.sum().clamp_min(1.0)

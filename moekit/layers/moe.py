@@ -269,13 +269,17 @@ class MoE(nn.Module):
         if not (compute and self.router.learned):
             return aux
         E = cfg.num_experts
+        # the router's own losses (its softmax kernel's sums) hold over all tokens, one process
+        own = padding_mask is None and routing.mask is None and self.reduce is None
         if cfg.aux_loss_coef > 0:
-            aux = aux + cfg.aux_loss_coef * load_balancing_loss(
-                routing.probs, routing.indices, E, padding_mask, routing.mask, self.reduce,
-                routing.prob_sums, routing.slot_counts,
+            balance = routing.balance_loss if own and routing.balance_loss is not None else load_balancing_loss(
+                routing.probs, routing.indices, E, padding_mask, routing.mask, self.reduce
             )
+            aux = aux + cfg.aux_loss_coef * balance
         if cfg.z_loss_coef > 0:
-            aux = aux + cfg.z_loss_coef * z_loss(routing.logits, padding_mask, self.reduce, routing.logsumexp)
+            z = routing.z_loss if own and routing.z_loss is not None else z_loss(routing.logits, padding_mask,
+                                                                                   self.reduce)
+            aux = aux + cfg.z_loss_coef * z
         if cfg.seq_aux_loss_coef > 0 and self.router.token_choice:
             S = lead[-1] if len(lead) > 1 else routing.probs.shape[0]
             B = routing.probs.shape[0] // S

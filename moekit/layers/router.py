@@ -39,11 +39,10 @@ class RouterOutput:
         probs: ``[T, E]`` float32 per-token distribution over experts, used by the
             balancing losses and the statistics.
         mask: ``[T, k]`` bool, slots that exist; ``None`` means all do.
-        logsumexp: ``[T]`` float32 logsumexp of the logits where the router computed it with
-            its softmax (the z-loss squares it); ``None``: the loss computes it.
-        prob_sums, slot_counts: ``[E]`` float32, the probabilities summed over the tokens and
-            the slots each expert got, where the router computed them with its softmax (the
-            balancing loss's sums); ``None``: the loss computes them.
+        balance_loss, z_loss: the balancing loss and the z-loss over all tokens, scalars
+            with their gradients, where the router computed them with its softmax (the MoE
+            takes them where no mask, padding or all-reduce applies); ``None``: the
+            functions of :mod:`moekit.layers.losses` compute them.
     """
 
     weights: torch.Tensor
@@ -51,9 +50,8 @@ class RouterOutput:
     logits: torch.Tensor
     probs: torch.Tensor
     mask: torch.Tensor | None = None
-    logsumexp: torch.Tensor | None = None
-    prob_sums: torch.Tensor | None = None
-    slot_counts: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -166,8 +164,8 @@ def _fused_topk(logits: torch.Tensor, k: int, renormalize: bool, scale: float) -
     logits (float32 on the CPU, outside ``torch.compile``), else ``None``."""
     if kernels.for_tensors(logits) is None:
         return None
-    probs, weights, indices, lse, psum, load = ops.topk_softmax(logits, k, renormalize, scale, with_sums=True)
-    return RouterOutput(weights, indices, logits, probs, logsumexp=lse, prob_sums=psum, slot_counts=load)
+    probs, weights, indices, balance, z = ops.topk_softmax(logits, k, renormalize, scale, with_losses=True)
+    return RouterOutput(weights, indices, logits, probs, balance_loss=balance, z_loss=z)
 
 
 @register_router("switch")

@@ -10,49 +10,59 @@ from moekit import kernels
 from moekit.ops._lib import lib
 
 
-def topk_softmax_reference(logits: torch.Tensor, k: int, renormalize: bool, scale: float, with_sums: bool = False
+def topk_softmax_reference(logits: torch.Tensor, k: int, renormalize: bool, scale: float, with_losses: bool = False
                            ) -> tuple[torch.Tensor, ...]:
     """``(probs [T, E], weights [T, k], indices [T, k])``: the softmax, its k largest
     probabilities (divided by their sum where ``renormalize``, times ``scale``) and where they
-    are; ``with_sums``: also each row's logsumexp ``[T]``, the probabilities' sum over rows
-    ``[E]`` and the slots each expert got ``[E]`` (float32)."""
+    are; ``with_losses``: also the balancing loss ``E * sum_e f_e P_e`` (f the slots each
+    expert got per token, P the mean probability) and the z-loss ``mean(logsumexp^2)``, over
+    all tokens (as :mod:`moekit.layers.losses` without masks)."""
     probs = torch.softmax(logits, dim=-1)
     weights, indices = torch.topk(probs, k, dim=-1)  # [T, E] -> [T, k]
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     out = (probs, weights * scale if scale != 1.0 else weights, indices)
-    if not with_sums:
+    if not with_losses:
         return out
-    load = torch.bincount(indices.reshape(-1), minlength=logits.shape[-1]).to(logits.dtype)
-    return (*out, torch.logsumexp(logits, dim=-1), probs.sum(0), load)
+    T, E = logits.shape
+    n = float(max(T, 1))
+    load = torch.bincount(indices.reshape(-1), minlength=E).to(logits.dtype)
+    balance = E * torch.sum((load / n) * (probs.sum(0) / n))
+    return (*out, balance, torch.logsumexp(logits, dim=-1).square().mean())
 
 
 class _TopKSoftmax(torch.autograd.Function):
-    """The gradient reaches the logits from the probabilities (the losses), the weights, the
-    logsumexp (the z-loss) and the probabilities' sums (the balancing loss)."""
+    """The gradient reaches the logits from the probabilities, the weights and the two losses
+    (through the kernel's sums: the logsumexp per row, the probabilities and slots per expert)."""
 
     @staticmethod
     def forward(ctx, logits, k, renormalize, scale):
-        out = kernels.topk_softmax(lib(), logits, k, renormalize, scale, with_sums=True)
-        probs, weights, indices = out[:3]
-        ctx.save_for_backward(probs, indices, weights)
-        ctx.args = (renormalize, scale)
-        ctx.mark_non_differentiable(indices, out[5])
-        return out
+        probs, weights, indices, lse, psum, load = kernels.topk_softmax(lib(), logits, k, renormalize, scale,
+                                                                         with_sums=True)
+        E, n = logits.shape[1], float(max(logits.shape[0], 1))
+        balance = E * torch.dot(load, psum) / (n * n)
+        z = torch.dot(lse, lse) / n
+        ctx.save_for_backward(probs, indices, weights, lse, load)
+        ctx.args = (renormalize, scale, E, n)
+        ctx.mark_non_differentiable(indices)
+        return probs, weights, indices, balance, z
 
     @staticmethod
-    def backward(ctx, dprobs, dweights, _, dlse, dpsum, __):
-        probs, indices, weights = ctx.saved_tensors
-        renormalize, scale = ctx.args
+    def backward(ctx, dprobs, dweights, _, dbalance, dz):
+        probs, indices, weights, lse, load = ctx.saved_tensors
+        renormalize, scale, E, n = ctx.args
+        dpsum = None if dbalance is None else load * (dbalance * E / (n * n))  # d balance / d psum_e
+        dlse = None if dz is None else lse * (dz * 2.0 / n)  # d z / d lse_t
         dlogits = kernels.topk_softmax_backward(lib(), probs, indices, weights, dprobs, dweights, renormalize, scale,
                                                 dlse=dlse, dpsum=dpsum)
         return dlogits, None, None, None
 
 
-def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scale: float, with_sums: bool = False
+def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scale: float, with_losses: bool = False
                  ) -> tuple[torch.Tensor, ...]:
-    """:func:`topk_softmax_reference` in the kernels (ties go to the lower index); the losses'
-    sums come with the softmax, where torch ops would take a dozen small calls and their
-    backward (about 2% of a small MoE's training step: benchmarks/moe_vs_dense.py)."""
+    """:func:`topk_softmax_reference` in the kernels (ties go to the lower index). The losses
+    come from the softmax's own sums in two scalars, where torch ops took a few dozen small
+    calls and their backward (about 2% of a small MoE's training step:
+    benchmarks/moe_vs_dense.py --dtype bfloat16)."""
     out = _TopKSoftmax.apply(logits, k, renormalize, scale)
-    return out if with_sums else out[:3]
+    return out if with_losses else out[:3]
