@@ -164,6 +164,9 @@ def _fused_topk(logits: torch.Tensor, k: int, renormalize: bool, scale: float) -
     logits (float32 on the CPU, outside ``torch.compile``), else ``None``."""
     if kernels.for_tensors(logits) is None:
         return None
+    if not torch.is_grad_enabled():  # no training, no losses
+        probs, weights, indices = ops.topk_softmax(logits, k, renormalize, scale)
+        return RouterOutput(weights, indices, logits, probs)
     probs, weights, indices, balance, z = ops.topk_softmax(logits, k, renormalize, scale, with_losses=True)
     return RouterOutput(weights, indices, logits, probs, balance_loss=balance, z_loss=z)
 

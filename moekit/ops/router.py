@@ -32,18 +32,23 @@ def topk_softmax_reference(logits: torch.Tensor, k: int, renormalize: bool, scal
 
 
 class _TopKSoftmax(torch.autograd.Function):
-    """The gradient reaches the logits from the probabilities, the weights and the two losses
-    (through the kernel's sums: the logsumexp per row, the probabilities and slots per expert)."""
+    """The gradient reaches the logits from the probabilities, the weights and (``with_losses``)
+    the two losses, through the kernel's sums: the logsumexp per row, the probabilities and
+    slots per expert."""
 
     @staticmethod
-    def forward(ctx, logits, k, renormalize, scale):
-        probs, weights, indices, lse, psum, load = kernels.topk_softmax(lib(), logits, k, renormalize, scale,
-                                                                         with_sums=True)
-        E, n = logits.shape[1], float(max(logits.shape[0], 1))
-        balance = E * torch.dot(load, psum) / (n * n)
-        z = torch.dot(lse, lse) / n
+    def forward(ctx, logits, k, renormalize, scale, with_losses):
+        out = kernels.topk_softmax(lib(), logits, k, renormalize, scale, with_sums=with_losses)
+        probs, weights, indices = out[:3]
+        balance = z = None
+        lse = load = None
+        if with_losses:
+            lse, psum, load = out[3:]
+            E, n = logits.shape[1], float(max(logits.shape[0], 1))
+            balance = E * torch.dot(load, psum) / (n * n)
+            z = torch.dot(lse, lse) / n
         ctx.save_for_backward(probs, indices, weights, lse, load)
-        ctx.args = (renormalize, scale, E, n)
+        ctx.args = (renormalize, scale, logits.shape[1], float(max(logits.shape[0], 1)))
         ctx.mark_non_differentiable(indices)
         return probs, weights, indices, balance, z
 
@@ -55,14 +60,13 @@ class _TopKSoftmax(torch.autograd.Function):
         dlse = None if dz is None else lse * (dz * 2.0 / n)  # d z / d lse_t
         dlogits = kernels.topk_softmax_backward(lib(), probs, indices, weights, dprobs, dweights, renormalize, scale,
                                                 dlse=dlse, dpsum=dpsum)
-        return dlogits, None, None, None
+        return dlogits, None, None, None, None
 
 
 def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scale: float, with_losses: bool = False
                  ) -> tuple[torch.Tensor, ...]:
     """:func:`topk_softmax_reference` in the kernels (ties go to the lower index). The losses
-    come from the softmax's own sums in two scalars, where torch ops took a few dozen small
-    calls and their backward (about 2% of a small MoE's training step:
-    benchmarks/moe_vs_dense.py --dtype bfloat16)."""
-    out = _TopKSoftmax.apply(logits, k, renormalize, scale)
+    come from the softmax's own sums in two scalars, where torch ops take a few dozen small
+    calls and their backward (benchmarks/moe_vs_dense.py --dtype bfloat16)."""
+    out = _TopKSoftmax.apply(logits, k, renormalize, scale, with_losses)
     return out if with_losses else out[:3]
