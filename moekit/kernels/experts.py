@@ -42,10 +42,13 @@ def _check_segments(x, tokens_per_expert, w1, w3, w2, blocked: bool
     return x, counts, covered, dtype
 
 
-def _weights_f32(dtype: torch.dtype, w1: torch.Tensor) -> tuple[int, ...]:
-    """The bfloat16 kernel's ``wf32`` argument (float32 weights, rounded as it packs them;
-    their gradients float32); the float32 kernels take none."""
-    return (int(w1.dtype == torch.float32),) if dtype == torch.bfloat16 else ()
+def _weight_args(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype) -> tuple[int, ...]:
+    """The experts' weights as the C functions take them (pointers, strides, widths), and for
+    the bfloat16 kernel (rows of ``dtype`` bfloat16) its ``wf32``: float32 weights, rounded as
+    it packs them, their gradients float32."""
+    wf32 = (int(w1.dtype == torch.float32),) if dtype == torch.bfloat16 else ()
+    return (w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.stride(1), w1.shape[2], w2.data_ptr(), w2.stride(0),
+            w2.stride(1), w2.shape[2], *wf32)
 
 
 def _blocks_name(blocked: bool, dtype: torch.dtype, suffix: str = "") -> str:
@@ -76,8 +79,7 @@ def swiglu_segments(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_expert: torch.
         up = ck.tensor("save[1]", save[1], dtype, shape=(N, f), contiguous=True).data_ptr()
     out = x.new_empty(N, w2.shape[2])
     name = _blocks_name(blocked, dtype)
-    weights = (w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.stride(1), f, w2.data_ptr(), w2.stride(0), w2.stride(1),
-               w2.shape[2], *_weights_f32(dtype, w1))
+    weights = _weight_args(w1, w3, w2, dtype)
     check_rc(getattr(lib, name)(x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], *weights,
                                 out.data_ptr(), gate, up, torch.get_num_threads()), name)
     if covered < N:
@@ -101,8 +103,7 @@ def swiglu_segments_backward(lib: ctypes.CDLL, x: torch.Tensor, tokens_per_exper
     dx = torch.empty_like(x)
     dw1, dw3, dw2 = (torch.empty(w.shape, dtype=w.dtype) for w in (w1, w3, w2))
     name = _blocks_name(blocked, dtype, "_backward")
-    weights = (w1.data_ptr(), w3.data_ptr(), w1.stride(0), w1.stride(1), f, w2.data_ptr(), w2.stride(0), w2.stride(1),
-               w2.shape[2], *_weights_f32(dtype, w1))
+    weights = _weight_args(w1, w3, w2, dtype)
     check_rc(getattr(lib, name)(
         x.data_ptr(), x.shape[1], counts.data_ptr(), counts.shape[0], *weights, gate.data_ptr(), up.data_ptr(),
         dy.data_ptr(), dx.data_ptr(), dw1.data_ptr(), dw3.data_ptr(), dw2.data_ptr(), torch.get_num_threads()), name)

@@ -40,15 +40,14 @@ class _TopKSoftmax(torch.autograd.Function):
     def forward(ctx, logits, k, renormalize, scale, with_losses):
         out = kernels.topk_softmax(lib(), logits, k, renormalize, scale, with_sums=with_losses)
         probs, weights, indices = out[:3]
-        balance = z = None
-        lse = load = None
+        E, n = logits.shape[1], float(max(logits.shape[0], 1))
+        balance = z = lse = load = None
         if with_losses:
             lse, psum, load = out[3:]
-            E, n = logits.shape[1], float(max(logits.shape[0], 1))
             balance = E * torch.dot(load, psum) / (n * n)
             z = torch.dot(lse, lse) / n
         ctx.save_for_backward(probs, indices, weights, lse, load)
-        ctx.args = (renormalize, scale, logits.shape[1], float(max(logits.shape[0], 1)))
+        ctx.args = (renormalize, scale, E, n)
         ctx.mark_non_differentiable(indices)
         return probs, weights, indices, balance, z
 
