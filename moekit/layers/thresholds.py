@@ -38,7 +38,7 @@ THRESHOLDS: dict[str, Threshold] = {
         1024, "benchmarks/moe_layer.py --bf16-shapes",
         "inference on bfloat16 expert weights takes moekit's bfloat16 blocked kernel up to this d_ff (above it, "
         "where its float32 blocks of rows outgrow L2, oneDNN's products were faster); training in bfloat16 autocast "
-        "takes it at every width measured (1.07x-2.3x), as inference on float32 weights under autocast (the other "
+        "takes it at every width measured, as inference on float32 weights under autocast (the other "
         "path casts them every call)"),
     "loop_inference_min_rows": Threshold(
         32, "benchmarks/moe_layer.py",
