@@ -197,7 +197,7 @@ def main() -> None:
                         help="skip the slow reference path above this many tokens")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's allocator as it is (freed memory returned to the OS)")
-    parser.add_argument("--bf16-shapes", nargs="*", default=[],
+    parser.add_argument("--bf16-shapes", nargs="*", default=[], type=shape_pair,
                         help="d_model:d_ff pairs of a table of 8 experts top-2 training in bfloat16 autocast (and "
                              "inference with bfloat16 weights) with the bfloat16 blocked kernel and without it")
     parser.add_argument("--bf16-tokens", type=int, nargs="*", default=[64, 4096], help="tokens of that table")
@@ -242,7 +242,7 @@ def main() -> None:
     for case in tables if args.without_blocks else ():
         without_blocks_table(case, args.without_blocks, 2 * budget)
     if args.bf16_shapes:
-        bf16_table([tuple(map(int, shape.split(":"))) for shape in args.bf16_shapes], args.bf16_tokens, 2 * budget)
+        bf16_table(args.bf16_shapes, args.bf16_tokens, 2 * budget)
     if args.neighbours:
         busy_table(CASES[-1], args.neighbour_tokens, args.neighbours, 4 * budget)
 
@@ -281,6 +281,14 @@ def without_blocks_table(case: tuple[str, dict], tokens: list[int], budget: floa
                   f"({paired_ratio(times[DENSE], times['with']):.2f}x) | {ms['without']:,.1f} ms "
                   f"({paired_ratio(times[DENSE], times['without']):.2f}x) | "
                   f"{paired_ratio(times['without'], times['with']):.2f}x |", flush=True)
+
+
+def shape_pair(text: str) -> tuple[int, int]:
+    """``d_model:d_ff`` -> ``(d_model, d_ff)``, two even positive ints (argparse reports the rest)."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 and int(p) % 2 == 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected d_model:d_ff, two even positive ints (as 128:256), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def without_bf16_kernel(step: Callable[[], None]) -> Callable[[], None]:
