@@ -13,7 +13,9 @@
  * Rounding, as the torch path's bfloat16 products: float32 sums, each product's output
  * rounded once to bfloat16 (gate, up, hidden, the output, dx; the weight gradients of
  * bfloat16 weights, those of float32 weights stay float32). The hidden layer's gradient
- * stays float32 into the SwiGLU derivative (torch rounds it first).
+ * stays float32 into the SwiGLU derivative (torch rounds it first). The weight gradients'
+ * sums run in an order fixed by the rows and the thread count, not by which thread ran what:
+ * repeated calls agree bit for bit.
  *
  * Exported: moekit_swiglu_blocks_bf16 and moekit_swiglu_blocks_bf16_backward, with the
  * arguments of cpu_blocks.c's float32 pair and wf32 (rows, gate, up and their gradients
@@ -48,9 +50,12 @@ int moekit_blocks_bf16_built(void)
 #define SP (2 * NR) /* bfloat16 values per pair of k in a packed strip of B */
 #define KCP 256    /* pairs of k per panel: a strip of B (32 KB) in L1, a row block of A in L2 */
 #define NCS 8      /* strips of B per column block (NCS x KCP x SP x 2 bytes = 256 KB in L2) */
-#define ROWS 192   /* rows of an expert per task, forward and the backward's row pass */
-#define W13S 4     /* strips of columns of [dW1 | dW3] per task */
-#define W2T 6      /* strips of MR rows of dW2 per task */
+#define ROWS 192   /* rows of an expert per task of the forward */
+#define BROWS 128  /* rows of an expert per block of the backward's row pass */
+#define SUMS_L2 (512L << 10) /* bytes of weight-gradient sums that stay in L2 beside a block's operands */
+#define SUMS_MAX (2L << 20)  /* the most bytes of an expert's weight-gradient sums kept per chunk of rows */
+#define WT 8       /* tiles of MR rows by WS strips of NR columns: a task of the shared weight pass, */
+#define WS 8       /* its float32 block in L2 */
 #include "cpu_tiles.h"
 
 typedef uint16_t bf16;
@@ -93,15 +98,6 @@ static const bf16 *weight_bf16(const void *w, int f32, long rows, long cols, lon
     return scratch;
 }
 
-/* n float32 sums as a gradient's row: float32 where f32, else rounded to bfloat16 */
-static void put_row(const float *c, void *dst, long n, int f32)
-{
-    if (f32)
-        memcpy(dst, c, (size_t)n * sizeof(float));
-    else
-        to_bf16(c, dst, n);
-}
-
 static inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
 /* One row of the forward's activation, in one pass: the gate and up sums (float32) rounded
@@ -120,22 +116,55 @@ static void act_row(const float *g, const float *u, bf16 *gs, bf16 *us, bf16 *hi
     }
 }
 
-/* One row of the backward's activation, in one pass from the saved gate and up (bfloat16)
- * and the hidden layer's gradient dh (float32): hidden = silu(gate) * up again (for dW2),
- * dgate = dh * up * s * (1 + gate (1 - s)) and dup = dh * silu(gate), s = sigmoid(gate),
- * each rounded to bfloat16; the sigmoid once for all three. */
-static void act_grad_row(const bf16 *gs, const bf16 *us, const float *dh, bf16 *hidden, bf16 *dg, bf16 *du, long n)
+/* two bfloat16 rows' 16 values as 16 pairs (a's in the low half of each 32 bits): one half of
+ * a packed strip's pair of rows (pack_b_rows's layout) */
+static inline __m512i pair16(__m256i a, __m256i b)
+{
+    return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+/* One row's 16 values of the backward's activation, from the saved gate and up (bfloat16) and
+ * the hidden layer's gradient dh (float32), lanes outside m zero: hidden = silu(gate) * up
+ * again (for dW2), dgate = dh * up * s * (1 + gate (1 - s)) and dup = dh * silu(gate), s =
+ * sigmoid(gate), each rounded to bfloat16; the sigmoid once for all three. */
+static inline void act_grad16(const bf16 *gs, const bf16 *us, const float *dh, __mmask16 m, __m256i *h, __m256i *dg,
+                              __m256i *du)
 {
     __m512 one = _mm512_set1_ps(1.0f);
-    for (long i = 0; i < n; i += 16) {
-        __mmask16 m = mask16(n - i);
-        __m512 gv = widen(_mm256_maskz_loadu_epi16(m, gs + i)), uv = widen(_mm256_maskz_loadu_epi16(m, us + i));
-        __m512 dv = _mm512_maskz_loadu_ps(m, dh + i), s = sigmoid16(gv), silu = _mm512_mul_ps(gv, s);
-        __m512 dgv = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dv, uv), s), _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one));
-        _mm256_mask_storeu_epi16(hidden + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, uv)));
-        _mm256_mask_storeu_epi16(dg + i, m, (__m256i)_mm512_cvtneps_pbh(dgv));
-        _mm256_mask_storeu_epi16(du + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(dv, silu)));
-    }
+    __m512 gv = widen(_mm256_maskz_loadu_epi16(m, gs)), uv = widen(_mm256_maskz_loadu_epi16(m, us));
+    __m512 dv = _mm512_maskz_loadu_ps(m, dh), s = sigmoid16(gv), silu = _mm512_mul_ps(gv, s);
+    __m512 dgv = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dv, uv), s), _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one));
+    *h = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, uv));
+    *dg = (__m256i)_mm512_cvtneps_pbh(dgv);
+    *du = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(dv, silu));
+}
+
+/* The backward's activation over a block's R rows, two at a time: [dgate | dup] as rows (dgu,
+ * row stride 2F: the left side of dx) and hidden, dgate, dup as packed strips of pairs of rows
+ * (pack_b_rows's layout into hs, dgs, dus, strip stride ss; zeros past F and past R): the
+ * right sides of the weight gradients, written as they are computed rather than packed. */
+static void act_grad_rows(const bf16 *gs, const bf16 *us, const float *dh, long ldh, long R, long F, bf16 *dgu,
+                          bf16 *hs, bf16 *dgs, bf16 *dus, long ss)
+{
+    __m256i zero = _mm256_setzero_si256();
+    for (long s = 0; s * NR < F; s++) /* a strip at a time, its pairs in order: each row's lines read whole */
+        for (long r = 0; r < R; r += 2)
+            for (long j = s * NR; j < (s + 1) * NR; j += 16) {
+                __mmask16 m = j < F ? mask16(F - j) : 0;
+                long at = s * ss + r / 2 * SP + (j - s * NR) * 2;
+                __m256i h0, g0, u0, h1 = zero, g1 = zero, u1 = zero;
+                act_grad16(gs + r * F + j, us + r * F + j, dh + r * ldh + j, m, &h0, &g0, &u0);
+                _mm256_mask_storeu_epi16(dgu + r * 2 * F + j, m, g0);
+                _mm256_mask_storeu_epi16(dgu + r * 2 * F + F + j, m, u0);
+                if (r + 1 < R) {
+                    act_grad16(gs + (r + 1) * F + j, us + (r + 1) * F + j, dh + (r + 1) * ldh + j, m, &h1, &g1, &u1);
+                    _mm256_mask_storeu_epi16(dgu + (r + 1) * 2 * F + j, m, g1);
+                    _mm256_mask_storeu_epi16(dgu + (r + 1) * 2 * F + F + j, m, u1);
+                }
+                _mm512_storeu_si512(hs + at, pair16(h0, h1));
+                _mm512_storeu_si512(dgs + at, pair16(g0, g1));
+                _mm512_storeu_si512(dus + at, pair16(u0, u1));
+            }
 }
 
 /* B [k, n] with its rows contiguous (element (p, j) at B[p rbs + j]) as strips of NR
@@ -203,6 +232,37 @@ static void pack_b_cols(const bf16 *B, long cbs, long k, long n, bf16 *bp, long 
             }
         }
     }
+}
+
+/* dst[j ldd + i] (float32) = (add ? dst : 0) + C[i, j] (C's row stride ldc), i < m, j < n:
+ * by 16 x 16 register transposes */
+static void store_t(const float *c, long ldc, long m, long n, float *dst, long ldd, int add)
+{
+    for (long i0 = 0; i0 < m; i0 += 16)
+        for (long j0 = 0; j0 < n; j0 += 16) {
+            __mmask16 mi = mask16(m - i0), mj = mask16(n - j0);
+            __m512i r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i0 + i < m ? _mm512_maskz_loadu_epi32(mj, c + (i0 + i) * ldc + j0) : _mm512_setzero_si512();
+            transpose16(r);
+            for (long j = 0; j < 16 && j0 + j < n; j++) {
+                float *d = dst + (j0 + j) * ldd + i0;
+                __m512 v = _mm512_castsi512_ps(r[j]);
+                _mm512_mask_storeu_ps(d, mi, add ? _mm512_add_ps(v, _mm512_maskz_loadu_ps(mi, d)) : v);
+            }
+        }
+}
+
+/* dst[i ldd + j] = (add ? dst : 0) + C[i, j], i < m, j < n (float32) */
+static void store_rows(const float *c, long ldc, long m, long n, float *dst, long ldd, int add)
+{
+    for (long i = 0; i < m; i++)
+        for (long j = 0; j < n; j += 16) {
+            __mmask16 mj = mask16(n - j);
+            __m512 v = _mm512_maskz_loadu_ps(mj, c + i * ldc + j);
+            float *d = dst + i * ldd + j;
+            _mm512_mask_storeu_ps(d, mj, add ? _mm512_add_ps(v, _mm512_maskz_loadu_ps(mj, d)) : v);
+        }
 }
 
 /* A [m, k] stored transposed (element (i, p) at S[p rs + i]: a weight gradient's left side,
@@ -356,6 +416,7 @@ static void ws_put(workspace w)
 typedef struct {
     long e, a, b, cost;
     int which;
+    long s0, s1; /* the shared weight pass's: strips [s0, s1) */
 } task;
 
 /* first row of each expert's segment */
@@ -368,14 +429,14 @@ static void starts(const long *counts, long E, long *start)
     }
 }
 
-/* every non-empty segment cut into equal blocks of at most ROWS rows, an even number each
- * (but the last): the backward packs pairs of an expert's rows, never split between blocks */
-static long row_tasks(const long *counts, long E, task *t)
+/* every non-empty segment cut into equal blocks of at most rows rows (even), an even number
+ * each (but the last): the backward packs pairs of an expert's rows, never split between blocks */
+static long row_tasks(const long *counts, long E, long rows, task *t)
 {
     long n = 0;
     for (long e = 0; e < E; e++) {
-        long blocks = cdiv(counts[e], ROWS), size = blocks ? cdiv(cdiv(counts[e], blocks), 2) * 2 : 0;
-        for (long a = 0; a < counts[e]; a += size) t[n++] = (task){e, a, a + size < counts[e] ? a + size : counts[e], 0, 0};
+        long blocks = cdiv(counts[e], rows), size = blocks ? cdiv(cdiv(counts[e], blocks), 2) * 2 : 0;
+        for (long a = 0; a < counts[e]; a += size) t[n++] = (task){e, a, a + size < counts[e] ? a + size : counts[e], 0, 0, 0, 0};
     }
     return n;
 }
@@ -405,7 +466,7 @@ int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E,
         goto done;
     }
     starts(counts, E, start);
-    row_tasks(counts, E, tasks);
+    row_tasks(counts, E, ROWS, tasks);
     bf16 *wp2 = wp + E * per13;
     #pragma omp parallel num_threads(nthreads)
     {
@@ -453,26 +514,77 @@ static int by_cost(const void *pa, const void *pb)
     return (a->cost < b->cost) - (a->cost > b->cost);
 }
 
-/* C's rows [m, n] (row stride ldc) into columns c0.. of [dw1 | dw3] (each [m, F], row stride
- * F; float32 where f32, else rounded to bfloat16): a column below F goes to dw1, the rest to dw3 */
-static void store_pair(const float *c, long ldc, long m, long n, long c0, long F, void *dw1, void *dw3, int f32)
+/* sums of expert e (dW1, dW3 [K, Fp], dW2^T [N, Fp]) into its float32 gradients g1, g3
+ * [E, K, F] and g2 [E, F, N]: stored, or added where add */
+static void put_sums(const float *sum, long e, long K, long F, long N, long Fp, float *g1, float *g3, float *g2, int add)
 {
-    for (long i = 0; i < m; i++) {
-        long j = 0;
-        if (c0 < F) {
-            j = F - c0 < n ? F - c0 : n;
-            put_row(c + i * ldc, (void *)elem(dw1, i * F + c0, f32), j, f32);
-        }
-        if (j < n) put_row(c + i * ldc + j, (void *)elem(dw3, i * F + c0 + j - F, f32), n - j, f32);
-    }
+    store_rows(sum, Fp, K, F, g1 + e * K * F, F, add);
+    store_rows(sum + K * Fp, Fp, K, F, g3 + e * K * F, F, add);
+    store_t(sum + 2 * K * Fp, Fp, N, F, g2 + e * F * N, N, add);
 }
 
-/* The backward of moekit_swiglu_blocks_bf16: the row pass (blocks of each expert's rows: dh =
- * dy @ w2^T, the SwiGLU's derivative, dx = [dgate | dup] @ [w1^T; w3^T]) also lays out the
- * weight gradients' operands, pairs of each expert's rows side by side (x^T and hidden^T as
- * left sides, [dgate | dup] and dy as strips of right sides); the weight pass (dW1 and dW3 in
- * blocks of columns, dW2 in blocks of rows) then runs the micro-kernel on them as they lie,
- * with no packing and no operand read twice into a pack. */
+/* Where the weight gradients' operands of some of an expert's rows lie: x^T and dy^T packed
+ * (tiles of MR columns, ts 32-bit values apart), hidden, dgate and dup as strips (ss values
+ * apart; sF strips each, in that order from hs); pair q of the rows at xa + q MR, hs + q SP. */
+typedef struct {
+    uint32_t *xa, *ya;
+    bf16 *hs;
+    long ts, ss;
+} operands;
+
+/* products of gp pairs of o's rows: dW1 = x^T @ dgate and dW3 = x^T @ dup into sum's [K, Fp]
+ * halves, dW2^T = dy^T @ hidden into [N, Fp] after them; added to sum where more */
+static void weight_products(long K, long N, long sF, long Fp, long gp, operands o, float *sum, int more)
+{
+    lhs xt = {o.xa, 1, MR, o.ts}, yt = {o.ya, 1, MR, o.ts};
+    gemm(K, gp, sF, xt, o.hs + sF * o.ss, o.ss, sum, Fp, more, NOTHING);
+    gemm(K, gp, sF, xt, o.hs + 2 * sF * o.ss, o.ss, sum + K * Fp, Fp, more, NOTHING);
+    gemm(N, gp, sF, yt, o.hs, o.ss, sum + 2 * K * Fp, Fp, more, NOTHING);
+}
+
+/* what the backward's row pass reads and writes: rows, saved activations, their gradients;
+ * each expert's packed weights (w2^T, [w1^T; w3^T]); a thread's float32 blocks */
+typedef struct {
+    const bf16 *x, *dy, *gate, *up;
+    bf16 *dx;
+    long K, F, N;
+    const bf16 *w2p, *w13p;
+    long per2, per13;
+} row_pass;
+
+/* One block of R rows of expert e from row r0: dh = dy @ w2^T, the SwiGLU's derivative,
+ * dx = [dgate | dup] @ [w1^T; w3^T], and the block's weight gradients' operands into o from
+ * pair q (the activation writes hidden, dgate and dup there as it computes them). */
+static void row_block(const row_pass *p, long e, long r0, long R, operands o, long q, float *cdh, float *cdx, bf16 *dgu)
+{
+    long K = p->K, F = p->F, N = p->N, sF = cdiv(F, NR), sK = cdiv(K, NR), Fp = sF * NR, Kp = sK * NR;
+    long gu = R * F * sizeof(bf16);
+    gemm(R, N / 2, sF, rows_in_place(p->dy + r0 * N, N), p->w2p + e * p->per2, (N / 2) * SP, cdh, Fp, 0, /* dh */
+         ahead_of(p->gate + r0 * F, gu, p->up + r0 * F, gu)); /* the activation's inputs, meanwhile */
+    act_grad_rows(p->gate + r0 * F, p->up + r0 * F, cdh, Fp, R, F, dgu, o.hs + q * SP, o.hs + sF * o.ss + q * SP,
+                  o.hs + 2 * sF * o.ss + q * SP, o.ss);
+    gemm(R, F, sK, rows_in_place(dgu, 2 * F), p->w13p + e * p->per13, F * SP, cdx, Kp, 0, /* dx */
+         ahead_of(p->x + r0 * K, R * K * sizeof(bf16), NULL, 0)); /* x's rows, for the packing below */
+    for (long r = 0; r < R; r++) to_bf16(cdx + r * Kp, p->dx + (r0 + r) * K, K);
+    pack_a_t(p->x + r0 * K, K, K, R, o.xa + q * MR, o.ts);
+    pack_a_t(p->dy + r0 * N, N, N, R, o.ya + q * MR, o.ts);
+}
+
+/* The backward of moekit_swiglu_blocks_bf16. The row pass, over blocks of each expert's rows:
+ * dh = dy @ w2^T, the SwiGLU's derivative, dx = [dgate | dup] @ [w1^T; w3^T], and the block's
+ * weight gradients' operands laid out (x^T and dy^T packed; hidden, dgate and dup written in
+ * the micro-kernel's layout by the activation itself).
+ *
+ * Where an expert's weight gradients are small (float32 sums up to SUMS_MAX), its rows are cut
+ * into a few chunks (2 per thread over all experts, by rows), each a task: its blocks'
+ * operands gathered in groups that stay in L2 with the chunk's sums, each group's products
+ * added to the sums while they are in cache, so the operands never reach memory. An
+ * expert's first chunk stores its sums as the gradients, the others keep theirs, added in
+ * chunk order after the pass: the gradients do not depend on which thread ran what (the
+ * same for a given thread count). Wider experts lay out all of their rows' operands in memory
+ * and a weight pass shares the gradients' columns among the threads: a chunk's own sums of a
+ * wide expert would cost more to add up than the operands to read back.
+ * benchmarks/moe_vs_dense.py --dtype bfloat16 measures it against the dense model. */
 int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts, long E, const void *w1,
                                        const void *w3, long e13, long ld13, long F, const void *w2, long e2, long ld2,
                                        long N, int wf32, const bf16 *gate_save, const bf16 *up_save, const bf16 *dy,
@@ -480,57 +592,80 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
 {
     if (K % 2 || F % 2 || N % 2 || ld13 % 2 || ld2 % 2)
         return 2;
-    long n_rows = 0, n_w = 0, pairs = 0;
-    for (long e = 0; e < E; e++) {
-        n_rows += cdiv(counts[e], ROWS);
-        pairs += cdiv(counts[e], 2);
-    }
-    long sF = cdiv(F, NR), sK = cdiv(K, NR), Fp = sF * NR, Kp = sK * NR;
+    long sF = cdiv(F, NR), sK = cdiv(K, NR), Fp = sF * NR, Kp = sK * NR, tK = cdiv(K, MR), tN = cdiv(N, MR);
     long str2 = (N / 2) * SP, str13 = F * SP;   /* strips of w2^T [N, F] and of [w1^T; w3^T] [2F, K] */
     long per2 = sF * str2, per13 = sK * str13;
-    long s2F = cdiv(2 * F, NR), sN = cdiv(N, NR), tK = cdiv(K, MR), tF = cdiv(F, MR);
-    long w13_blocks = cdiv(s2F, W13S), w2_blocks = cdiv(tF, W2T);
-    long cw_size = K * W13S * NR > W2T * MR * sN * NR ? K * W13S * NR : W2T * MR * sN * NR;
-    long *start = malloc(2 * (E + 1) * sizeof(long)), *pair0 = start + E + 1;
-    task *tasks = malloc((n_rows + E * (w13_blocks + w2_blocks) + 1) * sizeof(task));
+    long sums = (2 * K + N) * Fp;               /* an expert's sums: dW1, dW3 [K, Fp], dW2^T [N, Fp] */
+    int own = sums * (long)sizeof(float) <= SUMS_MAX; /* chunks with their own sums, else a shared weight pass */
+    long rows = 0, pairs = 0;
+    for (long e = 0; e < E; e++) {
+        rows += counts[e];
+        pairs += cdiv(counts[e], 2);
+    }
+    /* own sums: a chunk's rows at most (a multiple of BROWS), and pairs of rows in a group (a
+     * block's, times the sums' size in units of SUMS_L2); else each task a block */
+    long chunk = own ? BROWS * cdiv(cdiv(rows, 2L * nthreads), BROWS) : BROWS;
+    long gp = own ? BROWS / 2 * cdiv(sums * (long)sizeof(float), SUMS_L2) : 0;
+    long n_tasks = 0, n_parts = 0;
+    for (long e = 0; e < E; e++) n_tasks += cdiv(counts[e], chunk);
+    long w_blocks = (2 * tK + tN) * cdiv(sF, WS); /* the shared weight pass's tasks per expert, at most */
+    /* each expert's first row, first pair of rows, and first slot of its later chunks' sums */
+    long *start = malloc(3 * (E + 1) * sizeof(long)), *pair0 = start + E + 1, *part0 = pair0 + E + 1;
+    task *tasks = malloc((n_tasks + (own ? 0 : E * w_blocks) + 1) * sizeof(task));
     long scratch = wf32 ? (K > N ? K : N) * F : 0; /* a float32 weight rounded, before packing */
-    long per_thread = (ROWS * (Fp + Kp) + cw_size) * sizeof(float) + (3 * ROWS * F + scratch) * sizeof(bf16) + 256;
-    size_t wp_bytes = (size_t)E * (per2 + per13) * sizeof(bf16), xa_bytes = (size_t)pairs * MR * (tK + tF) * sizeof(uint32_t);
-    size_t gb_bytes = (size_t)pairs * SP * (s2F + sN) * sizeof(bf16), buf_bytes = (size_t)nthreads * per_thread;
-    workspace ws = ws_get(wp_bytes + xa_bytes + gb_bytes + buf_bytes);
+    long cw = own ? sums : WT * MR * WS * NR; /* the sums, or a task's block */
+    long per_thread = (BROWS * (Fp + Kp) + cw) * sizeof(float) + gp * MR * (tK + tN) * sizeof(uint32_t) +
+                      (2 * BROWS * F + 3 * sF * gp * SP + scratch) * sizeof(bf16);
+    per_thread = cdiv(per_thread, 64) * 64;
+    if (!start || !tasks) {
+        free(start);
+        free(tasks);
+        return -1;
+    }
+    starts(counts, E, start);
+    for (long e = 0, q = 0; e < E; q += cdiv(counts[e], 2), e++) pair0[e] = q;
+    for (long e = 0; e < E; n_parts += counts[e] ? cdiv(counts[e], chunk) - 1 : 0, e++) part0[e] = n_parts;
+    n_tasks = row_tasks(counts, E, chunk, tasks); /* a task's which: its chunk's index within the expert */
+    for (long t = 0; t < n_tasks; t++) {
+        tasks[t].which = t && tasks[t].e == tasks[t - 1].e ? tasks[t - 1].which + 1 : 0;
+        tasks[t].cost = tasks[t].b - tasks[t].a;
+    }
+    if (own) qsort(tasks, n_tasks, sizeof(task), by_cost); /* the longest chunks first */
+    size_t wp_bytes = (size_t)E * (per2 + per13) * sizeof(bf16), buf_bytes = (size_t)nthreads * per_thread;
+    size_t lay_bytes = own ? 0 : (size_t)pairs * (MR * (tK + tN) * sizeof(uint32_t) + 3 * sF * SP * sizeof(bf16));
+    size_t parts_bytes = (size_t)n_parts * sums * sizeof(float); /* the sums of experts' later chunks */
+    /* float32 sums for bfloat16 weights' gradients, rounded once at the end */
+    size_t acc_bytes = wf32 ? 0 : (size_t)E * (2 * K * F + F * N) * sizeof(float);
+    workspace ws = ws_get(wp_bytes + buf_bytes + lay_bytes + parts_bytes + acc_bytes);
     bf16 *wp = ws.mem ? ws_part(&ws, wp_bytes) : NULL;
-    /* the weight gradients' operands, each expert's pairs of rows from pair0[e] on */
-    uint32_t *xa = ws.mem ? ws_part(&ws, xa_bytes) : NULL, *ha;
-    bf16 *gb = ws.mem ? ws_part(&ws, gb_bytes) : NULL, *yb;
-    char *buf = ws.mem ? ws_part(&ws, buf_bytes) : NULL;
+    char *buf = ws.mem ? ws_part(&ws, buf_bytes) : NULL, *lay = ws.mem ? ws_part(&ws, lay_bytes) : NULL;
+    float *parts = ws.mem ? ws_part(&ws, parts_bytes) : NULL, *acc = ws.mem && !wf32 ? ws_part(&ws, acc_bytes) : NULL;
+    float *g1 = wf32 ? dw1 : acc, *g3 = wf32 ? dw3 : acc + E * K * F, *g2 = wf32 ? dw2 : acc + 2 * E * K * F;
     int rc = 0;
-    if (!start || !tasks || !wp || !buf) {
+    if (!wp || !buf) {
         rc = -1;
         goto done;
     }
-    ha = xa + pairs * MR * tK;
-    yb = gb + pairs * SP * s2F;
-    starts(counts, E, start);
-    for (long e = 0, q = 0; e < E; q += cdiv(counts[e], 2), e++) pair0[e] = q;
-    row_tasks(counts, E, tasks);
-    task *wt = tasks + n_rows;
-    for (long e = 0; e < E; e++) { /* which: 1 columns [a, b) of [dW1 | dW3], 2 rows [a, b) of dW2 */
-        for (long s = 0; s < s2F; s += W13S) {
-            long a = s * NR, b = (s + W13S) * NR < 2 * F ? (s + W13S) * NR : 2 * F;
-            wt[n_w++] = (task){e, a, b, K * (b - a) * (counts[e] + 1), 1};
-        }
-        for (long t = 0; t < tF; t += W2T) {
-            long a = t * MR, b = (t + W2T) * MR < F ? (t + W2T) * MR : F;
-            wt[n_w++] = (task){e, a, b, N * (b - a) * (counts[e] + 1), 2};
-        }
-    }
+    task *wt = tasks + n_tasks;
+    long n_w = 0;
+    for (long e = 0; !own && e < E; e++) /* rows [a, b) by strips [s0, s1) of dW1 (which 1), dW3 (3), dW2^T (2) */
+        for (int which = 1; counts[e] && which <= 3; which++)
+            for (long a = 0, m = which == 2 ? N : K; a < m; a += WT * MR)
+                for (long s = 0; s < sF; s += WS) {
+                    long b = a + WT * MR < m ? a + WT * MR : m, s1 = s + WS < sF ? s + WS : sF;
+                    wt[n_w++] = (task){e, a, b, (b - a) * (s1 - s) * counts[e], which, s, s1};
+                }
     qsort(wt, n_w, sizeof(task), by_cost);
     bf16 *wp13 = wp + E * per2;
+    row_pass rp = {x, dy, gate_save, up_save, dx, K, F, N, wp, wp13, per2, per13};
+    uint32_t *lay_x = (uint32_t *)lay, *lay_y = lay_x + pairs * MR * tK;
+    bf16 *lay_h = (bf16 *)(lay_y + pairs * MR * tN);
     #pragma omp parallel num_threads(nthreads)
     {
-        char *mine = buf + omp_get_thread_num() * per_thread;
-        float *cdh = (float *)mine, *cdx = cdh + ROWS * Fp, *cw = cdx + ROWS * Kp;
-        bf16 *hidden = (bf16 *)(cw + cw_size), *dgu = hidden + ROWS * F, *wb = dgu + 2 * ROWS * F;
+        float *cdh = (float *)(buf + omp_get_thread_num() * per_thread), *cdx = cdh + BROWS * Fp, *mine = cdx + BROWS * Kp;
+        uint32_t *xa = (uint32_t *)(mine + cw), *ya = xa + gp * MR * tK;
+        bf16 *dgu = (bf16 *)(ya + gp * MR * tN), *hs = dgu + 2 * BROWS * F, *wb = hs + 3 * sF * gp * SP;
+        operands group = {xa, ya, hs, gp * MR, gp * SP};
         #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < 3 * E; t++) {
             long e = t / 3, ldb;
@@ -544,44 +679,58 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
             }
         }
         #pragma omp for schedule(dynamic, 1)
-        for (long t = 0; t < n_rows; t++) {
-            long e = tasks[t].e, r0 = start[e] + tasks[t].a, R = tasks[t].b - tasks[t].a, kp = cdiv(counts[e], 2);
-            long q0 = pair0[e] + tasks[t].a / 2; /* this block's first pair of rows */
-            long gu = R * F * sizeof(bf16); /* this block's saved gate and up, for the activation */
-            gemm(R, N / 2, sF, rows_in_place(dy + r0 * N, N), wp + e * per2, str2, cdh, Fp, 0, /* dh = dy @ w2^T */
-                 ahead_of(gate_save + r0 * F, gu, up_save + r0 * F, gu));
-            for (long r = 0; r < R; r++)
-                act_grad_row(gate_save + (r0 + r) * F, up_save + (r0 + r) * F, cdh + r * Fp, hidden + r * F,
-                             dgu + r * 2 * F, dgu + r * 2 * F + F, F);
-            /* dx = [dgate | dup] @ [w1^T; w3^T] */
-            gemm(R, F, sK, rows_in_place(dgu, 2 * F), wp13 + e * per13, str13, cdx, Kp, 0,
-                 ahead_of(x + r0 * K, R * K * sizeof(bf16), NULL, 0)); /* x's rows, for the packing below */
-            for (long r = 0; r < R; r++) to_bf16(cdx + r * Kp, dx + (r0 + r) * K, K);
-            /* the weight gradients' operands: this block's pairs of rows in the expert's layout */
-            long xe = pair0[e] * MR * tK, he = pair0[e] * MR * tF, ge = pair0[e] * SP * s2F, ye = pair0[e] * SP * sN;
-            long q = q0 - pair0[e];
-            pack_a_t(x + r0 * K, K, K, R, xa + xe + q * MR, kp * MR);
-            pack_a_t(hidden, F, F, R, ha + he + q * MR, kp * MR);
-            pack_b_rows(dgu, 2 * F, R, 2 * F, gb + ge + q * SP, kp * SP);
-            pack_b_rows(dy + r0 * N, N, R, N, yb + ye + q * SP, kp * SP);
+        for (long t = 0; t < n_tasks; t++) {
+            long e = tasks[t].e, a = tasks[t].a, b = tasks[t].b;
+            if (!own) { /* one block, its operands in the expert's layout in memory */
+                long kp = cdiv(counts[e], 2);
+                operands o = {lay_x + pair0[e] * MR * tK, lay_y + pair0[e] * MR * tN, lay_h + pair0[e] * 3 * sF * SP,
+                              kp * MR, kp * SP};
+                row_block(&rp, e, start[e] + a, b - a, o, a / 2, cdh, cdx, dgu);
+                continue;
+            }
+            long c = tasks[t].which, q = 0; /* the chunk's index in the expert; the group's pairs */
+            float *sum = c ? parts + (part0[e] + c - 1) * sums : mine;
+            int more = 0; /* sum holds the chunk's earlier groups */
+            for (long r = a; r < b; r += BROWS) {
+                long R = b - r < BROWS ? b - r : BROWS;
+                if (q + cdiv(R, 2) > gp) { /* the group is full */
+                    weight_products(K, N, sF, Fp, q, group, sum, more);
+                    more = 1;
+                    q = 0;
+                }
+                row_block(&rp, e, start[e] + r, R, group, q, cdh, cdx, dgu);
+                q += cdiv(R, 2);
+            }
+            weight_products(K, N, sF, Fp, q, group, sum, more);
+            if (!c) put_sums(sum, e, K, F, N, Fp, g1, g3, g2, 0); /* the expert's first chunk: its gradients */
         }
-        /* the implied barrier: every expert's operands are laid out */
+        /* the implied barrier: every chunk's sums are in, every operand laid out */
+        #pragma omp for schedule(dynamic, 1)
+        for (long e = 0; e < E; e++) /* an expert's later chunks' sums added, in order */
+            for (long i = part0[e]; own && i < (e + 1 < E ? part0[e + 1] : n_parts); i++)
+                put_sums(parts + i * sums, e, K, F, N, Fp, g1, g3, g2, 1);
+        /* wide experts: the weight pass over their laid-out operands, blocks of the gradients shared */
         #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < n_w; t++) {
-            long e = wt[t].e, a = wt[t].a, b = wt[t].b, kp = cdiv(counts[e], 2);
-            if (wt[t].which == 1) { /* [dW1 | dW3][:, a:b] = x^T @ [dgate | dup][:, a:b] */
-                long ldc = W13S * NR;
-                if (kp == 0) memset(cw, 0, (size_t)K * ldc * sizeof(float));
-                else gemm(K, kp, cdiv(b - a, NR), (lhs){xa + pair0[e] * MR * tK, 1, MR, kp * MR},
-                          gb + pair0[e] * SP * s2F + a / NR * kp * SP, kp * SP, cw, ldc, 0, NOTHING);
-                store_pair(cw, ldc, K, b - a, a, F, (void *)elem(dw1, e * K * F, wf32), (void *)elem(dw3, e * K * F, wf32),
-                           wf32);
-            } else { /* dW2[a:b] = hidden^T[a:b] @ dy */
-                long ldc = sN * NR;
-                if (kp == 0) memset(cw, 0, (size_t)(b - a) * ldc * sizeof(float));
-                else gemm(b - a, kp, sN, (lhs){ha + pair0[e] * MR * tF + a / MR * kp * MR, 1, MR, kp * MR},
-                          yb + pair0[e] * SP * sN, kp * SP, cw, ldc, 0, NOTHING);
-                for (long i = 0; i < b - a; i++) put_row(cw + i * ldc, (void *)elem(dw2, e * F * N + (a + i) * N, wf32), N, wf32);
+            long e = wt[t].e, a = wt[t].a, b = wt[t].b, s0 = wt[t].s0, kp = cdiv(counts[e], 2), ldc = (wt[t].s1 - s0) * NR;
+            int which = wt[t].which;
+            /* dW1 = x^T @ dgate, dW3 = x^T @ dup, dW2^T = dy^T @ hidden: rows a.. of the left side, strips s0.. */
+            lhs A = {(which == 2 ? lay_y + pair0[e] * MR * tN : lay_x + pair0[e] * MR * tK) + a / MR * kp * MR, 1, MR, kp * MR};
+            const bf16 *B = lay_h + pair0[e] * 3 * sF * SP + ((which == 2 ? 0 : which == 1 ? 1 : 2) * sF + s0) * kp * SP;
+            long n = (wt[t].s1 * NR < F ? wt[t].s1 * NR : F) - s0 * NR;
+            gemm(b - a, kp, wt[t].s1 - s0, A, B, kp * SP, mine, ldc, 0, NOTHING);
+            if (which == 2) store_t(mine, ldc, b - a, n, g2 + e * F * N + s0 * NR * N + a, N, 0); /* into dW2[:, a:b] */
+            else store_rows(mine, ldc, b - a, n, (which == 1 ? g1 : g3) + e * K * F + a * F + s0 * NR, F, 0);
+        }
+        /* experts without rows: zero gradients; bfloat16 gradients: the float32 sums rounded */
+        #pragma omp for schedule(dynamic, 1)
+        for (long e = 0; e < E; e++) {
+            void *d[3] = {(void *)elem(dw1, e * K * F, wf32), (void *)elem(dw3, e * K * F, wf32), (void *)elem(dw2, e * F * N, wf32)};
+            long n[3] = {K * F, K * F, F * N};
+            const float *from[3] = {g1 + e * K * F, g3 + e * K * F, g2 + e * F * N};
+            for (int i = 0; i < 3; i++) {
+                if (!counts[e]) memset(d[i], 0, (size_t)n[i] * (wf32 ? 4 : 2));
+                else if (!wf32) to_bf16(from[i], d[i], n[i]);
             }
         }
     }

@@ -48,10 +48,15 @@ def reference(x, counts, w1, w3, w2):
 
 # (E, d_model, d_ff, d_out, counts): the `small` preset's shape with uneven experts; widths
 # that leave partial strips of 32 columns, an idle expert and one-row experts; d_model over
-# one panel of k (512) and an expert over one panel of a weight gradient's rows (512, odd)
+# one panel of k (512) and an expert over one panel of a weight gradient's rows (512, odd);
+# weight gradients of 1.6 MB (float32 sums) with an expert of several chunks, each of several
+# groups of rows (the backward's own sums); and of 3.1 MB, partial blocks of every side (its
+# shared weight pass)
 SHAPES = [(8, 128, 256, 128, [893, 814, 415, 272, 95, 532, 640, 131]),
           (4, 46, 70, 38, [0, 13, 1, 30]),
-          (3, 600, 90, 34, [5, 701, 0])]
+          (3, 600, 90, 34, [5, 701, 0]),
+          (2, 300, 512, 200, [2101, 3]),
+          (3, 256, 1000, 250, [37, 0, 301])]
 
 
 @pytest.mark.parametrize("E, d, f, d_out, counts", SHAPES)
@@ -215,6 +220,22 @@ def test_float32_weights_are_rounded_as_a_cast_and_get_float32_gradients():
         assert a.dtype == torch.float32 and b.dtype == BF16
         assert torch.equal(a.to(BF16), b)  # the same sums, rounded once by the bfloat16 path
         assert not torch.equal(a, b.float())
+
+
+@pytest.mark.parametrize("d, f", [(128, 256), (256, 1000)], ids=["own sums", "shared pass"])
+def test_weight_gradients_do_not_depend_on_which_thread_ran_what(d, f):
+    """Repeated calls give the same weight gradients bit for bit: an expert's rows are cut into
+    fixed chunks whose sums are added in order, whichever thread ran each."""
+    counts = torch.tensor([1500, 3, 700, 0])
+    g = torch.Generator().manual_seed(13)
+    x, dy = torch.randn(2203, d, generator=g).to(BF16), torch.randn(2203, d, generator=g).to(BF16)
+    w = [t.float() for t in experts(4, d, f, d, False, seed=13)]  # float32 gradients: every last bit kept
+    gate, up = torch.empty(2203, f, dtype=BF16), torch.empty(2203, f, dtype=BF16)
+    kernels.swiglu_segments(lib, x, counts, *w, save=(gate, up), blocked=True)
+    want = kernels.swiglu_segments_backward(lib, x, counts, *w, gate, up, dy, blocked=True)
+    for _ in range(6):
+        got = kernels.swiglu_segments_backward(lib, x, counts, *w, gate, up, dy, blocked=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_concurrent_calls_get_their_own_buffers():
