@@ -116,55 +116,71 @@ static void act_row(const float *g, const float *u, bf16 *gs, bf16 *us, bf16 *hi
     }
 }
 
-/* two bfloat16 rows' 16 values as 16 pairs (a's in the low half of each 32 bits): one half of
- * a packed strip's pair of rows (pack_b_rows's layout) */
-static inline __m512i pair16(__m256i a, __m256i b)
+/* 16 values of two rows (a: the first, b: the second) rounded to bfloat16: [a | b] */
+static inline __m512i round2(__m512 a, __m512 b) { return (__m512i)_mm512_cvtne2ps_pbh(b, a); }
+
+/* [a | b] (two rows' 16 bfloat16 values) as their 16 pairs, a's value first in each: one half
+ * of a packed strip's pair of rows (pack_b_rows's layout) */
+static inline __m512i pairs16(__m512i ab)
 {
-    return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+    static const short mix[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    return _mm512_permutexvar_epi16(_mm512_loadu_si512(mix), ab);
 }
 
 /* One row's 16 values of the backward's activation, from the saved gate and up (bfloat16) and
  * the hidden layer's gradient dh (float32), lanes outside m zero: hidden = silu(gate) * up
  * again (for dW2), dgate = dh * up * s * (1 + gate (1 - s)) and dup = dh * silu(gate), s =
- * sigmoid(gate), each rounded to bfloat16; the sigmoid once for all three. */
-static inline void act_grad16(const bf16 *gs, const bf16 *us, const float *dh, __mmask16 m, __m256i *h, __m256i *dg,
-                              __m256i *du)
+ * sigmoid(gate), in float32 (each rounded once to bfloat16 by the caller); the sigmoid once
+ * for all three. */
+static inline void act_grad16(const bf16 *gs, const bf16 *us, const float *dh, __mmask16 m, __m512 *h, __m512 *dg,
+                              __m512 *du)
 {
     __m512 one = _mm512_set1_ps(1.0f);
     __m512 gv = widen(_mm256_maskz_loadu_epi16(m, gs)), uv = widen(_mm256_maskz_loadu_epi16(m, us));
     __m512 dv = _mm512_maskz_loadu_ps(m, dh), s = sigmoid16(gv), silu = _mm512_mul_ps(gv, s);
-    __m512 dgv = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dv, uv), s), _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one));
-    *h = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, uv));
-    *dg = (__m256i)_mm512_cvtneps_pbh(dgv);
-    *du = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(dv, silu));
+    *dg = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dv, uv), s), _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one));
+    *h = _mm512_mul_ps(silu, uv);
+    *du = _mm512_mul_ps(dv, silu);
 }
 
-/* The backward's activation over a block's R rows, two at a time: [dgate | dup] as rows (dgu,
- * row stride 2F: the left side of dx) and hidden, dgate, dup as packed strips of pairs of rows
- * (pack_b_rows's layout into hs, dgs, dus, strip stride ss; zeros past F and past R): the
- * right sides of the weight gradients, written as they are computed rather than packed. */
-static void act_grad_rows(const bf16 *gs, const bf16 *us, const float *dh, long ldh, long R, long F, bf16 *dgu,
-                          bf16 *hs, bf16 *dgs, bf16 *dus, long ss)
+/* The backward's activation on rows i0.. i0 + mr of a block of R, columns of strip s (NR):
+ * [dgate | dup] as rows (dgu, row stride 2F: the left side of dx), and hidden, dgate and dup
+ * as packed strips of pairs of rows (pack_b_rows's layout from pair q0 of strips at hs, dgs,
+ * dus, ss values apart; zeros past F and past R): the right sides of the weight gradients,
+ * written as they are computed rather than packed from memory afterwards. A strip at a time:
+ * each row's lines read whole, each strip written in order. */
+typedef struct {
+    const bf16 *gs, *us; /* the block's saved gate and up, row stride F */
+    const float *dh;     /* the block's dh, row stride ldh */
+    long ldh, R, F, q0, ss;
+    bf16 *dgu, *hs, *dgs, *dus;
+} act_tile;
+
+static void act_grad_tile(const act_tile *t, long i0, long mr, long s)
 {
-    __m256i zero = _mm256_setzero_si256();
-    for (long s = 0; s * NR < F; s++) /* a strip at a time, its pairs in order: each row's lines read whole */
-        for (long r = 0; r < R; r += 2)
-            for (long j = s * NR; j < (s + 1) * NR; j += 16) {
-                __mmask16 m = j < F ? mask16(F - j) : 0;
-                long at = s * ss + r / 2 * SP + (j - s * NR) * 2;
-                __m256i h0, g0, u0, h1 = zero, g1 = zero, u1 = zero;
-                act_grad16(gs + r * F + j, us + r * F + j, dh + r * ldh + j, m, &h0, &g0, &u0);
-                _mm256_mask_storeu_epi16(dgu + r * 2 * F + j, m, g0);
-                _mm256_mask_storeu_epi16(dgu + r * 2 * F + F + j, m, u0);
-                if (r + 1 < R) {
-                    act_grad16(gs + (r + 1) * F + j, us + (r + 1) * F + j, dh + (r + 1) * ldh + j, m, &h1, &g1, &u1);
-                    _mm256_mask_storeu_epi16(dgu + (r + 1) * 2 * F + j, m, g1);
-                    _mm256_mask_storeu_epi16(dgu + (r + 1) * 2 * F + F + j, m, u1);
-                }
-                _mm512_storeu_si512(hs + at, pair16(h0, h1));
-                _mm512_storeu_si512(dgs + at, pair16(g0, g1));
-                _mm512_storeu_si512(dus + at, pair16(u0, u1));
+    long F = t->F;
+    __m512 zero = _mm512_setzero_ps();
+    for (long r = i0; r < i0 + mr; r += 2)
+        for (long j = s * NR; j < (s + 1) * NR; j += 16) {
+            __mmask16 m = j < F ? mask16(F - j) : 0;
+            long at = s * t->ss + (t->q0 + r / 2) * SP + (j - s * NR) * 2;
+            __m512 h0, g0, u0, h1 = zero, g1 = zero, u1 = zero;
+            act_grad16(t->gs + r * F + j, t->us + r * F + j, t->dh + r * t->ldh + j, m, &h0, &g0, &u0);
+            if (r + 1 < t->R)
+                act_grad16(t->gs + (r + 1) * F + j, t->us + (r + 1) * F + j, t->dh + (r + 1) * t->ldh + j, m, &h1, &g1, &u1);
+            __m512i hb = round2(h0, h1), gb = round2(g0, g1), ub = round2(u0, u1);
+            bf16 *row = t->dgu + r * 2 * F + j;
+            _mm256_mask_storeu_epi16(row, m, _mm512_castsi512_si256(gb));
+            _mm256_mask_storeu_epi16(row + F, m, _mm512_castsi512_si256(ub));
+            if (r + 1 < t->R) {
+                _mm256_mask_storeu_epi16(row + 2 * F, m, _mm512_extracti64x4_epi64(gb, 1));
+                _mm256_mask_storeu_epi16(row + 3 * F, m, _mm512_extracti64x4_epi64(ub, 1));
             }
+            _mm512_storeu_si512(t->hs + at, pairs16(hb));
+            _mm512_storeu_si512(t->dgs + at, pairs16(gb));
+            _mm512_storeu_si512(t->dus + at, pairs16(ub));
+        }
 }
 
 /* B [k, n] with its rows contiguous (element (p, j) at B[p rbs + j]) as strips of NR
@@ -340,11 +356,15 @@ static ahead ahead_of(const void *a, long a_bytes, const void *b, long b_bytes)
     return (ahead){{a, b}, {cdiv(a_bytes, 64), cdiv(b_bytes, 64)}};
 }
 
-/* up to n of pf's lines fetched, pf advanced past them */
+/* up to n of pf's lines fetched, the two regions in step (the activation reads a row of
+ * each at a time), pf advanced past them */
 static inline void fetch(ahead *pf, long n)
 {
-    for (int r = 0; r < 2 && n > 0; r++)
-        for (; pf->lines[r] > 0 && n > 0; pf->lines[r]--, n--, pf->at[r] += 64) _mm_prefetch(pf->at[r], _MM_HINT_T1);
+    for (int r = 0; n > 0 && (pf->lines[0] > 0 || pf->lines[1] > 0); r ^= 1)
+        if (pf->lines[r] > 0) {
+            _mm_prefetch(pf->at[r], _MM_HINT_T1);
+            pf->lines[r]--, n--, pf->at[r] += 64;
+        }
 }
 
 /* One thread: C[m, ns NR] (row stride ldc, float32) = (acc ? C : 0) + A[m, 2 kp] @ B, B
@@ -561,8 +581,9 @@ static void row_block(const row_pass *p, long e, long r0, long R, operands o, lo
     long gu = R * F * sizeof(bf16);
     gemm(R, N / 2, sF, rows_in_place(p->dy + r0 * N, N), p->w2p + e * p->per2, (N / 2) * SP, cdh, Fp, 0, /* dh */
          ahead_of(p->gate + r0 * F, gu, p->up + r0 * F, gu)); /* the activation's inputs, meanwhile */
-    act_grad_rows(p->gate + r0 * F, p->up + r0 * F, cdh, Fp, R, F, dgu, o.hs + q * SP, o.hs + sF * o.ss + q * SP,
-                  o.hs + 2 * sF * o.ss + q * SP, o.ss);
+    act_tile act = {p->gate + r0 * F, p->up + r0 * F, cdh, Fp, R, F, q, o.ss, dgu, o.hs, o.hs + sF * o.ss,
+                    o.hs + 2 * sF * o.ss};
+    for (long s = 0; s < sF; s++) act_grad_tile(&act, 0, R, s);
     gemm(R, F, sK, rows_in_place(dgu, 2 * F), p->w13p + e * p->per13, F * SP, cdx, Kp, 0, /* dx */
          ahead_of(p->x + r0 * K, R * K * sizeof(bf16), NULL, 0)); /* x's rows, for the packing below */
     for (long r = 0; r < R; r++) to_bf16(cdx + r * Kp, p->dx + (r0 + r) * K, K);
