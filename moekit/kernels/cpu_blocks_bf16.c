@@ -574,8 +574,11 @@ typedef struct {
 
 /* One block of R rows of expert e from row r0: dh = dy @ w2^T, the SwiGLU's derivative,
  * dx = [dgate | dup] @ [w1^T; w3^T], and the block's weight gradients' operands into o from
- * pair q (the activation writes hidden, dgate and dup there as it computes them). */
-static void row_block(const row_pass *p, long e, long r0, long R, operands o, long q, float *cdh, float *cdx, bf16 *dgu)
+ * pair q (the activation writes hidden, dgate and dup there as it computes them). During dx,
+ * x's rows (for the packing) and the next block's dy (next_R rows after these; 0: none known)
+ * are fetched. */
+static void row_block(const row_pass *p, long e, long r0, long R, operands o, long q, float *cdh, float *cdx, bf16 *dgu,
+                      long next_R)
 {
     long K = p->K, F = p->F, N = p->N, sF = cdiv(F, NR), sK = cdiv(K, NR), Fp = sF * NR, Kp = sK * NR;
     long gu = R * F * sizeof(bf16);
@@ -584,8 +587,8 @@ static void row_block(const row_pass *p, long e, long r0, long R, operands o, lo
     act_tile act = {p->gate + r0 * F, p->up + r0 * F, cdh, Fp, R, F, q, o.ss, dgu, o.hs, o.hs + sF * o.ss,
                     o.hs + 2 * sF * o.ss};
     for (long s = 0; s < sF; s++) act_grad_tile(&act, 0, R, s);
-    gemm(R, F, sK, rows_in_place(dgu, 2 * F), p->w13p + e * p->per13, F * SP, cdx, Kp, 0, /* dx */
-         ahead_of(p->x + r0 * K, R * K * sizeof(bf16), NULL, 0)); /* x's rows, for the packing below */
+    gemm(R, F, sK, rows_in_place(dgu, 2 * F), p->w13p + e * p->per13, F * SP, cdx, Kp, 0, /* dx; x's rows */
+         ahead_of(p->x + r0 * K, R * K * sizeof(bf16), p->dy + (r0 + R) * N, next_R * N * sizeof(bf16)));
     for (long r = 0; r < R; r++) to_bf16(cdx + r * Kp, p->dx + (r0 + r) * K, K);
     pack_a_t(p->x + r0 * K, K, K, R, o.xa + q * MR, o.ts);
     pack_a_t(p->dy + r0 * N, N, N, R, o.ya + q * MR, o.ts);
@@ -706,7 +709,7 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
                 long kp = cdiv(counts[e], 2);
                 operands o = {lay_x + pair0[e] * MR * tK, lay_y + pair0[e] * MR * tN, lay_h + pair0[e] * 3 * sF * SP,
                               kp * MR, kp * SP};
-                row_block(&rp, e, start[e] + a, b - a, o, a / 2, cdh, cdx, dgu);
+                row_block(&rp, e, start[e] + a, b - a, o, a / 2, cdh, cdx, dgu, 0);
                 continue;
             }
             long c = tasks[t].which, q = 0; /* the chunk's index in the expert; the group's pairs */
@@ -719,7 +722,7 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
                     more = 1;
                     q = 0;
                 }
-                row_block(&rp, e, start[e] + r, R, group, q, cdh, cdx, dgu);
+                row_block(&rp, e, start[e] + r, R, group, q, cdh, cdx, dgu, b - (r + R) < BROWS ? b - (r + R) : BROWS);
                 q += cdiv(R, 2);
             }
             weight_products(K, N, sF, Fp, q, group, sum, more);
