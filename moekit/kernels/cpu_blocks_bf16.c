@@ -54,8 +54,7 @@ int moekit_blocks_bf16_built(void)
 #define BROWS 128  /* rows of an expert per block of the backward's row pass */
 #define SUMS_L2 (512L << 10) /* bytes of weight-gradient sums that stay in L2 beside a block's operands */
 #define SUMS_MAX (2L << 20)  /* the most bytes of an expert's weight-gradient sums kept per chunk of rows */
-#define WT 8       /* tiles of MR rows by WS strips of NR columns: a task of the shared weight pass, */
-#define WS 8       /* its float32 block in L2 */
+#define WS 4       /* strips of NR columns of a weight gradient per task of the shared weight pass */
 #include "cpu_tiles.h"
 
 typedef uint16_t bf16;
@@ -436,7 +435,6 @@ static void ws_put(workspace w)
 typedef struct {
     long e, a, b, cost;
     int which;
-    long s0, s1; /* the shared weight pass's: strips [s0, s1) */
 } task;
 
 /* first row of each expert's segment */
@@ -456,7 +454,7 @@ static long row_tasks(const long *counts, long E, long rows, task *t)
     long n = 0;
     for (long e = 0; e < E; e++) {
         long blocks = cdiv(counts[e], rows), size = blocks ? cdiv(cdiv(counts[e], blocks), 2) * 2 : 0;
-        for (long a = 0; a < counts[e]; a += size) t[n++] = (task){e, a, a + size < counts[e] ? a + size : counts[e], 0, 0, 0, 0};
+        for (long a = 0; a < counts[e]; a += size) t[n++] = (task){e, a, a + size < counts[e] ? a + size : counts[e], 0, 0};
     }
     return n;
 }
@@ -632,12 +630,12 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
     long gp = own ? BROWS / 2 * cdiv(sums * (long)sizeof(float), SUMS_L2) : 0;
     long n_tasks = 0, n_parts = 0;
     for (long e = 0; e < E; e++) n_tasks += cdiv(counts[e], chunk);
-    long w_blocks = (2 * tK + tN) * cdiv(sF, WS); /* the shared weight pass's tasks per expert, at most */
+    long w_blocks = 3 * cdiv(sF, WS);           /* the shared weight pass's tasks per expert */
     /* each expert's first row, first pair of rows, and first slot of its later chunks' sums */
     long *start = malloc(3 * (E + 1) * sizeof(long)), *pair0 = start + E + 1, *part0 = pair0 + E + 1;
     task *tasks = malloc((n_tasks + (own ? 0 : E * w_blocks) + 1) * sizeof(task));
     long scratch = wf32 ? (K > N ? K : N) * F : 0; /* a float32 weight rounded, before packing */
-    long cw = own ? sums : WT * MR * WS * NR; /* the sums, or a task's block */
+    long cw = own ? sums : (K > N ? K : N) * WS * NR; /* the sums, or a task's columns */
     long per_thread = (BROWS * (Fp + Kp) + cw) * sizeof(float) + gp * MR * (tK + tN) * sizeof(uint32_t) +
                       (2 * BROWS * F + 3 * sF * gp * SP + scratch) * sizeof(bf16);
     per_thread = cdiv(per_thread, 64) * 64;
@@ -672,13 +670,12 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
     }
     task *wt = tasks + n_tasks;
     long n_w = 0;
-    for (long e = 0; !own && e < E; e++) /* rows [a, b) by strips [s0, s1) of dW1 (which 1), dW3 (3), dW2^T (2) */
+    for (long e = 0; !own && e < E; e++) /* strips [a, b) of dW1 (which 1), dW3 (3), dW2^T (2) */
         for (int which = 1; counts[e] && which <= 3; which++)
-            for (long a = 0, m = which == 2 ? N : K; a < m; a += WT * MR)
-                for (long s = 0; s < sF; s += WS) {
-                    long b = a + WT * MR < m ? a + WT * MR : m, s1 = s + WS < sF ? s + WS : sF;
-                    wt[n_w++] = (task){e, a, b, (b - a) * (s1 - s) * counts[e], which, s, s1};
-                }
+            for (long s = 0; s < sF; s += WS) {
+                long b = s + WS < sF ? s + WS : sF;
+                wt[n_w++] = (task){e, s, b, (which == 2 ? N : K) * (b - s) * counts[e], which};
+            }
     qsort(wt, n_w, sizeof(task), by_cost);
     bf16 *wp13 = wp + E * per2;
     row_pass rp = {x, dy, gate_save, up_save, dx, K, F, N, wp, wp13, per2, per13};
@@ -736,15 +733,15 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
         /* wide experts: the weight pass over their laid-out operands, blocks of the gradients shared */
         #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < n_w; t++) {
-            long e = wt[t].e, a = wt[t].a, b = wt[t].b, s0 = wt[t].s0, kp = cdiv(counts[e], 2), ldc = (wt[t].s1 - s0) * NR;
+            long e = wt[t].e, s0 = wt[t].a, ns = wt[t].b - s0, kp = cdiv(counts[e], 2), m = wt[t].which == 2 ? N : K;
+            long n = (wt[t].b * NR < F ? wt[t].b * NR : F) - s0 * NR;
             int which = wt[t].which;
-            /* dW1 = x^T @ dgate, dW3 = x^T @ dup, dW2^T = dy^T @ hidden: rows a.. of the left side, strips s0.. */
-            lhs A = {(which == 2 ? lay_y + pair0[e] * MR * tN : lay_x + pair0[e] * MR * tK) + a / MR * kp * MR, 1, MR, kp * MR};
+            /* dW1 = x^T @ dgate, dW3 = x^T @ dup, dW2^T = dy^T @ hidden: their strips s0.. */
+            lhs A = {which == 2 ? lay_y + pair0[e] * MR * tN : lay_x + pair0[e] * MR * tK, 1, MR, kp * MR};
             const bf16 *B = lay_h + pair0[e] * 3 * sF * SP + ((which == 2 ? 0 : which == 1 ? 1 : 2) * sF + s0) * kp * SP;
-            long n = (wt[t].s1 * NR < F ? wt[t].s1 * NR : F) - s0 * NR;
-            gemm(b - a, kp, wt[t].s1 - s0, A, B, kp * SP, mine, ldc, 0, NOTHING);
-            if (which == 2) store_t(mine, ldc, b - a, n, g2 + e * F * N + s0 * NR * N + a, N, 0); /* into dW2[:, a:b] */
-            else store_rows(mine, ldc, b - a, n, (which == 1 ? g1 : g3) + e * K * F + a * F + s0 * NR, F, 0);
+            gemm(m, kp, ns, A, B, kp * SP, mine, ns * NR, 0, NOTHING);
+            if (which == 2) store_t(mine, ns * NR, N, n, g2 + e * F * N + s0 * NR * N, N, 0); /* into dW2's rows */
+            else store_rows(mine, ns * NR, K, n, (which == 1 ? g1 : g3) + e * K * F + s0 * NR, F, 0);
         }
         /* experts without rows: zero gradients; bfloat16 gradients: the float32 sums rounded */
         #pragma omp for schedule(dynamic, 1)
