@@ -510,6 +510,8 @@ int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E,
             bf16 *gs = gate_save ? gate_save + r0 * F : tg, *us = up_save ? up_save + r0 * F : tu;
             const bf16 *w13p = wp + e * per13;
             lhs xr = rows_in_place(x + r0 * K, K);
+            /* the block's rows come from memory: all asked for at once, not tile by tile */
+            for (long i = 0; i < R * K * (long)sizeof(bf16); i += 64) _mm_prefetch((const char *)(x + r0 * K) + i, _MM_HINT_T1);
             gemm(R, kpK, sF, xr, w13p, str13, cg, Fp, 0, NOTHING);
             gemm(R, kpK, sF, xr, w13p + sF * str13, str13, cu, Fp, 0, NOTHING);
             for (long r = 0; r < R; r++) act_row(cg + r * Fp, cu + r * Fp, gs + r * F, us + r * F, hidden + r * F, F);
