@@ -628,7 +628,7 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
     }
     /* own sums: a chunk's rows at most (a multiple of BROWS), and pairs of rows in a group (a
      * block's, times the sums' size in units of SUMS_L2); else each task a block */
-    long chunk = own ? BROWS * cdiv(cdiv(rows, 2L * nthreads), BROWS) : BROWS;
+    long chunk = own && rows > 2L * nthreads * BROWS ? BROWS * cdiv(cdiv(rows, 2L * nthreads), BROWS) : BROWS;
     long gp = own ? BROWS / 2 * cdiv(sums * (long)sizeof(float), SUMS_L2) : 0;
     long n_tasks = 0, n_parts = 0;
     for (long e = 0; e < E; e++) n_tasks += cdiv(counts[e], chunk);

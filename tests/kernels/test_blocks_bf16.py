@@ -222,6 +222,43 @@ def test_float32_weights_are_rounded_as_a_cast_and_get_float32_gradients():
         assert not torch.equal(a, b.float())
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_other_thread_counts_cut_other_chunks_and_still_match_float64(threads):
+    """The chunks of an expert's rows follow the thread count: one thread and three (more than
+    the cores) give the float64 reference's gradients too, at the own-sums and shared shapes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for E, d, f, counts in ((3, 128, 256, [1100, 0, 357]), (2, 256, 1000, [301, 130])):
+            counts = torch.tensor(counts)
+            n = int(counts.sum())
+            g = torch.Generator().manual_seed(threads)
+            x, dy = torch.randn(n, d, generator=g).to(BF16), torch.randn(n, d, generator=g).to(BF16)
+            w = [t.float() for t in experts(E, d, f, d, False, seed=threads)]
+            gate, up = torch.empty(n, f, dtype=BF16), torch.empty(n, f, dtype=BF16)
+            kernels.swiglu_segments(lib, x, counts, *w, save=(gate, up), blocked=True)
+            got = kernels.swiglu_segments_backward(lib, x, counts, *w, gate, up, dy, blocked=True)
+            leaves = [t.to(BF16).double().requires_grad_(True) for t in (x, *w)]
+            reference(leaves[0], counts, *leaves[1:])[0].backward(dy.double())
+            for a, leaf in zip(got, leaves):
+                assert float((a.double() - leaf.grad).abs().max() / leaf.grad.abs().max()) < 1.5e-2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("d, f", [(64, 96), (256, 1000)], ids=["own sums", "shared pass"])
+def test_no_rows_at_all_give_zero_gradients(d, f):
+    """Every expert idle (a batch whose slots were all dropped): zero gradients, no rows read."""
+    counts = torch.zeros(3, dtype=torch.long)
+    x, dy = torch.randn(2, d).to(BF16), torch.randn(2, d).to(BF16)
+    w = [t.float() for t in experts(3, d, f, d, False, seed=3)]
+    gate, up = torch.empty(2, f, dtype=BF16), torch.empty(2, f, dtype=BF16)
+    out = kernels.swiglu_segments(lib, x, counts, *w, save=(gate, up), blocked=True)
+    assert not out.any()
+    for g in kernels.swiglu_segments_backward(lib, x, counts, *w, gate, up, dy, blocked=True):
+        assert not g.any()
+
+
 @pytest.mark.parametrize("d, f", [(128, 256), (256, 1000)], ids=["own sums", "shared pass"])
 def test_weight_gradients_do_not_depend_on_which_thread_ran_what(d, f):
     """Repeated calls give the same weight gradients bit for bit: an expert's rows are cut into
