@@ -54,6 +54,7 @@ int moekit_blocks_bf16_built(void)
 #define BROWS 128  /* rows of an expert per block of the backward's row pass */
 #define SUMS_L2 (512L << 10) /* bytes of weight-gradient sums that stay in L2 beside a block's operands */
 #define SUMS_MAX (2L << 20)  /* the most bytes of an expert's weight-gradient sums kept per chunk of rows */
+#define PARTS_MAX (64L << 20) /* the most bytes of chunks' sums kept until the end (many threads: fewer chunks) */
 #define WS 4       /* strips of NR columns of a weight gradient per task of the shared weight pass */
 #include "cpu_tiles.h"
 
@@ -463,7 +464,7 @@ int moekit_swiglu_blocks_bf16(const bf16 *x, long K, const long *counts, long E,
                               long e13, long ld13, long F, const void *w2, long e2, long ld2, long N, int wf32,
                               bf16 *out, bf16 *gate_save, bf16 *up_save, int nthreads)
 {
-    if (K % 2 || F % 2 || N % 2 || ld13 % 2 || ld2 % 2)
+    if (K < 2 || F < 2 || N < 2 || K % 2 || F % 2 || N % 2 || ld13 % 2 || ld2 % 2)
         return 2;
     long kpK = K / 2, kpF = F / 2, sF = cdiv(F, NR), sN = cdiv(N, NR), Fp = sF * NR, Np = sN * NR;
     long str13 = kpK * SP, str2 = kpF * SP;     /* one strip's values */
@@ -614,7 +615,7 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
                                        long N, int wf32, const bf16 *gate_save, const bf16 *up_save, const bf16 *dy,
                                        bf16 *dx, void *dw1, void *dw3, void *dw2, int nthreads)
 {
-    if (K % 2 || F % 2 || N % 2 || ld13 % 2 || ld2 % 2)
+    if (K < 2 || F < 2 || N < 2 || K % 2 || F % 2 || N % 2 || ld13 % 2 || ld2 % 2)
         return 2;
     long sF = cdiv(F, NR), sK = cdiv(K, NR), Fp = sF * NR, Kp = sK * NR, tK = cdiv(K, MR), tN = cdiv(N, MR);
     long str2 = (N / 2) * SP, str13 = F * SP;   /* strips of w2^T [N, F] and of [w1^T; w3^T] [2F, K] */
@@ -629,6 +630,8 @@ int moekit_swiglu_blocks_bf16_backward(const bf16 *x, long K, const long *counts
     /* own sums: a chunk's rows at most (a multiple of BROWS), and pairs of rows in a group (a
      * block's, times the sums' size in units of SUMS_L2); else each task a block */
     long chunk = own && rows > 2L * nthreads * BROWS ? BROWS * cdiv(cdiv(rows, 2L * nthreads), BROWS) : BROWS;
+    long parts_most = PARTS_MAX / (sums * (long)sizeof(float)); /* later chunks' sums kept at once, at most */
+    if (own && rows / chunk > parts_most) chunk = BROWS * cdiv(cdiv(rows, parts_most), BROWS);
     long gp = own ? BROWS / 2 * cdiv(sums * (long)sizeof(float), SUMS_L2) : 0;
     long n_tasks = 0, n_parts = 0;
     for (long e = 0; e < E; e++) n_tasks += cdiv(counts[e], chunk);

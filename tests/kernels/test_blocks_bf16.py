@@ -129,6 +129,12 @@ def test_odd_widths_and_mixed_dtypes_are_refused():
         kernels.swiglu_segments(lib, x, counts, w1.double(), w3, w2, blocked=True)
     with pytest.raises(ValueError, match="x must be torch.float32, got torch.bfloat16"):
         kernels.swiglu_segments(lib, x, counts, w1, w3, w2, blocked=False)  # the row kernel is float32 only
+    empty = [w1[..., :0], w3[..., :0], w2[:, :0]]  # d_ff 0 (even, strides even): refused by the kernel itself
+    none = torch.empty(5, 0, dtype=BF16)
+    with pytest.raises(ValueError, match="refused its arguments"):
+        kernels.swiglu_segments(lib, x, counts, *empty, save=(none, none), blocked=True)
+    with pytest.raises(ValueError, match="refused its arguments"):
+        kernels.swiglu_segments_backward(lib, x, counts, *empty, none, none, x, blocked=True)
 
 
 def _layer_step(layer, x, use_kernels):
