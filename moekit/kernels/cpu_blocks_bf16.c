@@ -564,7 +564,7 @@ static void weight_products(long K, long N, long sF, long Fp, long gp, operands 
 }
 
 /* what the backward's row pass reads and writes: rows, saved activations, their gradients;
- * each expert's packed weights (w2^T, [w1^T; w3^T]); a thread's float32 blocks */
+ * each expert's packed weights (w2^T, [w1^T; w3^T]) */
 typedef struct {
     const bf16 *x, *dy, *gate, *up;
     bf16 *dx;

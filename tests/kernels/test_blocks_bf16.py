@@ -254,7 +254,7 @@ def test_other_thread_counts_cut_other_chunks_and_still_match_float64(threads):
 
 @pytest.mark.parametrize("d, f", [(64, 96), (256, 1000)], ids=["own sums", "shared pass"])
 def test_no_rows_at_all_give_zero_gradients(d, f):
-    """Every expert idle (a batch whose slots were all dropped): zero gradients, no rows read."""
+    """Every expert idle (a batch whose slots were all dropped): zero outputs and gradients."""
     counts = torch.zeros(3, dtype=torch.long)
     x, dy = torch.randn(2, d).to(BF16), torch.randn(2, d).to(BF16)
     w = [t.float() for t in experts(3, d, f, d, False, seed=3)]
