@@ -144,7 +144,7 @@ static inline void act_grad16(const bf16 *gs, const bf16 *us, const float *dh, _
     *du = _mm512_mul_ps(dv, silu);
 }
 
-/* The backward's activation on rows i0.. i0 + mr of a block of R, columns of strip s (NR):
+/* The backward's activation on a block's R rows, columns of strip s (NR):
  * [dgate | dup] as rows (dgu, row stride 2F: the left side of dx), and hidden, dgate and dup
  * as packed strips of pairs of rows (pack_b_rows's layout from pair q0 of strips at hs, dgs,
  * dus, ss values apart; zeros past F and past R): the right sides of the weight gradients,
@@ -155,13 +155,13 @@ typedef struct {
     const float *dh;     /* the block's dh, row stride ldh */
     long ldh, R, F, q0, ss;
     bf16 *dgu, *hs, *dgs, *dus;
-} act_tile;
+} act_block;
 
-static void act_grad_tile(const act_tile *t, long i0, long mr, long s)
+static void act_grad_strip(const act_block *t, long s)
 {
     long F = t->F;
     __m512 zero = _mm512_setzero_ps();
-    for (long r = i0; r < i0 + mr; r += 2)
+    for (long r = 0; r < t->R; r += 2)
         for (long j = s * NR; j < (s + 1) * NR; j += 16) {
             __mmask16 m = j < F ? mask16(F - j) : 0;
             long at = s * t->ss + (t->q0 + r / 2) * SP + (j - s * NR) * 2;
@@ -585,9 +585,9 @@ static void row_block(const row_pass *p, long e, long r0, long R, operands o, lo
     long gu = R * F * sizeof(bf16);
     gemm(R, N / 2, sF, rows_in_place(p->dy + r0 * N, N), p->w2p + e * p->per2, (N / 2) * SP, cdh, Fp, 0, /* dh */
          ahead_of(p->gate + r0 * F, gu, p->up + r0 * F, gu)); /* the activation's inputs, meanwhile */
-    act_tile act = {p->gate + r0 * F, p->up + r0 * F, cdh, Fp, R, F, q, o.ss, dgu, o.hs, o.hs + sF * o.ss,
+    act_block act = {p->gate + r0 * F, p->up + r0 * F, cdh, Fp, R, F, q, o.ss, dgu, o.hs, o.hs + sF * o.ss,
                     o.hs + 2 * sF * o.ss};
-    for (long s = 0; s < sF; s++) act_grad_tile(&act, 0, R, s);
+    for (long s = 0; s < sF; s++) act_grad_strip(&act, s);
     gemm(R, F, sK, rows_in_place(dgu, 2 * F), p->w13p + e * p->per13, F * SP, cdx, Kp, 0, /* dx; x's rows */
          ahead_of(p->x + r0 * K, R * K * sizeof(bf16), p->dy + (r0 + R) * N, next_R * N * sizeof(bf16)));
     for (long r = 0; r < R; r++) to_bf16(cdx + r * Kp, p->dx + (r0 + r) * K, K);
